@@ -1,0 +1,118 @@
+"""Parameter-efficient fine-tuning methods, implemented in-house, one file per method.
+
+A method is a small class registered under its config name (``method=lora`` is
+``methods/lora.py`` is the row ``lora`` in the results). It changes the model, never the
+training loop. The protocol every method satisfies::
+
+    method = methods.build(cfg)        # cfg: the resolved ``method`` config group
+    model = method.apply(model)        # inject modules, freeze what the method does not train;
+                                       # may return a wrapper (prefix tuning does)
+    method.adapter_names(model)        # names of the parameters the method trains
+    method.merge(model) / unmerge(model)   # fold into the base weights where possible
+    method.describe(model)             # resolved settings for the run record
+
+``apply`` leaves exactly the method's own parameters with ``requires_grad=True``; the harness
+then also unfreezes a task head it created (a fresh classifier), which every method trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value and what
+    is allowed, in one line."""
+
+
+class Method(Protocol):
+    name: str
+
+    def apply(self, model: nn.Module) -> nn.Module: ...
+
+    def adapter_names(self, model: nn.Module) -> set[str]: ...
+
+    def merge(self, model: nn.Module) -> bool: ...
+
+    def unmerge(self, model: nn.Module) -> bool: ...
+
+    def describe(self, model: nn.Module) -> dict[str, Any]: ...
+
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make ``cls`` available as ``method=<cls.name>``."""
+    if cls.name in REGISTRY:
+        raise RuntimeError(f"method name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def build(cfg: Any) -> Method:
+    """Instantiate the method named ``cfg.name`` from its resolved config."""
+    name = cfg.name
+    if name not in REGISTRY:
+        raise ConfigError(f"method={name}: unknown method; allowed: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](cfg)
+
+
+def freeze_all_but(model: nn.Module, names: set[str]) -> None:
+    """Train exactly the parameters in ``names`` (dotted names from ``named_parameters``)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters that receive gradients (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def total_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters in the model, trained or frozen (shared tensors once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def match_modules(model: nn.Module, patterns: list[str], types: tuple[type, ...]) -> list[str]:
+    """Names of submodules of one of ``types`` whose name matches any pattern.
+
+    A pattern matches a module whose last name component equals it (``q_proj``), or, if it
+    contains a dot or regex characters, whose full dotted name matches it as a regular
+    expression (``model.layers.0.self_attn.q_proj``, ``.*\\.attn\\.c_attn``).
+    """
+    import re
+
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, types):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        for pat in patterns:
+            if pat == leaf or (any(c in pat for c in ".*[]()|+?\\") and re.fullmatch(pat, name)):
+                out.append(name)
+                break
+    return out
+
+
+def module_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The parent module of ``name`` and the attribute under which it holds it."""
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def cast_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return x.to(dtype=ref.dtype, device=ref.device)
+
+
+# Importing the method modules registers them.
+from methods import full, lora  # noqa: E402,F401

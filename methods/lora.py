@@ -1,0 +1,205 @@
+"""LoRA: low-rank adaptation of frozen linear weights (Hu et al., 2021).
+
+For a frozen weight W (out x in) the layer computes
+
+    y = x W^T + s * dropout(x) A^T B^T,      A: (r x in), B: (out x r), s = alpha / r
+
+(rsLoRA: s = alpha / sqrt(r)). B starts at zero, so at step 0 the model equals the base
+model. After training, s * B A can be added into W ("merge"), and inference then costs
+exactly what the base model costs. GPT-2's ``Conv1D`` stores W transposed (in x out), so
+its merge adds (s * B A)^T.
+
+Targets are chosen by module name, or by a per-architecture preset: ``attention`` (the
+paper's choice: the query and value projections; GPT-2's fused ``c_attn``) or
+``all-linear`` (every linear layer but the output layer and the task head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from methods import ConfigError, freeze_all_but, match_modules, module_parent, register
+
+try:  # GPT-2's transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+# model_type -> module names of the query and value projections (the paper's choice).
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+PRESETS = ("attention", "all-linear")
+# Output layers that ``all-linear`` leaves alone: the LM head and classification heads.
+HEAD_NAMES = ("lm_head", "score", "classifier", "embed_out")
+
+
+@dataclass
+class LoRAConfig:
+    """Settings of ``method=lora``.
+
+    rank: r, the inner dimension of B A. alpha: scale numerator. dropout: probability on the
+    LoRA branch input. targets: preset used when ``target_modules`` is null. rslora: scale
+    by alpha/sqrt(r). lr: the method's default learning rate.
+    """
+
+    name: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attention"
+    target_modules: Optional[list[str]] = None
+    rslora: bool = False
+    lr: Optional[float] = 1e-3
+
+
+class LoRALayer(nn.Module):
+    """A frozen ``nn.Linear`` or ``Conv1D`` plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool):
+        super().__init__()
+        self.base = base
+        self.transposed = not isinstance(base, nn.Linear)  # Conv1D: weight is (in, out)
+        w = base.weight
+        in_features, out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        self.rank = rank
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=w.dtype, device=w.device))
+        if w.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A in the base weight's layout: (out, in) for Linear, (in, out) for Conv1D."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+        return delta.T if self.transposed else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        # (..., in) -> (..., r) -> (..., out)
+        return y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+
+@register
+class LoRA:
+    name = "lora"
+    config_class = LoRAConfig
+
+    def __init__(self, cfg: Any):
+        check(cfg)
+        self.cfg = cfg
+        self.targets: list[str] = []
+
+    def resolve_targets(self, model: nn.Module) -> list[str]:
+        """Dotted names of the modules this config wraps in ``model``."""
+        cfg = self.cfg
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if cfg.target_modules:
+            names = match_modules(model, list(cfg.target_modules), LINEAR_TYPES)
+            if not names:
+                leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+                raise ConfigError(
+                    f"method.target_modules={list(cfg.target_modules)}: matches no linear layer of this "
+                    f"{model_type} model; allowed: names among {', '.join(leaves)} or regular expressions"
+                )
+            return names
+        if cfg.targets == "all-linear":
+            return [
+                n for n, m in model.named_modules()
+                if isinstance(m, LINEAR_TYPES) and not any(part in HEAD_NAMES for part in n.split("."))
+            ]
+        if model_type not in ATTENTION_TARGETS:
+            raise ConfigError(
+                f"method.targets=attention: no preset for model_type {model_type!r}; set "
+                f"method.target_modules=[...] or method.targets=all-linear "
+                f"(presets exist for {', '.join(sorted(ATTENTION_TARGETS))})"
+            )
+        return match_modules(model, ATTENTION_TARGETS[model_type], LINEAR_TYPES)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        cfg = self.cfg
+        self.targets = self.resolve_targets(model)
+        for name in self.targets:
+            parent, attr = module_parent(model, name)
+            setattr(parent, attr, LoRALayer(getattr(parent, attr), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora))
+        freeze_all_but(model, self.adapter_names(model))
+        return model
+
+    def adapter_names(self, model: nn.Module) -> set[str]:
+        return {n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+
+    def layers(self, model: nn.Module) -> list[LoRALayer]:
+        return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+    def merge(self, model: nn.Module) -> bool:
+        for layer in self.layers(model):
+            layer.merge()
+        return True
+
+    def unmerge(self, model: nn.Module) -> bool:
+        for layer in self.layers(model):
+            layer.unmerge()
+        return True
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "name": self.name,
+            "rank": cfg.rank,
+            "alpha": cfg.alpha,
+            "scaling": cfg.alpha / math.sqrt(cfg.rank) if cfg.rslora else cfg.alpha / cfg.rank,
+            "dropout": cfg.dropout,
+            "rslora": cfg.rslora,
+            "targets": cfg.targets if not cfg.target_modules else "explicit",
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.targets}),
+            "target_module_paths": list(self.targets),
+            "lr": cfg.lr,
+        }
+
+
+def check(cfg: Any) -> None:
+    """Reject values that cannot work, before any model is built."""
+    if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1:
+        raise ConfigError(f"method.rank={cfg.rank}: LoRA rank must be an integer >= 1")
+    if not cfg.alpha > 0:
+        raise ConfigError(f"method.alpha={cfg.alpha}: must be > 0")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"method.dropout={cfg.dropout}: must be in [0, 1)")
+    if cfg.targets not in PRESETS:
+        raise ConfigError(f"method.targets={cfg.targets}: allowed: {', '.join(PRESETS)}")
+    if cfg.target_modules is not None and len(cfg.target_modules) == 0:
+        raise ConfigError("method.target_modules=[]: give at least one module name, or null to use method.targets")

@@ -1,0 +1,166 @@
+"""Typed configuration: dataclass schemas in Hydra's ConfigStore, plus value checks.
+
+The YAML files under ``conf/`` pick these schemas through their defaults lists, so a value of
+the wrong type is rejected by OmegaConf, and ``check`` rejects values of the right type that
+cannot work. Both end in a one-line error naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+import methods
+from methods import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+TASK_KINDS = ("causal-lm", "classification")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """The base model.
+
+    name: the preset's name, as it appears in results. name_or_path: a local directory or hub
+    id to load pretrained weights from; null builds ``arch`` with seeded random weights.
+    arch: transformers config keys (``model_type`` first) for a random-init model.
+    init_seed: seed of the random base weights and of a fresh task head, the same for every
+    method so that every method starts from identical weights.
+    """
+
+    name: str = MISSING
+    name_or_path: Optional[str] = None
+    arch: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    dtype: str = "float32"
+
+
+@dataclass
+class TaskConfig:
+    """The fine-tuning task.
+
+    kind: causal-lm or classification. path: folder of train/validation(/test) CSV or JSON
+    files, or a hub dataset id (real-data tasks). max_length: tokens per example.
+    num_train / num_eval: examples generated (synthetic tasks) or kept at most (real data;
+    null keeps all). vocab_size: size of the word-level tokenizer built from the training
+    text when the model brings no tokenizer. data_seed: seed of generated data, fixed so that
+    every run sees the same examples.
+    """
+
+    name: str = MISSING
+    kind: str = "causal-lm"
+    path: Optional[str] = None
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_split: str = "validation"
+    max_length: int = 128
+    num_train: Optional[int] = 4000
+    num_eval: Optional[int] = 256
+    vocab_size: int = 1024
+    data_seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop every method goes through.
+
+    steps: optimizer steps. batch_size: examples per step. lr: learning rate; null takes the
+    method's default (``method.lr``). warmup_steps: linear learning-rate warm-up, then linear
+    decay to 0. timing_warmup: first steps excluded from throughput timing (the memory-tracked
+    steps are among them). grad_clip: max gradient norm (0 disables).
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    timing_warmup: int = 5
+    grad_clip: float = 1.0
+
+
+@dataclass
+class MeasureConfig:
+    """Measurement settings.
+
+    memory_steps: training steps run under the tensor-memory tracker (never timed).
+    latency_batch / latency_length: the default inference point (examples, tokens).
+    latency_warmup / latency_repeats: untimed and timed forward passes per point.
+    """
+
+    memory_steps: int = 2
+    latency_batch: int = 1
+    latency_length: int = 128
+    latency_warmup: int = 3
+    latency_repeats: int = 20
+
+
+@dataclass
+class Config:
+    """Top-level run configuration. ``rank`` is interpolated into methods that have one."""
+
+    method: Any = MISSING
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    seed: int = 0
+    device: str = "auto"
+    rank: int = 8
+    results_dir: str = "results/runs"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    for name, cls in methods.REGISTRY.items():
+        cs.store(group="method", name=f"{name}_schema", node=cls.config_class)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {allowed}")
+
+
+def check(cfg: Any) -> None:
+    """Reject a composed config whose values cannot work (one-line ``ConfigError``)."""
+    _require(cfg.method.name in methods.REGISTRY, "method", cfg.method.name,
+             f"allowed: {', '.join(sorted(methods.REGISTRY))}")
+    method_cls = methods.REGISTRY[cfg.method.name]
+    method_cls(cfg.method)  # each method checks its own keys
+    lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
+    _require(lr is not None and lr > 0, "train.lr", lr, "must be > 0 (or set method.lr)")
+    _require(cfg.device in DEVICES or str(cfg.device).startswith("cuda:"), "device", cfg.device,
+             f"allowed: {', '.join(DEVICES)} or cuda:N")
+    _require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
+    _require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
+    _require(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
+    _require(cfg.train.timing_warmup >= 0, "train.timing_warmup", cfg.train.timing_warmup, "must be >= 0")
+    _require(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables)")
+    _require(cfg.train.weight_decay >= 0, "train.weight_decay", cfg.train.weight_decay, "must be >= 0")
+    _require(cfg.measure.memory_steps >= 1, "measure.memory_steps", cfg.measure.memory_steps, "must be >= 1")
+    _require(cfg.measure.latency_batch >= 1, "measure.latency_batch", cfg.measure.latency_batch, "must be >= 1")
+    _require(cfg.measure.latency_length >= 1, "measure.latency_length", cfg.measure.latency_length, "must be >= 1")
+    _require(cfg.measure.latency_repeats >= 1, "measure.latency_repeats", cfg.measure.latency_repeats, "must be >= 1")
+    _require(cfg.measure.latency_warmup >= 0, "measure.latency_warmup", cfg.measure.latency_warmup, "must be >= 0")
+    _require(cfg.task.kind in TASK_KINDS, "task.kind", cfg.task.kind, f"allowed: {', '.join(TASK_KINDS)}")
+    _require(cfg.task.max_length >= 8, "task.max_length", cfg.task.max_length, "must be >= 8 tokens")
+    _require(cfg.task.num_train is None or cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train,
+             "must be >= 1 or null")
+    _require(cfg.task.num_eval is None or cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval,
+             "must be >= 1 or null")
+    _require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
+    _require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
+    _require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
+             "a random-init model needs model.arch (or set model.name_or_path)")
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain Python data (for the run record)."""
+    return OmegaConf.to_container(cfg, resolve=True)

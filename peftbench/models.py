@@ -1,0 +1,140 @@
+"""Base models: built from a transformers config with seeded random weights, or loaded from a
+local directory (or a hub id where the user has internet).
+
+The task decides the head: a causal-LM task gets ``AutoModelForCausalLM``, a classification
+task ``AutoModelForSequenceClassification`` with a fresh, seeded head that every method trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from methods import ConfigError
+
+# Modules that a classification head consists of; every method trains them.
+HEAD_MODULES = ("classifier", "score")
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta")
+
+
+def package_model_path(package: str) -> str:
+    """Directory of a model shipped inside a Python package (``get_model_path()``)."""
+    return importlib.import_module(package).get_model_path()
+
+
+if not OmegaConf.has_resolver("package_model_path"):
+    OmegaConf.register_new_resolver("package_model_path", package_model_path)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(cfg: Any):
+    """The pretrained model's own tokenizer, or None for a random-init model."""
+    if cfg.name_or_path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.name_or_path)
+    except (OSError, ValueError):
+        return None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build(cfg: Any, kind: str, vocab_size: int, pad_token_id: int, num_labels: int) -> nn.Module:
+    """The base model for a task of ``kind``; random weights are seeded by ``cfg.init_seed``.
+
+    vocab_size / pad_token_id come from the tokenizer in use; num_labels from the task.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dtype = torch_dtype(cfg.dtype)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
+    if cfg.name_or_path is None:
+        arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
+        model_type = arch.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type (llama, gpt2, bert, ...)")
+        try:
+            config = AutoConfig.for_model(model_type, **arch, vocab_size=vocab_size, pad_token_id=pad_token_id, **extra)
+        except ValueError as e:
+            raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
+        check_head(config, kind, cfg.name)
+        torch.manual_seed(cfg.init_seed)
+        model = auto.from_config(config, dtype=dtype)
+    else:
+        config = AutoConfig.from_pretrained(cfg.name_or_path)
+        check_head(config, kind, cfg.name)
+        torch.manual_seed(cfg.init_seed)  # seeds a freshly initialised head
+        model = auto.from_pretrained(cfg.name_or_path, dtype=dtype, **extra)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
+    return model
+
+
+def build_meta(cfg: Any, kind: str, vocab_size: int, num_labels: int = 2) -> nn.Module:
+    """The model's structure on the meta device: no weight memory, no weight download.
+
+    Used to check a method's settings against the real module tree before anything is built,
+    and by the estimator. vocab_size is used for random-init models only.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
+    if cfg.name_or_path is None:
+        arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
+        model_type = arch.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type (llama, gpt2, bert, ...)")
+        try:
+            config = AutoConfig.for_model(model_type, **arch, vocab_size=vocab_size, **extra)
+        except ValueError as e:
+            raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"model.name_or_path={cfg.name_or_path}: cannot load its config.json "
+                f"(a local folder, or a hub id with internet access): {str(e).splitlines()[0]}"
+            ) from None
+    check_head(config, kind, cfg.name)
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=torch_dtype(cfg.dtype))
+
+
+def check_head(config: Any, kind: str, name: str) -> None:
+    if kind == "causal-lm" and config.model_type in ENCODER_TYPES:
+        raise ConfigError(
+            f"model={name}: a {config.model_type} encoder cannot run a causal-lm task; "
+            f"allowed: a classification task (task=synthetic-cls or task=text-classification)"
+        )
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Parameter names of a freshly created task head (sequence classification only)."""
+    return {
+        n for n, _ in model.named_parameters()
+        if any(part in HEAD_MODULES for part in n.split("."))
+    }
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in name order: identical base weights give
+    identical checksums, whatever the method that is applied afterwards."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

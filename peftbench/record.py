@@ -1,0 +1,127 @@
+"""The run record: one JSON file per run, written atomically (temp file, then rename).
+
+A reader never sees a half-written record: the file appears under its final name only once
+complete. ``schema_version`` changes whenever a field changes meaning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+PACKAGES = ("peftbench", "torch", "transformers", "datasets", "evaluate", "hydra-core", "omegaconf",
+            "safetensors", "pandas", "numpy", "peft")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short stable hash of a resolved config (everything that defines the run but where its
+    record is written)."""
+    cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force")}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def git_state() -> dict[str, Any]:
+    """Commit of the peftbench checkout and whether it has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        **git_state(),
+        "packages": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_type": device.type,
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "hostname": platform.node(),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_id(method: str, model: str, task: str, chash: str) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    return f"{stamp}-{method}-{model}-{task}-{chash}"
+
+
+def write(record: dict[str, Any], results_dir: str) -> Path:
+    """Write ``record`` as ``<results_dir>/<run_id>.json`` atomically; returns the path."""
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{record['run_id']}.json"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_finite(record), f, indent=1, default=_jsonable, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _finite(x: Any) -> Any:
+    """NaN and infinities become null, so that the file is strict JSON."""
+    if isinstance(x, float):
+        return x if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (torch.dtype, torch.device, Path)):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)

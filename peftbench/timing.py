@@ -1,0 +1,67 @@
+"""Timing: wall-clock on CPU, CUDA events on GPU, always after warm-up and synchronised.
+
+Every function returns per-repeat times in milliseconds; ``stats`` reduces them to the median
+and the interquartile range, the figures peftbench reports.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Times one region in ms: CUDA events on a GPU (recorded on the current stream, read after
+    a synchronise), ``time.perf_counter`` otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> "Stopwatch":
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.end_event.record()
+            self.end_event.synchronize()
+            self.ms = self.start_event.elapsed_time(self.end_event)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def repeat(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; times in ms."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(repeats):
+        with Stopwatch(device) as sw:
+            fn()
+        out.append(sw.ms)
+    return out
+
+
+def stats(ms: list[float]) -> dict[str, float]:
+    """Median and interquartile range (p75 - p25) of times in ms."""
+    if not ms:
+        return {"median": float("nan"), "iqr": float("nan")}
+    if len(ms) == 1:
+        return {"median": ms[0], "iqr": 0.0}
+    q = statistics.quantiles(ms, n=4, method="inclusive")
+    return {"median": statistics.median(ms), "iqr": q[2] - q[0]}
