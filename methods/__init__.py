@@ -114,5 +114,13 @@ def cast_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return x.to(dtype=ref.dtype, device=ref.device)
 
 
-# Importing the method modules registers them.
-from methods import full, lora  # noqa: E402,F401
+def _import_all() -> None:
+    """Import every module of this package; each registers its method."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

@@ -112,6 +112,7 @@ class Config:
     device: str = "auto"
     rank: int = 8
     results_dir: str = "results/runs"
+    force: bool = False
 
 
 def register_configs() -> None:
