@@ -1,0 +1,336 @@
+"""Prefix tuning: learned key/value vectors prepended in every attention layer (Li & Liang, 2021).
+
+The base model stays frozen. For ``n`` virtual tokens, every attention layer ``l`` attends to
+``n`` learned keys and values P_k[l], P_v[l] (each n x kv_dim) before the real tokens::
+
+    attention(Q, [P_k[l]; K], [P_v[l]; V])
+
+kv_dim = key/value heads x head_dim, so under grouped-query attention (LLaMA with
+``num_key_value_heads < num_attention_heads``) the prefix has the width of the key/value
+projections, not of the hidden state. The prefix reaches the model through the transformers
+cache interface: a ``DynamicCache`` holding the prefix is passed as ``past_key_values``, so no
+attention code is replaced. The model then places the real tokens at positions n..n+L-1 (it
+counts the cached tokens as seen), exactly as Hugging Face peft does.
+
+Parameters (trainable count, closed form; L layers):
+
+- flat (``projection=false``): one matrix of n x (L * 2 * kv_dim), the prefix itself;
+  n * L * 2 * kv_dim scalars.
+- projected (``projection=true``, the paper's reparameterisation, which it found to stabilise
+  training): Embedding(n, kv_dim) -> Linear(kv_dim, h) -> tanh -> Linear(h, L * 2 * kv_dim);
+  n*kv_dim + (kv_dim*h + h) + (h*L*2*kv_dim + L*2*kv_dim) scalars, h = ``projection_hidden``.
+  Only the MLP's output is used; after training it could be computed once and stored as a flat
+  prefix (not done here: ``merge`` returns False, the prefix never folds into the weights).
+
+The flat vector of one virtual token is laid out as [layer][key, value][kv head][head_dim],
+peft's layout, so weights copy one-to-one between the two implementations.
+
+Parity with peft 0.21 (``PrefixTuningConfig``): same parameter shapes and layout (peft also sets
+its ``token_dim`` to kv_dim when the config has ``num_key_value_heads``, so the embedding of the
+projected form is n x kv_dim under GQA as here), same initialisation (embedding N(0, 1), linear
+layers as ``nn.Linear``), same positions, same attention mask (ones for the virtual tokens), and
+labels passed unchanged (the loss covers the real tokens only). One default differs: peft's MLP
+width ``encoder_hidden_size`` defaults to token_dim; ours, ``projection_hidden``, to 512 (the
+width of the paper's released code). Prefix parameters are kept in float32 and cast to the base
+model's dtype when the cache is built, as peft does.
+
+Encoders (BERT sequence classification) work too: transformers 5 BERT self-attention still
+reads ``past_key_values`` in encoder mode, and its bidirectional mask takes its key length from
+the 2D attention mask, which the wrapper extends by the n virtual tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from methods import ConfigError, freeze_all_but, register
+
+ENCODER_NAME = "prefix_encoder"
+
+
+@dataclass
+class PrefixConfig:
+    """Settings of ``method=prefix``.
+
+    num_virtual_tokens: n, prefix length in tokens (per layer). projection: train the
+    reparameterisation MLP instead of the prefix itself. projection_hidden: width h of that MLP.
+    lr: the method's default learning rate.
+    """
+
+    name: str = "prefix"
+    num_virtual_tokens: int = 20
+    projection: bool = False
+    projection_hidden: int = 512
+    lr: Optional[float] = 1e-2
+
+
+@dataclass(frozen=True)
+class PrefixShape:
+    """Sizes of the prefix for one model: layers, key/value heads, head_dim (scalars per head)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def width(self) -> int:
+        """Scalars of one virtual token over all layers: L * 2 * kv_dim."""
+        return self.layers * 2 * self.kv_dim
+
+
+def prefix_shape(config: Any) -> PrefixShape:
+    """The prefix sizes for a transformers config (GPT-2 names are mapped by its config)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not layers or not heads or not hidden:
+        raise ConfigError(
+            f"method=prefix: model_type {getattr(config, 'model_type', None)!r} does not expose "
+            "num_hidden_layers / num_attention_heads / hidden_size; allowed: decoder or encoder transformers"
+        )
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return PrefixShape(layers, kv_heads, head_dim)
+
+
+def context_length(config: Any) -> Optional[int]:
+    """Positions the model can address (tokens), or None if its config names no limit."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class PrefixEncoder(nn.Module):
+    """Produces the prefix, (n, L * 2 * kv_dim), from its trainable parameters.
+
+    Flat: ``embedding.weight`` is the prefix. Projected: ``transform(embedding.weight)``.
+    Parameters are float32 on ``device`` (may be ``meta``).
+    """
+
+    def __init__(self, n: int, shape: PrefixShape, projection: bool, hidden: int, device: torch.device):
+        super().__init__()
+        kw = {"device": device, "dtype": torch.float32}
+        self.projection = projection
+        self.embedding = nn.Embedding(n, shape.kv_dim if projection else shape.width, **kw)  # N(0, 1)
+        if projection:
+            self.transform = nn.Sequential(
+                nn.Linear(shape.kv_dim, hidden, **kw), nn.Tanh(), nn.Linear(hidden, shape.width, **kw)
+            )
+
+    def forward(self) -> torch.Tensor:
+        prefix = self.embedding.weight
+        return self.transform(prefix) if self.projection else prefix
+
+
+class PrefixModel(nn.Module):
+    """A frozen model with a trainable prefix fed on every forward.
+
+    Parameter names: ``base_model.<the model's own names>`` and ``prefix_encoder.*``.
+    Attributes the wrapper lacks (``config``, ``device``, ``generation_config``, ...) are read
+    from the wrapped model.
+    """
+
+    def __init__(self, base: nn.Module, n: int, shape: PrefixShape, projection: bool, hidden: int):
+        super().__init__()
+        self.base_model = base
+        self.num_virtual_tokens = n
+        self.shape = shape
+        device = next(base.parameters()).device
+        self.prefix_encoder = PrefixEncoder(n, shape, projection, hidden, device)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model, name)
+
+    def prefix_key_values(self) -> torch.Tensor:
+        """The prefix as (L, 2, kv_heads, n, head_dim) in the base model's dtype; [l, 0] are
+        layer l's keys, [l, 1] its values."""
+        s = self.shape
+        flat = self.prefix_encoder()  # (n, L * 2 * kv_dim)
+        kv = flat.view(self.num_virtual_tokens, s.layers, 2, s.kv_heads, s.head_dim).permute(1, 2, 3, 0, 4)
+        return kv.to(self.base_model.dtype)
+
+    def prefix_cache(self, batch_size: int):
+        """A ``DynamicCache`` holding the prefix of every layer, each (batch, kv_heads, n, head_dim)."""
+        from transformers import DynamicCache
+
+        kv = self.prefix_key_values()
+        shape = (batch_size, *kv.shape[2:])
+        return DynamicCache([(kv[l, 0].unsqueeze(0).expand(shape), kv[l, 1].unsqueeze(0).expand(shape))
+                             for l in range(kv.shape[0])])
+
+    def _extend_mask(self, attention_mask: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+        """(batch, T) -> (batch, n + T): ones for the virtual tokens, which every token sees."""
+        if attention_mask is None:
+            return None
+        ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
+        return torch.cat([ones, attention_mask], dim=1)
+
+    def _check_length(self, length: int) -> None:
+        """The real tokens sit at positions n..n+length-1; past the context they would index
+        outside a learned position table (GPT-2, BERT) or leave the trained range (RoPE)."""
+        ctx = context_length(self.base_model.config)
+        if ctx is not None and self.num_virtual_tokens + length > ctx:
+            raise ValueError(f"input of {length} tokens after {self.num_virtual_tokens} virtual tokens exceeds the "
+                             f"model's context length ({ctx} tokens); allowed: at most {ctx - self.num_virtual_tokens}")
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                past_key_values: Any = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        """The base model's forward with the prefix in front of every layer's keys and values.
+
+        ``attention_mask`` covers the real tokens only (past and present); the wrapper adds the
+        virtual ones. ``past_key_values``, when given, must come from an earlier output of this
+        wrapper (it already holds the prefix). ``labels`` go to the base model unchanged.
+        """
+        x = input_ids if input_ids is not None else inputs_embeds
+        batch, length = x.shape[:2]
+        if past_key_values is None:
+            self._check_length(length)
+            past_key_values = self.prefix_cache(batch)
+            if attention_mask is None:  # explicit, so that encoders size their mask to n + length
+                attention_mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
+        if position_ids is not None:
+            position_ids = position_ids + self.num_virtual_tokens
+        return self.base_model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=self._extend_mask(attention_mask, batch),
+            position_ids=position_ids, past_key_values=past_key_values, labels=labels, **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` (greedy or sampling, one sequence per prompt), starting from
+        a KV cache that holds the prefix. Returns the prompt ids followed by the new ids."""
+        if not hasattr(self.base_model, "generate"):
+            raise TypeError(f"{type(self.base_model).__name__} cannot generate")
+        for key in ("num_beams", "num_return_sequences"):
+            if kwargs.get(key, 1) != 1:
+                raise ValueError(f"{key}={kwargs[key]}: prefix-tuning generation supports 1 only")
+        if "past_key_values" in kwargs:
+            raise ValueError("past_key_values: generate builds its own cache from the prefix")
+        self._check_length(input_ids.shape[1] + (kwargs.get("max_new_tokens") or 0))
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
+        # The mask (n + T) is longer than input_ids (T): generate then treats every id as new input
+        # after the n cached positions, and derives positions n..n+T-1 from the mask.
+        return self.base_model.generate(
+            input_ids=input_ids, attention_mask=self._extend_mask(attention_mask, input_ids.shape[0]),
+            past_key_values=self.prefix_cache(input_ids.shape[0]), **kwargs,
+        )
+
+
+def accepts_cache(model: nn.Module) -> bool:
+    """True if ``model``'s forward can hand ``past_key_values`` to a backbone that reads it."""
+    def params(m: nn.Module) -> dict:
+        return inspect.signature(m.forward).parameters
+
+    top = params(model)
+    if "past_key_values" in top:
+        return True
+    backbone = getattr(model, "base_model", model)
+    passes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in top.values())
+    return backbone is not model and passes_kwargs and "past_key_values" in params(backbone)
+
+
+@register
+class Prefix:
+    name = "prefix"
+    config_class = PrefixConfig
+
+    def __init__(self, cfg: Any):
+        check(cfg)
+        self.cfg = cfg
+
+    def check_model(self, model: nn.Module) -> PrefixShape:
+        """The prefix sizes for ``model``; ConfigError if the model cannot take a prefix."""
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if config is None or getattr(config, "is_encoder_decoder", False):
+            raise ConfigError(f"method=prefix: model_type {model_type!r} (encoder-decoder or no config) is not "
+                              "supported; allowed: decoder-only LMs and encoders with a single attention stack")
+        if not accepts_cache(model):
+            raise ConfigError(f"method=prefix: {type(model).__name__} ({model_type}) does not accept past_key_values, "
+                              "so a prefix cannot reach its attention; allowed: models whose forward takes a KV cache")
+        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise ConfigError("method=prefix: gradient checkpointing is on; a prefix in the KV cache does not "
+                              "survive recomputation; allowed: gradient checkpointing off")
+        ctx = context_length(config)
+        n = self.cfg.num_virtual_tokens
+        if ctx is not None and n >= ctx:
+            raise ConfigError(f"method.num_virtual_tokens={n}: must be < the model's context length ({ctx} tokens)")
+        return prefix_shape(config)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        cfg = self.cfg
+        shape = self.check_model(model)
+        wrapped = PrefixModel(model, cfg.num_virtual_tokens, shape, cfg.projection, cfg.projection_hidden)
+        freeze_all_but(wrapped, self.adapter_names(wrapped))
+        return wrapped
+
+    def adapter_names(self, model: nn.Module) -> set[str]:
+        return {n for n, _ in model.named_parameters() if n.startswith(ENCODER_NAME + ".")}
+
+    def merge(self, model: nn.Module) -> bool:
+        return False
+
+    def unmerge(self, model: nn.Module) -> bool:
+        return False
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        cfg = self.cfg
+        shape = prefix_shape(model.config)
+        ctx = context_length(model.config)
+        return {
+            "name": self.name,
+            "num_virtual_tokens": cfg.num_virtual_tokens,
+            "projection": cfg.projection,
+            "projection_hidden": cfg.projection_hidden if cfg.projection else None,
+            "kv_dim": shape.kv_dim,
+            "kv_heads": shape.kv_heads,
+            "head_dim": shape.head_dim,
+            "layers": shape.layers,
+            "context_length": ctx,
+            "context_fraction": cfg.num_virtual_tokens / ctx if ctx else None,
+            "prefix_params": prefix_parameters(cfg, shape),
+            "lr": cfg.lr,
+        }
+
+
+def prefix_parameters(cfg: Any, shape: PrefixShape) -> int:
+    """Trainable scalars of the prefix, closed form (see the module docstring)."""
+    n, kv, w = cfg.num_virtual_tokens, shape.kv_dim, shape.width
+    if not cfg.projection:
+        return n * w
+    h = cfg.projection_hidden
+    return n * kv + (kv * h + h) + (h * w + w)
+
+
+def check(cfg: Any) -> None:
+    """Reject values that cannot work, before any model is built."""
+    n = cfg.num_virtual_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"method.num_virtual_tokens={n}: must be an integer >= 1")
+    if not isinstance(cfg.projection, bool):
+        raise ConfigError(f"method.projection={cfg.projection}: allowed: true, false")
+    h = cfg.projection_hidden
+    if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+        raise ConfigError(f"method.projection_hidden={h}: must be an integer >= 1")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ConfigError(f"method.lr={cfg.lr}: must be > 0 (or null to require train.lr)")
