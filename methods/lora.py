@@ -10,8 +10,9 @@ exactly what the base model costs. GPT-2's ``Conv1D`` stores W transposed (in x 
 its merge adds (s * B A)^T.
 
 Targets are chosen by module name, or by a per-architecture preset: ``attention`` (the
-paper's choice: the query and value projections; GPT-2's fused ``c_attn``) or
-``all-linear`` (every linear layer but the output layer and the task head).
+paper's choice: the query and value projections; GPT-2's fused ``c_attn``, which LoRA then
+adapts for query, key and value at once, as peft does) or ``all-linear`` (every linear layer
+but the output layer and the task head).
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
     "distilbert": ["q_lin", "v_lin"],
 }
 PRESETS = ("attention", "all-linear")
-# Output layers that ``all-linear`` leaves alone: the LM head and classification heads.
+# Output layers that ``all-linear`` leaves alone: the LM head and classification heads (with
+# every linear layer inside them, e.g. RoBERTa's classifier.dense and classifier.out_proj).
+# A task head is freshly initialised and trained whole by the harness, so a low-rank update
+# on it would only duplicate parameters. This matches peft's ``target_modules="all-linear"``
+# with ``task_type="SEQ_CLS"`` (classifier excluded, trained as modules_to_save) and for causal
+# LMs (output embedding excluded); peft without a task type would also wrap the classifier.
+# Pretrained layers next to the head, such as BERT's ``pooler.dense``, are targeted, as in peft
+# (tests/test_lora.py checks the wrapped set against peft on LLaMA, GPT-2 and BERT).
 HEAD_NAMES = ("lm_head", "score", "classifier", "embed_out")
 
 

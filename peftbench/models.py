@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,18 +36,33 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+# Files that a saved tokenizer leaves in its folder (any one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer(name_or_path: str) -> bool:
+    """Whether a local checkpoint folder holds a tokenizer; a hub id is assumed to have one."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return True
+    return any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(cfg: Any):
-    """The pretrained model's own tokenizer, or None for a random-init model."""
-    if cfg.name_or_path is None:
+    """The pretrained model's own tokenizer; None for a random-init model or a local checkpoint
+    saved without one (the task then fits a word-level tokenizer on its training text)."""
+    if cfg.name_or_path is None or not has_tokenizer(cfg.name_or_path):
         return None
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: "
+                          f"{' '.join(str(e).split())[:200]}") from None
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
 
 
@@ -63,6 +79,11 @@ def build(cfg: Any, kind: str, vocab_size: int, pad_token_id: int, num_labels: i
     if cfg.name_or_path is None:
         arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
         model_type = arch.pop("model_type", None)
+        tokens = vocab_size
+        vocab_size = arch.pop("vocab_size", vocab_size)  # a preset may fix the real vocabulary
+        if vocab_size < tokens:
+            raise ConfigError(f"model.arch.vocab_size={vocab_size}: smaller than the tokenizer's {tokens} tokens; "
+                              f"allowed: >= {tokens}, or lower task.vocab_size")
         if model_type is None:
             raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type (llama, gpt2, bert, ...)")
         try:
@@ -72,14 +93,34 @@ def build(cfg: Any, kind: str, vocab_size: int, pad_token_id: int, num_labels: i
         check_head(config, kind, cfg.name)
         torch.manual_seed(cfg.init_seed)
         model = auto.from_config(config, dtype=dtype)
+        model.config.architectures = [type(model).__name__]  # from_config leaves it unset
     else:
-        config = AutoConfig.from_pretrained(cfg.name_or_path)
+        config = pretrained_config(cfg.name_or_path)
         check_head(config, kind, cfg.name)
         torch.manual_seed(cfg.init_seed)  # seeds a freshly initialised head
         model = auto.from_pretrained(cfg.name_or_path, dtype=dtype, **extra)
+        rows = model.get_input_embeddings().num_embeddings
+        if vocab_size > rows:
+            raise ConfigError(
+                f"model.name_or_path={cfg.name_or_path}: its embedding has {rows} rows but the tokenizer "
+                f"has {vocab_size} tokens; allowed: save the model's tokenizer with it, or task.vocab_size<={rows}"
+            )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
     return model
+
+
+def pretrained_config(name_or_path: str, **kwargs: Any) -> Any:
+    """The ``config.json`` of a local folder or hub id, or a one-line ``ConfigError``."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: cannot load its config.json "
+            f"(a local folder, or a hub id with internet access): {' '.join(str(e).split())[:200]}"
+        ) from None
 
 
 def build_meta(cfg: Any, kind: str, vocab_size: int, num_labels: int = 2) -> nn.Module:
@@ -95,6 +136,7 @@ def build_meta(cfg: Any, kind: str, vocab_size: int, num_labels: int = 2) -> nn.
     if cfg.name_or_path is None:
         arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
         model_type = arch.pop("model_type", None)
+        vocab_size = arch.pop("vocab_size", vocab_size)  # a preset may fix the real vocabulary
         if model_type is None:
             raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type (llama, gpt2, bert, ...)")
         try:
@@ -102,13 +144,7 @@ def build_meta(cfg: Any, kind: str, vocab_size: int, num_labels: int = 2) -> nn.
         except ValueError as e:
             raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
     else:
-        try:
-            config = AutoConfig.from_pretrained(cfg.name_or_path, **extra)
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"model.name_or_path={cfg.name_or_path}: cannot load its config.json "
-                f"(a local folder, or a hub id with internet access): {str(e).splitlines()[0]}"
-            ) from None
+        config = pretrained_config(cfg.name_or_path, **extra)
     check_head(config, kind, cfg.name)
     with torch.device("meta"):
         return auto.from_config(config, dtype=torch_dtype(cfg.dtype))

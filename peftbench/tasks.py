@@ -19,7 +19,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from methods import ConfigError
+
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+# task name -> its kind
+TASKS = {"synthetic-lm": "causal-lm", "synthetic-cls": "classification", "text-classification": "classification"}
 
 
 @dataclass
@@ -105,59 +109,166 @@ def sentiment_text(n: int, seed: int) -> tuple[list[str], list[int]]:
 
 # ------------------------------------------------------------------------- real data
 
+DATA_EXTENSIONS = {"csv": "csv", "json": "json", "jsonl": "json"}  # file suffix -> datasets builder
+
+
+def _is_local(path: str) -> bool:
+    """A path that names a file or folder (not a hub dataset id such as ``user/name``)."""
+    return Path(path).expanduser().exists() or Path(path).suffix != "" or path.startswith((".", "/", "~"))
+
+
+def _require_path(cfg: Any) -> None:
+    if not cfg.path:
+        raise ConfigError("task.path=null: text-classification needs a folder of train/validation "
+                          ".csv/.json/.jsonl files or a hub dataset id")
+
+
+def split_files(cfg: Any) -> dict[str, Path]:
+    """The train and evaluation files of a local ``task.path`` folder, by split name."""
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"task.path={cfg.path}: no such folder (allowed: a folder of train/{cfg.eval_split} "
+                          f".csv/.json/.jsonl files, or a hub dataset id)")
+    files = {}
+    for split in dict.fromkeys(("train", cfg.eval_split)):
+        found = [folder / f"{split}.{ext}" for ext in DATA_EXTENSIONS if (folder / f"{split}.{ext}").is_file()]
+        if not found:
+            present = sorted(p.name for p in folder.iterdir() if p.suffix[1:] in DATA_EXTENSIONS)
+            key = "task.path" if split == "train" else "task.eval_split"
+            value = cfg.path if split == "train" else split
+            raise ConfigError(f"{key}={value}: no {split}.csv/.json/.jsonl in {cfg.path}; "
+                              f"files there: {', '.join(present) or 'none'}")
+        files[split] = found[0]
+    return files
+
+
+def load_splits(cfg: Any) -> dict[str, Any]:
+    """``{"train": Dataset, eval_split: Dataset}`` from a local folder or the hub."""
+    import datasets
+
+    _require_path(cfg)
+    if _is_local(str(cfg.path)):
+        return {
+            split: datasets.load_dataset(DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)}, split=split)
+            for split, f in split_files(cfg).items()
+        }
+    try:
+        ds = datasets.load_dataset(str(cfg.path))
+    except Exception as e:  # offline, unknown id, gated: all end the run the same way
+        raise ConfigError(f"task.path={cfg.path}: not a local folder, and loading it as a hub dataset "
+                          f"failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    for split in ("train", cfg.eval_split):
+        if split not in ds:
+            key = "task.path" if split == "train" else "task.eval_split"
+            raise ConfigError(f"{key}={cfg.path if split == 'train' else split}: the dataset has no "
+                              f"{split!r} split; allowed: {', '.join(ds.keys())}")
+    return {"train": ds["train"], cfg.eval_split: ds[cfg.eval_split]}
+
+
+def _check_columns(cfg: Any, splits: dict[str, Any]) -> None:
+    for split, ds in splits.items():
+        for key, col in (("task.text_column", cfg.text_column), ("task.label_column", cfg.label_column)):
+            if col not in ds.column_names:
+                raise ConfigError(f"{key}={col}: no such column in the {split} split; "
+                                  f"allowed: {', '.join(ds.column_names)}")
+
+
+def _subset(ds: Any, n: Optional[int], seed: int) -> Any:
+    """At most ``n`` examples, a seeded random subset (files are often sorted by label)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def encode_labels(cfg: Any, train: Any, raw_train: list[Any],
+                  raw_eval: list[Any]) -> tuple[list[str], list[int], list[int]]:
+    """Class names, and the train and eval labels as class ids 0..K-1.
+
+    The dataset's ``ClassLabel`` names when it has them; else integer labels (``1``, ``1.0``,
+    ``true``) in increasing order; else string labels in sorted order.
+    """
+    feature = train.features.get(cfg.label_column)
+    if hasattr(feature, "names"):  # ClassLabel: the values are ids already
+        return list(feature.names), [int(v) for v in raw_train], [int(v) for v in raw_eval]
+    values = raw_train + raw_eval
+    missing = sum(v is None for v in values)
+    if missing:
+        raise ConfigError(f"task.label_column={cfg.label_column}: {missing} examples have no label")
+    if all(isinstance(v, (bool, int)) or (isinstance(v, float) and v.is_integer()) for v in values):
+        ids = sorted({int(v) for v in values})
+        index = {v: i for i, v in enumerate(ids)}
+        return [str(v) for v in ids], [index[int(v)] for v in raw_train], [index[int(v)] for v in raw_eval]
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        index = {v: i for i, v in enumerate(names)}
+        return names, [index[v] for v in raw_train], [index[v] for v in raw_eval]
+    kinds = sorted({type(v).__name__ for v in values})
+    raise ConfigError(f"task.label_column={cfg.label_column}: labels must be class ids (integers) or class "
+                      f"names (strings); found {', '.join(kinds)} values")
+
 
 def load_text_classification(cfg: Any) -> RawTask:
     """Load ``cfg.path`` (local folder of CSV/JSON(L) splits, or a hub id) with ``datasets``."""
-    import datasets
+    splits = load_splits(cfg)
+    _check_columns(cfg, splits)
+    train = _subset(splits["train"], cfg.num_train, cfg.data_seed)
+    ev = _subset(splits[cfg.eval_split], cfg.num_eval, cfg.data_seed + 1)
+    names, train_ids, eval_ids = encode_labels(cfg, train, list(train[cfg.label_column]), list(ev[cfg.label_column]))
 
-    from methods import ConfigError
+    def text(values: list[Any]) -> list[str]:
+        return ["" if t is None else str(t) for t in values]
 
-    if not cfg.path:
-        raise ConfigError("task.path=null: text-classification needs a folder of CSV/JSON splits or a hub dataset id")
-    path = Path(cfg.path)
-    if path.is_dir():
-        files: dict[str, str] = {}
-        for split in ("train", cfg.eval_split):
-            found = [p for ext in ("csv", "json", "jsonl") for p in [path / f"{split}.{ext}"] if p.exists()]
-            if not found:
-                raise ConfigError(f"task.path={cfg.path}: no {split}.csv/.json/.jsonl in that folder")
-            files[split] = str(found[0])
-        builder = "csv" if files["train"].endswith(".csv") else "json"
-        ds = datasets.load_dataset(builder, data_files=files)
-    elif path.suffix or str(cfg.path).startswith((".", "/", "~")):
-        raise ConfigError(f"task.path={cfg.path}: no such folder")
-    else:
-        ds = datasets.load_dataset(str(cfg.path))
-    if cfg.eval_split not in ds:
-        raise ConfigError(f"task.eval_split={cfg.eval_split}: allowed: {', '.join(ds.keys())}")
-    for col in (cfg.text_column, cfg.label_column):
-        if col not in ds["train"].column_names:
-            key = "task.text_column" if col == cfg.text_column else "task.label_column"
-            raise ConfigError(f"{key}={col}: no such column; allowed: {', '.join(ds['train'].column_names)}")
-    train, ev = ds["train"], ds[cfg.eval_split]
-    if cfg.num_train is not None:
-        train = train.select(range(min(cfg.num_train, len(train))))
-    if cfg.num_eval is not None:
-        ev = ev.select(range(min(cfg.num_eval, len(ev))))
-    raw_train, raw_eval = list(train[cfg.label_column]), list(ev[cfg.label_column])
-    names = sorted({str(v) for v in raw_train + raw_eval}, key=lambda s: (len(s), s))
-    if all(isinstance(v, int) for v in raw_train + raw_eval):
-        names = [str(i) for i in range(max(raw_train + raw_eval) + 1)]
-    index = {n: i for i, n in enumerate(names)}
     return RawTask(
-        train_text=[str(t) for t in train[cfg.text_column]],
-        eval_text=[str(t) for t in ev[cfg.text_column]],
-        train_labels=[index[str(v)] for v in raw_train],
-        eval_labels=[index[str(v)] for v in raw_eval],
+        train_text=text(train[cfg.text_column]),
+        eval_text=text(ev[cfg.text_column]),
+        train_labels=train_ids,
+        eval_labels=eval_ids,
         num_labels=len(names),
         label_names=names,
     )
 
 
+def check(cfg: Any) -> None:
+    """Cheap checks of a task config before any model is built: for text-classification, the
+    folder, its split files and the two columns (read from the first row of each file)."""
+    if cfg.name not in TASKS:
+        raise ConfigError(f"task.name={cfg.name}: allowed: {', '.join(TASKS)}")
+    if cfg.kind != TASKS[cfg.name]:
+        raise ConfigError(f"task.kind={cfg.kind}: task {cfg.name} is {TASKS[cfg.name]}; allowed: {TASKS[cfg.name]}")
+    if cfg.name != "text-classification":
+        for key in ("num_train", "num_eval"):
+            if getattr(cfg, key) is None:
+                raise ConfigError(f"task.{key}=null: {cfg.name} generates its examples; allowed: an integer >= 1")
+        return
+    _require_path(cfg)
+    if not _is_local(str(cfg.path)):
+        return  # a hub dataset is only checked when it is loaded
+    for split, f in split_files(cfg).items():
+        columns = _first_row_columns(f)
+        for key, col in (("task.text_column", cfg.text_column), ("task.label_column", cfg.label_column)):
+            if columns is not None and col not in columns:
+                raise ConfigError(f"{key}={col}: no such column in {f.name}; allowed: {', '.join(columns)}")
+
+
+def _first_row_columns(f: Path) -> Optional[list[str]]:
+    """Column names from a file's header (CSV) or first record (JSON Lines); None if unknown."""
+    import csv
+    import json
+
+    with f.open(encoding="utf-8", newline="") as fh:
+        if f.suffix == ".csv":
+            return next(csv.reader(fh), [])
+        first = fh.readline().strip()
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return None  # a JSON array or object spread over lines: checked when loaded
+    return list(row) if isinstance(row, dict) else None
+
+
 def load(cfg: Any) -> RawTask:
     """The raw splits of the task named ``cfg.name``."""
-    from methods import ConfigError
-
+    check(cfg)
     if cfg.name == "synthetic-lm":
         return RawTask(
             train_text=markov_text(cfg.num_train, cfg.max_length, cfg.data_seed, cfg.data_seed + 1),
@@ -169,9 +280,7 @@ def load(cfg: Any) -> RawTask:
         tt, tl = sentiment_text(cfg.num_train, cfg.data_seed + 1)
         et, el = sentiment_text(cfg.num_eval, cfg.data_seed + 2)
         return RawTask(tt, et, tl, el, num_labels=2, label_names=["negative", "positive"])
-    if cfg.name == "text-classification":
-        return load_text_classification(cfg)
-    raise ConfigError(f"task.name={cfg.name}: allowed: synthetic-lm, synthetic-cls, text-classification")
+    return load_text_classification(cfg)
 
 
 # --------------------------------------------------------------------------- tokenizing
@@ -233,8 +342,6 @@ def train_batches(split: Split, batch_size: int, seed: int, pad_id: int, kind: s
     g = torch.Generator().manual_seed(seed)
     n = len(split.ids)
     if n < batch_size:
-        from methods import ConfigError
-
         raise ConfigError(f"train.batch_size={batch_size}: larger than the {n} training examples")
     while True:
         order = torch.randperm(n, generator=g).tolist()
