@@ -68,10 +68,11 @@ class TaskConfig:
 class TrainConfig:
     """The one training loop every method goes through.
 
-    steps: optimizer steps. batch_size: examples per step. lr: learning rate; null takes the
-    method's default (``method.lr``). warmup_steps: linear learning-rate warm-up, then linear
-    decay to 0. timing_warmup: first steps excluded from throughput timing (the memory-tracked
-    steps are among them). grad_clip: max gradient norm (0 disables).
+    steps: optimizer steps (0: a latency-only run, no training and no evaluation). batch_size:
+    examples per step. lr: learning rate; null takes the method's default (``method.lr``).
+    warmup_steps: linear learning-rate warm-up, then linear decay to 0. timing_warmup: first
+    steps excluded from throughput timing (the memory and FLOP steps are always excluded too).
+    grad_clip: max gradient norm (0 disables).
     """
 
     steps: int = 100
@@ -85,18 +86,25 @@ class TrainConfig:
 
 @dataclass
 class MeasureConfig:
-    """Measurement settings.
+    """Measurement settings (see docs/METHODOLOGY.md).
 
-    memory_steps: training steps run under the tensor-memory tracker (never timed).
-    latency_batch / latency_length: the default inference point (examples, tokens).
-    latency_warmup / latency_repeats: untimed and timed forward passes per point.
+    memory_steps: first training steps run under the tensor-memory tracker; the step after them
+    runs under the FLOP counter (all of them untimed). latency_batch / latency_length: the default inference
+    point (examples, tokens), the one behind the flat ``inference_*`` figures.
+    latency_grid_batches x latency_grid_lengths: the prefill latency grid. latency_warmup /
+    latency_repeats: untimed and timed forward passes per point. decode_tokens: new tokens N of
+    the decode measurement (0 skips it); decode_repeats: timed generate calls per length.
     """
 
     memory_steps: int = 2
     latency_batch: int = 1
     latency_length: int = 128
+    latency_grid_batches: list[int] = field(default_factory=lambda: [1, 8])
+    latency_grid_lengths: list[int] = field(default_factory=lambda: [32, 128])
     latency_warmup: int = 3
     latency_repeats: int = 20
+    decode_tokens: int = 32
+    decode_repeats: int = 5
 
 
 @dataclass
@@ -150,6 +158,13 @@ def check(cfg: Any) -> None:
     _require(cfg.measure.latency_length >= 1, "measure.latency_length", cfg.measure.latency_length, "must be >= 1")
     _require(cfg.measure.latency_repeats >= 1, "measure.latency_repeats", cfg.measure.latency_repeats, "must be >= 1")
     _require(cfg.measure.latency_warmup >= 0, "measure.latency_warmup", cfg.measure.latency_warmup, "must be >= 0")
+    for key in ("latency_grid_batches", "latency_grid_lengths"):
+        values = list(cfg.measure[key])
+        _require(bool(values) and all(v >= 1 for v in values), f"measure.{key}", values,
+                 "must be a non-empty list of integers >= 1")
+    _require(cfg.measure.decode_tokens >= 0, "measure.decode_tokens", cfg.measure.decode_tokens,
+             "must be >= 0 (0 skips the decode measurement)")
+    _require(cfg.measure.decode_repeats >= 1, "measure.decode_repeats", cfg.measure.decode_repeats, "must be >= 1")
     _require(cfg.task.kind in TASK_KINDS, "task.kind", cfg.task.kind, f"allowed: {', '.join(TASK_KINDS)}")
     _require(cfg.task.max_length >= 8, "task.max_length", cfg.task.max_length, "must be >= 8 tokens")
     _require(cfg.task.num_train is None or cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train,

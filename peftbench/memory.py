@@ -1,151 +1,192 @@
 """Exact accounting of live tensor storage, with a breakdown at the peak.
 
-``TensorMemoryTracker`` is a ``TorchDispatchMode``: every ATen operator that runs while it is
-active (forward, backward on the autograd thread, the optimizer) reports its outputs, and the
-tracker adds each new storage's size once (views share a storage) and notices freed storages
-through weak references. The figure is the bytes of live tensor storages on one device:
-allocator rounding and caching (``torch.cuda.max_memory_reserved``), kernel workspaces and
-Python objects are not in it. On CPU the same work gives the same peak to the byte.
+``TensorMemoryTracker`` is a ``TorchDispatchMode``. Every ATen operator that runs while it is
+active (the forward, the backward, also on autograd's device threads, which inherit the mode,
+and the optimizer) shows it its inputs and outputs; the tracker adds each storage it has not
+seen yet once, by its storage (views and in-place results share their base's storage, so they
+add nothing; an output whose storage grew, ``resize_`` or an ``out=`` op, adds the growth).
+A storage is subtracted the moment it is freed, by a weak reference whose callback fires when
+the C++ storage dies (storages keep their Python object alive as long as they live), whether
+or not the mode is active at that moment.
 
-At each new peak the tracker records which storages were live; they are classified into
-weights (parameters and buffers), gradients (``.grad``), optimizer state, and everything else
-(activations saved for backward, temporaries, the input batch) once the op that made the peak
-has returned, so a gradient that autograd is about to store in ``.grad`` counts as a gradient.
+The figure is the bytes of live tensor storages on one device type. Not in it: allocator
+rounding and caching (CUDA: ``max_memory_allocated`` rounds every block up to 512 bytes,
+``max_memory_reserved`` adds the cache), memory a kernel allocates internally without a tensor
+(CPU matmul packing buffers, cuBLAS workspaces), and Python objects. A tensor created while
+the tracker is not active is counted from the moment it is passed to ``track`` or used by an
+operator under the tracker; model weights, buffers, gradients and optimizer state are counted
+from the start. On CPU the same work gives the same peak to the byte.
+
+Breakdown: the storages live at the peak are split into weights (parameters and buffers),
+gradients (storages that autograd stores in a parameter's ``.grad``, recorded by a
+post-accumulate-grad hook, so a gradient that has just been computed and is about to be
+stored counts as a gradient), optimizer state, and activations (everything else: tensors
+saved for backward, temporaries, the input batch). Roles belong to storages, identified by a
+serial number that is never reused, so the split can be made after the peak is long gone.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
+from functools import partial
 from typing import Any, Iterable, Optional
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_leaves
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 
 
-def _key(t: torch.Tensor) -> tuple[int, Any]:
-    s = t.untyped_storage()
-    return s._cdata, s
-
-
 class TensorMemoryTracker(TorchDispatchMode):
-    """Live tensor bytes on ``device`` (a ``torch.device`` or its type), peak and breakdown.
+    """Live tensor bytes on ``device`` (a ``torch.device``, or its type), peak and breakdown.
 
-    model / optimizer: what the breakdown classifies as weights, gradients and optimizer
-    state. Tensors that exist before the tracker starts are counted when they belong to the
-    model or the optimizer, or are passed in ``extra`` (an input batch, say).
+    model / optimizer: what the breakdown classifies as weights, gradients and optimizer state;
+    their tensors are counted from the start, as are ``extra`` tensors (an input batch, say).
+    Enter it (``with tracker:``) around the work to measure, as often as needed; the peak runs
+    across all of them until ``reset_peak``. Call ``close`` when done (removes hooks).
     """
 
     def __init__(self, model: Optional[torch.nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                  device: Any = "cpu", extra: Iterable[torch.Tensor] = ()):
         super().__init__()
-        self.device_type = torch.device(device).type
+        self.device_type = torch.device(device).type if not isinstance(device, torch.device) else device.type
         self.model = model
         self.optimizer = optimizer
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        # storage key (address of the C++ storage, unique while it lives) -> [serial, bytes, weakref]
+        self.live: dict[int, list] = {}
+        self.roles: dict[int, str] = {}  # serial -> weights | gradients | optimizer
         self.current = 0
         self.peak = 0
-        self.peak_breakdown: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
-        self._peak_snapshot: Optional[dict[int, int]] = None
-        for t in self._owned_tensors():
-            self._add(t)
+        self._serials = itertools.count()
+        self._peak_items: list[tuple[int, int]] = []  # (serial, bytes) live at the peak
+        self._peak_pending = False  # a new peak whose live set is not yet copied
+        self._hooks: list[Any] = []
+        self._closed = False
+        self._final: dict[str, int] = {}
+        self._mark_owned()
         for t in extra:
-            self._add(t)
-        self._new_peak()
-        self._classify_pending()
+            self._see(t)
+        if model is not None:
+            for p in model.parameters():
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self.reset_peak()
 
     # ----------------------------------------------------------------- bookkeeping
-    def _owned_tensors(self) -> list[torch.Tensor]:
-        out = []
-        if self.model is not None:
-            out += list(self.model.parameters()) + list(self.model.buffers())
-            out += [p.grad for p in self.model.parameters() if p.grad is not None]
-        out += self._optimizer_tensors()
-        return out
+    def _see(self, t: Any) -> Optional[int]:
+        """Count ``t``'s storage if it is new (or grew); returns its serial, None if not counted."""
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type or t.layout != torch.strided:
+            return None
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without storage
+            return None
+        key = storage._cdata
+        entry = self.live.get(key)
+        n = storage.nbytes()
+        if entry is None:
+            ref = weakref.ref(storage, partial(self._on_free, key))
+            entry = [next(self._serials), n, ref]
+            self.live[key] = entry
+            self._grow(n)
+        elif entry[1] != n:  # resized in place
+            if n < entry[1]:
+                self._copy_peak_if_pending()
+            self.current -= entry[1]
+            entry[1] = n
+            self._grow(n)
+        return entry[0]
 
-    def _optimizer_tensors(self) -> list[torch.Tensor]:
-        if self.optimizer is None:
-            return []
-        return [v for state in self.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-
-    def _add(self, t: torch.Tensor) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type or t.is_sparse:
-            return
-        key, storage = _key(t)
-        if key not in self.live:
-            n = storage.nbytes()
-            self.live[key] = (StorageWeakRef(storage), n)
-            self.current += n
-
-    def _sweep(self) -> None:
-        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
-        for k in dead:
-            self.current -= self.live.pop(k)[1]
-
-    def _new_peak(self) -> None:
-        self.peak = self.current
-        self._peak_snapshot = {k: n for k, (_, n) in self.live.items()}
-
-    def _classify_pending(self) -> None:
-        """Split the last peak's storages into the four categories."""
-        snap = self._peak_snapshot
-        if snap is None:
-            return
-        self._peak_snapshot = None
-        keys: dict[str, set[int]] = {"weights": set(), "gradients": set(), "optimizer": set()}
-        if self.model is not None:
-            for t in list(self.model.parameters()) + list(self.model.buffers()):
-                keys["weights"].add(t.untyped_storage()._cdata)
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    keys["gradients"].add(p.grad.untyped_storage()._cdata)
-        for t in self._optimizer_tensors():
-            keys["optimizer"].add(t.untyped_storage()._cdata)
-        out = dict.fromkeys(CATEGORIES, 0)
-        for k, n in snap.items():
-            cat = next((c for c in ("weights", "gradients", "optimizer") if k in keys[c]), "activations")
-            out[cat] += n
-        self.peak_breakdown = out
-
-    def track(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Count tensors made outside the tracker (a new input batch, say)."""
-        self._sweep()
-        for t in tensors:
-            self._add(t)
+    def _grow(self, n: int) -> None:
+        self.current += n
         if self.current > self.peak:
-            self._new_peak()
+            self.peak = self.current
+            self._peak_pending = True
+
+    def _copy_peak_if_pending(self) -> None:
+        """Remember the live set of the last peak before anything in it can be freed."""
+        if self._peak_pending:
+            self._peak_items = [(serial, n) for serial, n, _ in self.live.values()]
+            self._peak_pending = False
+
+    def _on_free(self, key: int, ref: weakref.ref) -> None:
+        entry = self.live.get(key)
+        if self._closed or entry is None or entry[2] is not ref:
+            return
+        self._copy_peak_if_pending()
+        del self.live[key]
+        self.current -= entry[1]
+
+    def _mark(self, t: Optional[torch.Tensor], role: str) -> None:
+        serial = self._see(t) if t is not None else None
+        if serial is not None and self.roles.get(serial) != "weights":
+            self.roles[serial] = role
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        self._mark(p.grad, "gradients")
+
+    def _mark_owned(self) -> None:
+        """Give the model's and optimizer's live tensors their roles (counting them if new)."""
+        if self.model is not None:
+            for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+                self._mark(t, "weights")
+            for p in self.model.parameters():
+                self._mark(p.grad, "gradients")
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        self._mark(v, "optimizer")
+
+    # ------------------------------------------------------------------ public
+    def track(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors made while the tracker was not active (a new input batch, say)."""
+        for t in tensors:
+            self._see(t)
 
     def reset_peak(self) -> None:
         """Start a new phase: the peak becomes the bytes live now."""
-        self._classify_pending()
-        self._sweep()
-        self._new_peak()
-        self._classify_pending()
+        self.peak = self.current
+        self._peak_pending = True
+        self._copy_peak_if_pending()
 
-    # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self._classify_pending()
-        out = func(*args, **(kwargs or {}))
-        new = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if new:
-            self._sweep()
-            for t in new:
-                self._add(t)
-            if self.current > self.peak:
-                self._new_peak()
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):  # inputs made while the tracker was not active
+            if isinstance(t, torch.Tensor):
+                self._see(t)
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._see(t)
         return out
 
-    def __exit__(self, *exc):
-        result = super().__exit__(*exc)
-        self._sweep()
-        self._classify_pending()
-        return result
-
-    def summary(self) -> dict[str, int]:
-        """Peak bytes and its breakdown (``memory_<category>_bytes``); they add up exactly."""
-        self._classify_pending()
-        out = {"peak_memory_bytes": self.peak}
-        out.update({f"memory_{c}_bytes": self.peak_breakdown[c] for c in CATEGORIES})
+    def breakdown(self) -> dict[str, int]:
+        """Bytes of the peak's live storages per category; they add up to ``peak``."""
+        if self._closed:
+            return dict(self._final)
+        self._mark_owned()
+        self._copy_peak_if_pending()
+        out = dict.fromkeys(CATEGORIES, 0)
+        for serial, n in self._peak_items:
+            out[self.roles.get(serial, "activations")] += n
         return out
+
+    def summary(self, prefix: str = "") -> dict[str, int]:
+        """``<prefix>peak_memory_bytes`` and ``<prefix>memory_<category>_bytes`` (they add up)."""
+        out = {f"{prefix}peak_memory_bytes": self.peak}
+        out.update({f"{prefix}memory_{c}_bytes": n for c, n in self.breakdown().items()})
+        return out
+
+    def close(self) -> None:
+        """Stop following storages and remove the gradient hooks; the figures stay readable."""
+        if self._closed:
+            return
+        self._final = self.breakdown()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._closed = True
+        self.live.clear()

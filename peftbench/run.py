@@ -1,14 +1,17 @@
-"""One run, top to bottom: setup -> train -> measure -> save.
+"""One run, top to bottom: setup -> train -> evaluate -> measure -> save.
 
 ``run(cfg)`` never raises for a failure inside the run: the record says ``status: failed``
 with the reason, so one bad job never takes a sweep down. Configuration errors are caught
-earlier, by the CLI, before any model is built.
+earlier, by the CLI, before any model is built. ``train.steps=0`` makes a latency-only run:
+no training and no evaluation, but parameters, inference memory, FLOPs, latency and the
+checkpoint size are still measured.
 """
 
 from __future__ import annotations
 
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,7 @@ import torch
 import methods
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import models, record, tasks
-from peftbench.timing import repeat, stats
+from peftbench import measure, models, record, tasks
 from peftbench.train import evaluate, train
 
 ACCURACY_METRIC = Path(__file__).parent / "metrics" / "accuracy.py"
@@ -32,36 +34,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def latency_inputs(vocab_size: int, batch: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Seeded random token ids of shape (batch, length), no padding."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, vocab_size, (batch, length), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+@dataclass
+class Setup:
+    """A run's pieces, ready to train or measure: the method applied, heads unfrozen, on device."""
+
+    model: torch.nn.Module
+    method: Any
+    tokenizer: Any
+    raw: tasks.RawTask
+    base_config: Any
+    head: set[str]
+    device: torch.device
 
 
-def forward_latency(model: torch.nn.Module, inputs: dict, device: torch.device, measure: Any) -> dict[str, float]:
-    """Median and IQR (ms) of one no-grad forward pass (prefill) over ``inputs``."""
-    model.eval()
-    with torch.no_grad():
-        ms = repeat(lambda: model(**inputs), device, measure.latency_warmup, measure.latency_repeats)
-    return stats(ms)
-
-
-def execute(cfg: Any, rec: dict[str, Any]) -> None:
-    """Set up, train and measure; fills ``rec`` in place as it goes."""
-    config_mod.check(cfg)
+def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
+    """Data, tokenizer, base model and method; fills the record's model and parameter fields."""
     device = resolve_device(cfg.device)
-    rec["provenance"] = record.provenance(device)
     kind = cfg.task.kind
-    metrics: dict[str, Any] = rec["metrics"]
-
-    # ---- setup: data, tokenizer, base model, method
     raw = tasks.load(cfg.task)
     if kind == "classification" and raw.num_labels < 2:
         raise ConfigError(f"task.label_column={cfg.task.label_column}: needs at least 2 classes, found {raw.num_labels}")
     tokenizer = models.load_tokenizer(cfg.model) or tasks.word_tokenizer(raw.train_text, cfg.task.vocab_size)
     model = models.build(cfg.model, kind, len(tokenizer), tokenizer.pad_token_id, raw.num_labels)
-    rec["model_config"] = model.config.to_dict()
+    base_config = model.config
+    rec["model_config"] = base_config.to_dict()
     rec["base_weights_sha256"] = models.weights_sha256(model)
     method = methods.build(cfg.method)
     torch.manual_seed(cfg.seed)  # the method's own initialisation
@@ -73,53 +69,56 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
     model.to(device)
     rec["method_config"] = method.describe(model)
     rec["method_config"]["head_modules"] = sorted({n.rsplit(".", 1)[0] for n in head})
+    metrics = rec["metrics"]
     metrics["trainable_params"] = methods.trainable_parameters(model)
     metrics["total_params"] = methods.total_parameters(model)
     metrics["trainable_percent"] = 100.0 * metrics["trainable_params"] / metrics["total_params"]
+    return Setup(model, method, tokenizer, raw, base_config, head, device)
 
-    train_split, eval_split = tasks.tokenize(raw, tokenizer, cfg.task.max_length)
-    pad_id = tokenizer.pad_token_id
-    bs = cfg.train.batch_size
 
-    def run_eval() -> dict[str, Any]:
-        return evaluate(model, tasks.eval_batches(eval_split, bs, pad_id, kind), kind, device)
-
-    # ---- train
+def execute(cfg: Any, rec: dict[str, Any]) -> None:
+    """Set up, train, evaluate and measure; fills ``rec`` in place as it goes."""
+    config_mod.check(cfg)
+    rec["provenance"] = record.provenance(resolve_device(cfg.device))
+    s = setup(cfg, rec)
+    model, device, kind = s.model, s.device, cfg.task.kind
+    measure.check_lengths(cfg.measure, kind, measure.max_positions(s.base_config))  # before training
+    metrics: dict[str, Any] = rec["metrics"]
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
     rec["train_lr"] = lr
+
     if cfg.train.steps > 0:
+        train_split, eval_split = tasks.tokenize(s.raw, s.tokenizer, cfg.task.max_length)
+        pad_id, bs = s.tokenizer.pad_token_id, cfg.train.batch_size
+
+        def run_eval() -> dict[str, Any]:
+            return evaluate(model, tasks.eval_batches(eval_split, bs, pad_id, kind), kind, device)
+
+        # ---- train
         metrics["eval_loss_initial"] = run_eval()["eval_loss"]
         batches = tasks.train_batches(train_split, bs, cfg.seed, pad_id, kind)
         result = train(model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device)
         metrics.update(result["metrics"])
-        metrics.update(result["memory"])
-        if device.type == "cuda":
-            metrics["peak_memory_tracked_bytes"] = metrics.pop("peak_memory_bytes")
         rec["train_losses"] = result["train_losses"]
         rec["train_step_ms"] = result["train_step_ms"]
 
-    # ---- evaluate
-    ev = run_eval()
-    metrics["eval_loss"] = ev["eval_loss"]
-    if kind == "classification":
-        import evaluate as hf_evaluate
+        # ---- evaluate, under the memory tracker (untimed)
+        ev: dict[str, Any] = {}
+        metrics.update(measure.phase_memory(model, device, "eval", lambda: ev.update(run_eval())))
+        metrics["eval_loss"] = ev["eval_loss"]
+        if kind == "classification":
+            import evaluate as hf_evaluate
 
-        acc = hf_evaluate.load(str(ACCURACY_METRIC))
-        metrics["eval_accuracy"] = acc.compute(predictions=ev["predictions"], references=ev["references"])["accuracy"]
+            acc = hf_evaluate.load(str(ACCURACY_METRIC))
+            metrics["eval_accuracy"] = acc.compute(predictions=ev["predictions"], references=ev["references"])["accuracy"]
 
-    # ---- inference latency (merged where the method can merge)
-    m = cfg.measure
-    inputs = latency_inputs(len(tokenizer), m.latency_batch, m.latency_length, device)
-    metrics["inference_batch"], metrics["inference_length"] = m.latency_batch, m.latency_length
-    unmerged = forward_latency(model, inputs, device, m)
-    if method.merge(model):
-        merged = forward_latency(model, inputs, device, m)
-        method.unmerge(model)
-        metrics["inference_latency_ms"], metrics["inference_latency_iqr_ms"] = merged["median"], merged["iqr"]
-        metrics["inference_latency_unmerged_ms"] = unmerged["median"]
-        metrics["inference_latency_unmerged_iqr_ms"] = unmerged["iqr"]
-    else:
-        metrics["inference_latency_ms"], metrics["inference_latency_iqr_ms"] = unmerged["median"], unmerged["iqr"]
+    # ---- inference: memory, FLOPs, latency grid, decode (merged where the method merges)
+    inf, grid = measure.inference(model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device,
+                                  cfg.measure, measure.max_positions(s.base_config))
+    metrics.update(inf)
+    rec["latency_grid"] = grid
+    metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))
+    metrics.update(measure.mfu(metrics, device, models.torch_dtype(cfg.model.dtype)))
 
 
 def new_record(cfg: Any) -> dict[str, Any]:

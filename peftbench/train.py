@@ -2,20 +2,24 @@
 
 Same data order (seeded), optimizer (AdamW over the parameters that require grad), schedule
 (linear warm-up then linear decay) and gradient clipping for every method. The first
-``measure.memory_steps`` steps run under the tensor-memory tracker; they and the rest of the
-first ``train.timing_warmup`` steps are not timed. Each timed step is synchronised on CUDA.
+``memory_steps`` steps run under the tensor-memory tracker and the next one under the FLOP
+counter (apart, because the FLOP counter's module hooks keep some activations alive for
+longer); they and the rest of the first ``train.timing_warmup`` steps are not timed.
+Each timed step (forward, backward, clipping, optimizer and schedule step, zeroing the
+gradients) is one Stopwatch region: CUDA events on a GPU, wall clock on CPU.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftbench.measure import cuda_phase_stats, cuda_reset
 from peftbench.memory import TensorMemoryTracker
 from peftbench.timing import Stopwatch, stats
 
@@ -24,33 +28,70 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class StepRecorder:
+    """Per-step times (ms) and sizes of the timed steps, reduced to medians and IQRs."""
+
+    def __init__(self) -> None:
+        self.ms: list[float] = []
+        self.tokens: list[int] = []
+        self.padded: list[int] = []
+        self.samples: list[int] = []
+
+    def add(self, ms: float, batch: dict[str, torch.Tensor]) -> None:
+        self.ms.append(ms)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        self.padded.append(batch["input_ids"].numel())
+        self.samples.append(batch["input_ids"].shape[0])
+
+    def rate(self, counts: list[int]) -> dict[str, float]:
+        return stats([c / ms * 1e3 for c, ms in zip(counts, self.ms)])
+
+    def metrics(self) -> dict[str, Any]:
+        if not self.ms:
+            return {"train_timed_steps": 0}
+        st, tok = stats(self.ms), self.rate(self.tokens)
+        return {
+            "train_step_ms_median": st["median"],
+            "train_step_ms_iqr": st["iqr"],
+            "train_tokens_per_s": tok["median"],
+            "train_tokens_per_s_iqr": tok["iqr"],
+            "train_padded_tokens_per_s": self.rate(self.padded)["median"],
+            "train_samples_per_s": self.rate(self.samples)["median"],
+            "train_timed_steps": len(self.ms),
+        }
+
+
 def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float, train_cfg: Any,
           memory_steps: int, device: torch.device) -> dict[str, Any]:
-    """Train for ``steps`` steps; returns metrics and the per-step losses and times."""
+    """Train for ``steps`` steps; returns metrics (timing, memory, FLOPs) and the per-step
+    losses and times."""
+    from torch.utils.flop_counter import FlopCounterMode
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, min(train_cfg.warmup_steps, steps), steps)
-    untimed = max(train_cfg.timing_warmup, memory_steps)
+    flop_step = memory_steps
+    untimed = max(train_cfg.timing_warmup, flop_step + 1)
     model.train()
 
     losses: list[float] = []
-    step_ms: list[float] = []
-    real_tokens: list[int] = []
-    padded_tokens: list[int] = []
-    samples: list[int] = []
-    memory: dict[str, int] = {}
+    timed = StepRecorder()
+    measured: dict[str, Any] = {}
     tracker: Optional[TensorMemoryTracker] = None
+    flops: Optional[FlopCounterMode] = None
+    cuda_reset(device)
     bar = tqdm(range(steps), desc="train", unit="step", mininterval=1.0, leave=False)
     for step in bar:
         batch = to_device(next(batches), device)
-        tracked = step < memory_steps
-        if step == 0:
-            tracker = TensorMemoryTracker(model, optimizer, device, extra=batch.values())
-        elif tracked:
-            tracker.track(batch.values())
-        with tracker if tracked else nullcontext():
+        with ExitStack() as instruments:
+            if step < memory_steps:
+                if tracker is None:
+                    tracker = TensorMemoryTracker(model, optimizer, device, extra=batch.values())
+                tracker.track(batch.values())
+                instruments.enter_context(tracker)
+            if step == flop_step:
+                flops = instruments.enter_context(FlopCounterMode(display=False))
             with Stopwatch(device) as sw:
                 loss = model(**batch).loss
                 loss.backward()
@@ -60,34 +101,28 @@ def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float, trai
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
         value = loss.item()
+        del loss
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss is {value} at step {step}")
         losses.append(value)
+        if step == flop_step:
+            measured["train_flops_per_step"] = int(flops.get_total_flops())
+            measured["train_flops_per_token"] = measured["train_flops_per_step"] / batch["input_ids"].numel()
         if step >= untimed:
-            step_ms.append(sw.ms)
-            real_tokens.append(int(batch["attention_mask"].sum()))
-            padded_tokens.append(batch["input_ids"].numel())
-            samples.append(batch["input_ids"].shape[0])
+            timed.add(sw.ms, batch)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
-        if step == memory_steps - 1 or (step == steps - 1 and tracked):
-            memory = tracker.summary()
+        if tracker is not None and step == min(memory_steps, steps) - 1:
+            measured.update(tracker.summary())
+            measured.update(cuda_phase_stats(device, "train", tracker))
+            measured["train_memory_steps"] = step + 1
+            tracker.close()
     bar.close()
+    cuda = cuda_phase_stats(device, "train")
+    measured.update({k: v for k, v in cuda.items() if "_max_" in k})  # whole phase; requested: tracked steps
 
-    out: dict[str, Any] = {"train_losses": losses, "train_step_ms": step_ms, "memory": memory}
-    if step_ms:
-        st = stats(step_ms)
-        out["metrics"] = {
-            "train_step_ms_median": st["median"],
-            "train_step_ms_iqr": st["iqr"],
-            "train_tokens_per_s": stats([t / ms * 1e3 for t, ms in zip(real_tokens, step_ms)])["median"],
-            "train_padded_tokens_per_s": stats([t / ms * 1e3 for t, ms in zip(padded_tokens, step_ms)])["median"],
-            "train_samples_per_s": stats([s / ms * 1e3 for s, ms in zip(samples, step_ms)])["median"],
-            "train_timed_steps": len(step_ms),
-        }
-    else:
-        out["metrics"] = {"train_timed_steps": 0}
-    out["metrics"]["train_loss_final"] = losses[-1] if losses else None
+    out: dict[str, Any] = {"train_losses": losses, "train_step_ms": timed.ms}
+    out["metrics"] = {**timed.metrics(), **measured, "train_loss_final": losses[-1] if losses else None}
     return out
 
 

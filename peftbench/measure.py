@@ -1,0 +1,306 @@
+"""Measurements outside the training loop: memory per phase, FLOPs, prefill latency grid,
+decode latency, checkpoint size, and model FLOP utilisation on known GPUs.
+
+Every figure has its unit in its name (``_bytes``, ``_ms``, ``_flops``); docs/METHODOLOGY.md
+says how each is taken. Memory and FLOPs are always counted in their own untimed passes, so
+that neither instrument slows a timed one.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from methods import ConfigError
+from peftbench.memory import TensorMemoryTracker
+from peftbench.timing import Stopwatch, repeat, stats, synchronize
+
+# Dense peak throughput in TFLOP/s per GPU (tensor-core figures WITHOUT 2:4 sparsity, which
+# the datasheets print at twice these values): (name fragment, bf16/fp16, tf32, fp32).
+# The first matching fragment wins, so specific names come before general ones.
+GPU_PEAK_TFLOPS: list[tuple[str, Optional[tuple[float, float, float]]]] = [
+    ("H100 NVL", None),                      # no per-GPU figure we trust: MFU left out
+    ("H100 PCIe", (756.0, 378.0, 51.0)),     # NVIDIA H100 Tensor Core GPU datasheet, PCIe column
+    ("H100", (989.4, 494.7, 66.9)),          # same datasheet, SXM5 column (H100 80GB HBM3)
+    ("H200", (989.4, 494.7, 66.9)),          # NVIDIA H200 Tensor Core GPU datasheet (SXM)
+    ("A100", (312.0, 156.0, 19.5)),          # NVIDIA A100 Tensor Core GPU datasheet
+    ("L40S", (362.1, 183.0, 91.6)),          # NVIDIA L40S datasheet
+    ("L4", (121.0, 60.0, 30.3)),             # NVIDIA L4 Tensor Core GPU datasheet
+]
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def cuda_reset(device: torch.device) -> None:
+    """Start a CUDA memory phase: finish pending work, then reset the allocator's peaks."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_phase_stats(device: torch.device, phase: str, tracker: Optional[TensorMemoryTracker] = None) -> dict[str, int]:
+    """The caching allocator's figures since the last ``cuda_reset`` (empty off CUDA).
+
+    ``cuda_<phase>_max_allocated_bytes`` / ``_max_reserved_bytes``: ``torch.cuda`` peaks.
+    ``cuda_<phase>_requested_peak_bytes``: peak of the bytes requested (before the allocator
+    rounds to 512-byte blocks), the figure the tracker's peak is checked against.
+    ``cuda_<phase>_untracked_bytes``: bytes requested but not held by any tensor the tracker
+    sees, now (cuBLAS workspaces, say).
+    """
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    s = torch.cuda.memory_stats(device)
+    out = {
+        f"cuda_{phase}_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        f"cuda_{phase}_max_reserved_bytes": torch.cuda.max_memory_reserved(device),
+        f"cuda_{phase}_requested_peak_bytes": s.get("requested_bytes.all.peak"),
+    }
+    if tracker is not None:
+        out[f"cuda_{phase}_untracked_bytes"] = s.get("requested_bytes.all.current", 0) - tracker.current
+    return out
+
+
+def phase_memory(model: nn.Module, device: torch.device, phase: str, fn: Callable[[], Any],
+                 extra: Iterable[torch.Tensor] = ()) -> dict[str, int]:
+    """Run ``fn`` once under the tensor tracker (and the CUDA allocator's peak counters).
+
+    Returns ``<phase>_peak_memory_bytes`` with its ``<phase>_memory_weights_bytes`` and
+    ``<phase>_memory_activations_bytes`` (nothing else is live outside training), and the
+    ``cuda_<phase>_*`` figures on a GPU.
+    """
+    cuda_reset(device)
+    tracker = TensorMemoryTracker(model, None, device, extra=extra)
+    try:
+        with tracker:
+            fn()
+        cuda = cuda_phase_stats(device, phase, tracker)
+        full = tracker.summary()
+    finally:
+        tracker.close()
+    out = {
+        f"{phase}_peak_memory_bytes": full["peak_memory_bytes"],
+        f"{phase}_memory_weights_bytes": full["memory_weights_bytes"],
+        f"{phase}_memory_activations_bytes": full["memory_activations_bytes"],
+    }
+    out.update(cuda)
+    return out
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matrix products (mm, bmm, addmm, convolution, attention, forward and
+    backward) that ``fn`` runs, as ``torch.utils.flop_counter`` counts them (2 per multiply-add;
+    elementwise work, norms and the optimizer are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Dense peak FLOP/s of the GPU for ``dtype`` matmuls, or None (CPU, unknown GPU).
+
+    float32 counts as TF32 when PyTorch lets matmuls use it (``allow_tf32`` or a matmul
+    precision other than "highest").
+    """
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    figures = next((f for frag, f in GPU_PEAK_TFLOPS if frag in name), None)
+    if figures is None:
+        return None
+    half, tf32, fp32 = figures
+    if dtype in (torch.bfloat16, torch.float16):
+        tflops = half
+    elif torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        tflops = tf32
+    else:
+        tflops = fp32
+    return tflops * 1e12
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+def latency_inputs(vocab_size: int, batch: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Seeded random token ids of shape (batch, length), ids 4.. (past the special tokens), no padding."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, max(vocab_size, 5), (batch, length), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def forward_latency(model: nn.Module, inputs: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median and IQR (ms) of one no-grad forward pass (prefill) over ``inputs``."""
+    model.eval()
+    with torch.no_grad():
+        ms = repeat(lambda: model(**inputs), device, warmup, repeats)
+    return stats(ms)
+
+
+def max_positions(config: Any) -> Optional[int]:
+    """The longest sequence the model's position embeddings allow (None: no limit known)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_lengths(m: Any, kind: str, limit: Optional[int]) -> None:
+    """Refuse latency points (and the decode run) longer than the model's positions."""
+    if limit is None:
+        return
+    longest = max([m.latency_length, *m.latency_grid_lengths])
+    if longest > limit:
+        raise ConfigError(f"measure.latency_grid_lengths/latency_length={longest}: longer than the model's "
+                          f"{limit} positions; allowed: <= {limit}")
+    if kind == "causal-lm" and m.decode_tokens and m.latency_length + m.decode_tokens + 1 > limit:
+        raise ConfigError(f"measure.decode_tokens={m.decode_tokens}: prompt {m.latency_length} + "
+                          f"{m.decode_tokens + 1} new tokens exceed the model's {limit} positions")
+
+
+def grid_points(m: Any) -> list[tuple[int, int]]:
+    """(batch, length) of every grid point, batch-major."""
+    return [(b, n) for b in m.latency_grid_batches for n in m.latency_grid_lengths]
+
+
+def latency_grid(model: nn.Module, vocab_size: int, device: torch.device, m: Any) -> dict[tuple[int, int], dict]:
+    """Prefill latency (median, IQR in ms) at every grid point and at the default point."""
+    points = grid_points(m)
+    if (m.latency_batch, m.latency_length) not in points:
+        points.append((m.latency_batch, m.latency_length))
+    out = {}
+    for b, n in points:
+        inputs = latency_inputs(vocab_size, b, n, device)
+        out[(b, n)] = forward_latency(model, inputs, device, m.latency_warmup, m.latency_repeats)
+    return out
+
+
+def decode_latency(model: nn.Module, vocab_size: int, pad_id: Optional[int], device: torch.device,
+                   m: Any) -> Optional[dict[str, float]]:
+    """Milliseconds per generated token with the KV cache, greedy, prompt of the default point.
+
+    Times ``generate`` for 1 and for N + 1 new tokens (N = ``decode_tokens``, EOS suppressed
+    by ``min_new_tokens``), interleaved pair by pair so that drift cancels; the per-pair
+    difference over N is the cost of one decode step (prefill and the first token cancel).
+    Returns the median and IQR over pairs, or None for a model without ``generate``.
+    """
+    if not m.decode_tokens or not callable(getattr(model, "generate", None)):
+        return None
+    inputs = latency_inputs(vocab_size, m.latency_batch, m.latency_length, device)
+    model.eval()
+
+    def gen(n: int) -> float:
+        with Stopwatch(device) as sw:
+            model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id)
+        return sw.ms
+
+    per_token = []
+    with torch.no_grad():
+        gen(1), gen(m.decode_tokens + 1)  # warm-up: allocations, first-call work
+        synchronize(device)
+        for _ in range(m.decode_repeats):
+            short, long = gen(1), gen(m.decode_tokens + 1)
+            per_token.append((long - short) / m.decode_tokens)
+    return stats(per_token)
+
+
+# ------------------------------------------------------------------------- checkpoint
+
+
+def checkpoint_size(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """Bytes of the safetensors serialisation of the parameters ``names`` (what a method
+    trained and would save), in the model's dtype: ``checkpoint_bytes``, plus
+    ``checkpoint_params`` (scalars) and ``checkpoint_tensors``."""
+    from safetensors.torch import save
+
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().to("cpu").contiguous() for n in sorted(names)}
+    size = len(save(tensors))
+    return {"checkpoint_bytes": size, "checkpoint_params": sum(t.numel() for t in tensors.values()),
+            "checkpoint_tensors": len(tensors)}
+
+
+# ----------------------------------------------------------------- inference, all of it
+
+
+@contextmanager
+def merged(method: Any, model: nn.Module) -> Iterator[bool]:
+    """The model merged for the block if the method can merge (yields whether it did)."""
+    did = bool(method.merge(model))
+    try:
+        yield did
+    finally:
+        if did:
+            method.unmerge(model)
+
+
+def inference(model: nn.Module, method: Any, vocab_size: int, pad_id: Optional[int], kind: str,
+              device: torch.device, m: Any, limit: Optional[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Everything measured on the finished model: flat metrics and the latency grid.
+
+    Latency and decode are taken as trained first, then, for a method that merges, again
+    merged (the deployed form, behind the flat figures); inference memory and FLOPs are
+    counted in the deployed form, in their own untimed passes.
+    """
+    check_lengths(m, kind, limit)
+    default = (m.latency_batch, m.latency_length)
+
+    def timed() -> tuple[dict, Optional[dict]]:
+        grid = latency_grid(model, vocab_size, device, m)
+        return grid, decode_latency(model, vocab_size, pad_id, device, m) if kind == "causal-lm" else None
+
+    as_trained = timed()
+    metrics: dict[str, Any] = {"inference_batch": default[0], "inference_length": default[1]}
+    with merged(method, model) as did_merge:
+        model.eval()
+        inputs = latency_inputs(vocab_size, *default, device)
+        with torch.no_grad():
+            metrics.update(phase_memory(model, device, "inference", lambda: model(**inputs), extra=inputs.values()))
+            metrics["inference_flops"] = count_flops(lambda: model(**inputs))
+        grid, decode = timed() if did_merge else as_trained
+    unmerged_grid, unmerged_decode = as_trained if did_merge else (None, None)
+
+    metrics["inference_latency_ms"] = grid[default]["median"]
+    metrics["inference_latency_iqr_ms"] = grid[default]["iqr"]
+    metrics["decode_ms_per_token"] = decode["median"] if decode else None
+    metrics["decode_ms_per_token_iqr"] = decode["iqr"] if decode else None
+    if unmerged_grid is not None:
+        metrics["inference_latency_unmerged_ms"] = unmerged_grid[default]["median"]
+        metrics["inference_latency_unmerged_iqr_ms"] = unmerged_grid[default]["iqr"]
+        metrics["decode_unmerged_ms_per_token"] = unmerged_decode["median"] if unmerged_decode else None
+    if decode:
+        metrics["decode_new_tokens"] = m.decode_tokens
+    rows = []
+    for b, n in grid_points(m):
+        row = {"batch": b, "length": n, "inference_latency_ms": grid[(b, n)]["median"],
+               "inference_latency_iqr_ms": grid[(b, n)]["iqr"],
+               "tokens_per_s": b * n / grid[(b, n)]["median"] * 1e3}
+        if unmerged_grid is not None:
+            row["inference_latency_unmerged_ms"] = unmerged_grid[(b, n)]["median"]
+            row["inference_latency_unmerged_iqr_ms"] = unmerged_grid[(b, n)]["iqr"]
+        rows.append(row)
+    return metrics, rows
+
+
+def mfu(metrics: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Model FLOP utilisation of training and of the default inference point on a known GPU:
+    achieved matmul FLOP/s over the device's dense peak (None elsewhere)."""
+    peak = device_peak_flops(device, dtype)
+    out: dict[str, Any] = {"device_peak_flops": peak, "train_mfu": None, "inference_mfu": None}
+    if peak is None:
+        return out
+    if metrics.get("train_flops_per_token") and metrics.get("train_padded_tokens_per_s"):
+        out["train_mfu"] = metrics["train_flops_per_token"] * metrics["train_padded_tokens_per_s"] / peak
+    if metrics.get("inference_flops") and metrics.get("inference_latency_ms"):
+        out["inference_mfu"] = metrics["inference_flops"] / (metrics["inference_latency_ms"] / 1e3) / peak
+    return out
