@@ -254,6 +254,12 @@ class Prefix:
     name = "prefix"
     config_class = PrefixConfig
 
+    @property
+    def context_tokens(self) -> int:
+        """Positions of the model's context the method itself takes (the harness checks that
+        inputs still fit)."""
+        return self.cfg.num_virtual_tokens
+
     def __init__(self, cfg: Any):
         check(cfg)
         self.cfg = cfg

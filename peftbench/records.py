@@ -1,0 +1,257 @@
+"""Reading run records back: find and load them, tell a record from a foreign file, decide whether
+an existing record can stand in for a new run (sweep resume), and key them for matching.
+
+Shared by the CLI (resume, sweep summary), ``peftbench.report`` and ``peftbench.compare``. It
+imports neither torch nor transformers, so that reports and comparisons start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+# The files whose content decides what a run measures; a change elsewhere (tests, docs,
+# results) does not make an old record stale.
+CODE_PATHS = ("peftbench", "methods", "conf", "pyproject.toml")
+REQUIRED = ("schema_version", "run_id", "method", "model", "task", "metrics")
+
+
+class RecordError(ValueError):
+    """A path that is missing, unreadable or not a peftbench record (one-line message)."""
+
+
+@dataclass
+class Loaded:
+    """Records found under some paths, and the files that were skipped with the reason."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def not_a_record(obj: Any) -> Optional[str]:
+    """Why ``obj`` (parsed JSON) is not a run record, or None if it is one."""
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not an object"
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        return f"not a peftbench record (missing {', '.join(missing)})"
+    if not isinstance(obj["metrics"], dict):
+        return "not a peftbench record ('metrics' is not an object)"
+    return None
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """One record file; raises ``RecordError`` with a one-line reason."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except OSError as e:
+        raise RecordError(f"{p}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{p}: not JSON ({str(e).splitlines()[0]})") from None
+    why = not_a_record(obj)
+    if why:
+        raise RecordError(f"{p}: {why}")
+    obj.setdefault("kind", "measured")
+    obj.setdefault("status", "ok")
+    obj["_path"] = str(p)
+    return obj
+
+
+def record_files(folder: Path) -> list[Path]:
+    """JSON files under ``folder`` (recursively), without the temp files of atomic writes."""
+    return sorted(p for p in folder.rglob("*.json") if not p.name.startswith(".tmp-") and p.is_file())
+
+
+def load(paths: Iterable[str | Path]) -> Loaded:
+    """Every record in ``paths`` (folders searched recursively, or single files). A file that is
+    not a record is skipped and listed; a path that does not exist raises ``RecordError``."""
+    out = Loaded()
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise RecordError(f"{p}: no such file or folder")
+        for f in (record_files(p) if p.is_dir() else [p]):
+            try:
+                out.records.append(read(f))
+            except RecordError as e:
+                out.skipped.append((str(f), str(e).split(": ", 1)[-1]))
+    return out
+
+
+def stamp(rec: dict[str, Any]) -> str:
+    """Sortable UTC start time of a run: the prefix of its run id (``YYYYmmddTHHMMSSffffff``)."""
+    return str(rec.get("run_id", "")).split("-", 1)[0]
+
+
+def newest(recs: Iterable[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    return max(recs, key=stamp, default=None)
+
+
+def by_hash(folder: str | Path, chash: str) -> list[dict[str, Any]]:
+    """Records in ``folder`` (not its subfolders) whose config hash is ``chash``."""
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    out = []
+    # run ids end in the config hash, so the file name narrows the search before parsing
+    for f in sorted(p.glob(f"*-{chash}.json")):
+        try:
+            rec = read(f)
+        except RecordError:
+            continue
+        if rec.get("config_hash") == chash:
+            out.append(rec)
+    return out
+
+
+# ------------------------------------------------------------------------------- code version
+def _git(*args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=20, check=True).stdout
+
+
+def code_state() -> dict[str, Any]:
+    """The code a run started now would execute: the commit, whether the measured code
+    (``CODE_PATHS``) differs from it, and a SHA-256 over those differences (tracked changes
+    and untracked files), so that two dirty trees can be told apart. Git missing (an installed
+    wheel): all three are None and the package version stands for the code."""
+    try:
+        sha = _git("rev-parse", "HEAD").decode().strip()
+        diff = _git("diff", "HEAD", "--no-ext-diff", "--binary", "--", *CODE_PATHS)
+        untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS).split(b"\0")
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "code_dirty": None, "code_diff_sha256": None}
+    h = hashlib.sha256(diff)
+    for name in sorted(n for n in untracked if n):
+        h.update(b"\0" + name + b"\0")
+        try:
+            h.update((REPO / name.decode()).read_bytes())
+        except OSError:
+            pass
+    dirty = bool(diff) or any(untracked)
+    return {"git_sha": sha, "code_dirty": dirty, "code_diff_sha256": h.hexdigest() if dirty else None}
+
+
+def same_code(rec: dict[str, Any], now: dict[str, Any]) -> tuple[bool, str]:
+    """Whether ``rec`` was measured with the code in ``now`` (from ``code_state``), and why not.
+
+    Policy: same commit, and either both trees clean or both dirty with the same differences
+    (``provenance.code_diff_sha256``, added by the CLI). A record from a dirty tree without that
+    fingerprint cannot be matched to any code, so it is never reused.
+    """
+    prov = rec.get("provenance") or {}
+    if now["git_sha"] is None or prov.get("git_sha") is None:
+        ours = prov.get("packages", {}).get("peftbench")
+        return (False, "no git commit to compare") if ours is None else (True, "")
+    if prov["git_sha"] != now["git_sha"]:
+        return False, f"made at commit {prov['git_sha'][:10]}, the checkout is at {now['git_sha'][:10]}"
+    rec_dirty = prov.get("code_dirty", prov.get("git_dirty"))
+    if not rec_dirty and not now["code_dirty"]:
+        return True, ""
+    if rec_dirty and prov.get("code_diff_sha256") is None:
+        return False, "made from a modified checkout whose changes were not fingerprinted"
+    if prov.get("code_diff_sha256") != now["code_diff_sha256"]:
+        return False, "made with different uncommitted changes to the measured code"
+    return True, ""
+
+
+def reusable(results_dir: str | Path, chash: str, now: dict[str, Any]) -> tuple[Optional[dict[str, Any]], str]:
+    """The newest ok record in ``results_dir`` for config ``chash`` made with the code in ``now``,
+    or None and a reason (for the log) why nothing can be reused."""
+    found = by_hash(results_dir, chash)
+    ok = [r for r in found if r.get("status") == "ok" and r.get("kind", "measured") == "measured"]
+    if not ok:
+        return None, "no ok record yet" if not found else f"{len(found)} earlier record(s), none ok"
+    reasons = []
+    for rec in sorted(ok, key=stamp, reverse=True):
+        good, why = same_code(rec, now)
+        if good:
+            return rec, ""
+        reasons.append(why)
+    return None, f"{len(ok)} ok record(s) but {reasons[0]}"
+
+
+# ------------------------------------------------------------------------------------ keys
+def device_name(rec: dict[str, Any]) -> str:
+    """The device a record was measured on (GPU or CPU model name), for grouping."""
+    prov = rec.get("provenance") or {}
+    return str(prov.get("device_name") or prov.get("device_type") or "unknown")
+
+
+def device_type(rec: dict[str, Any]) -> str:
+    prov = rec.get("provenance") or {}
+    return str(prov.get("device_type") or "unknown")
+
+
+def method_settings(rec: dict[str, Any]) -> dict[str, Any]:
+    """The method's resolved settings as configured (``config.method``), scalars only."""
+    cfg = (rec.get("config") or {}).get("method") or {}
+    return {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys."""
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ("results_dir", "force")) -> list[str]:
+    """Dotted config keys whose values differ between two records (``key: a -> b``)."""
+    fa, fb = flat(a.get("config") or {}), flat(b.get("config") or {})
+    out = []
+    for k in sorted(set(fa) | set(fb)):
+        if k.split(".")[0] in ignore or fa.get(k) == fb.get(k):
+            continue
+        out.append(f"{k}: {fa.get(k, '(absent)')} -> {fb.get(k, '(absent)')}")
+    return out
+
+
+def loose_key(rec: dict[str, Any]) -> str:
+    """Method, model, task and the method's settings: what identifies a run when config hashes
+    differ because the config gained or lost a key elsewhere."""
+    return json.dumps([rec.get("method"), rec.get("model"), rec.get("task"), method_settings(rec)],
+                      sort_keys=True, default=str)
+
+
+def iter_ok(recs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    return (r for r in recs if r.get("status") == "ok")
+
+
+def latency_points(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The record's latency grid as long rows: batch, length, merged (bool), median_ms, iqr_ms.
+
+    Accepts rows that carry a ``merged`` flag with ``median_ms``/``iqr_ms``, and rows that hold
+    the deployed figure (``inference_latency_ms``, merged where the method merges) beside
+    ``inference_latency_unmerged_ms``."""
+    grid = rec.get("latency_grid") or (rec.get("metrics") or {}).get("latency_grid") or []
+    out = []
+    for row in grid if isinstance(grid, list) else []:
+        if not isinstance(row, dict) or "batch" not in row or "length" not in row:
+            continue
+        base = {"batch": row["batch"], "length": row["length"]}
+        if "merged" in row:
+            med = next((row[k] for k in ("median_ms", "inference_latency_ms", "median") if k in row), None)
+            iqr = next((row[k] for k in ("iqr_ms", "inference_latency_iqr_ms", "iqr") if k in row), None)
+            out.append({**base, "merged": bool(row["merged"]), "median_ms": med, "iqr_ms": iqr})
+            continue
+        unmerged = row.get("inference_latency_unmerged_ms")
+        out.append({**base, "merged": unmerged is not None, "median_ms": row.get("inference_latency_ms"),
+                    "iqr_ms": row.get("inference_latency_iqr_ms")})
+        if unmerged is not None:
+            out.append({**base, "merged": False, "median_ms": unmerged,
+                        "iqr_ms": row.get("inference_latency_unmerged_iqr_ms")})
+    return [r for r in out if isinstance(r["median_ms"], (int, float))]
+
+
+def launched_in_parallel(rec: dict[str, Any]) -> bool:
+    """Whether the record's timings were taken while other jobs of its sweep shared the machine."""
+    return bool(((rec.get("provenance") or {}).get("launcher") or {}).get("parallel"))

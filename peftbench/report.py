@@ -1,0 +1,386 @@
+"""Turn a folder of run records into a table (CSV) and a Markdown page with plots.
+
+    python -m peftbench.report --results results/runs --out reports/latest
+
+Writes ``records.csv`` (one row per record, every scalar metric), ``latency.csv`` (the latency
+grids, long form), ``report.md`` and PNG plots. Runs are grouped by (device, model, task):
+numbers of different devices or models never share a chart, and ratios against full
+fine-tuning are taken within a group. Failed runs are listed, not plotted; estimates
+(``kind: estimate``) get their own table. A file that is not a record is reported and skipped.
+For several records of one config on one device, the newest ok one is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from peftbench import records  # noqa: E402
+
+MiB = 2**20
+BREAKDOWN = ("weights", "gradients", "optimizer", "activations")
+# (column, header, scale, format) of the per-group Markdown table
+TABLE = (
+    ("label", "run", None, "{}"),
+    ("trainable_params", "trainable params", None, "{:,.0f}"),
+    ("trainable_percent", "trainable %", None, "{:.3f}"),
+    ("trainable_vs_full", "vs full", None, "{:.4f}x"),
+    ("peak_bytes", "peak train MiB", MiB, "{:,.1f}"),
+    ("memory_vs_full", "vs full", None, "{:.2f}x"),
+    ("train_tokens_per_s", "train tok/s", None, "{:,.0f}"),
+    ("throughput_vs_full", "vs full", None, "{:.2f}x"),
+    ("train_step_ms_median", "step ms (IQR)", None, "{:,.1f}"),
+    ("inference_latency_ms", "latency ms", None, "{:,.2f}"),
+    ("latency_vs_full", "vs full", None, "{:.2f}x"),
+    ("inference_latency_unmerged_ms", "unmerged ms", None, "{:,.2f}"),
+    ("decode_ms_per_token", "decode ms/token", None, "{:,.2f}"),
+    ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.3f}"),
+    ("quality", "quality", None, "{:.4f}"),
+)
+RATIOS = {"trainable_vs_full": "trainable_params", "memory_vs_full": "peak_bytes",
+          "throughput_vs_full": "train_tokens_per_s", "latency_vs_full": "inference_latency_ms",
+          "checkpoint_vs_full": "checkpoint_bytes"}
+
+
+# ---------------------------------------------------------------------------------- table
+def row(rec: dict[str, Any]) -> dict[str, Any]:
+    """One record as a flat row: identity, provenance, method settings, scalar metrics."""
+    m = rec.get("metrics") or {}
+    prov = rec.get("provenance") or {}
+    out: dict[str, Any] = {
+        "run_id": rec.get("run_id"), "kind": rec.get("kind", "measured"), "status": rec.get("status"),
+        "error": rec.get("error"), "method": rec.get("method"), "model": rec.get("model"),
+        "task": rec.get("task"), "device": records.device_name(rec), "device_type": records.device_type(rec),
+        "config_hash": rec.get("config_hash"), "git_sha": (prov.get("git_sha") or "")[:10] or None,
+        "timestamp": prov.get("timestamp"), "parallel_launcher": records.launched_in_parallel(rec),
+        "train_steps": ((rec.get("config") or {}).get("train") or {}).get("steps"), "path": rec.get("_path"),
+    }
+    out.update({f"method.{k}": v for k, v in records.method_settings(rec).items() if k != "name"})
+    out.update({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    out["peak_bytes"] = m.get("peak_memory_bytes", m.get("peak_memory_tracked_bytes"))
+    steps = rec.get("train_step_ms")
+    if m.get("train_tokens_per_s") and m.get("train_tokens_per_s_iqr") is not None:
+        half = m["train_tokens_per_s_iqr"] / 2
+        out["train_tokens_per_s_q25"], out["train_tokens_per_s_q75"] = m["train_tokens_per_s"] - half, m["train_tokens_per_s"] + half
+    elif isinstance(steps, list) and len(steps) >= 2 and m.get("train_tokens_per_s"):
+        # throughput quartiles from the per-step times (tokens per step taken as constant)
+        q = pd.Series(steps, dtype=float).quantile([0.25, 0.75])
+        scale = m["train_tokens_per_s"] * (m.get("train_step_ms_median") or q.mean())
+        out["train_tokens_per_s_q25"], out["train_tokens_per_s_q75"] = scale / q[0.75], scale / q[0.25]
+    if m.get("eval_accuracy") is not None:
+        out["quality"], out["quality_metric"] = m["eval_accuracy"], "eval_accuracy (higher is better)"
+    elif m.get("eval_loss") is not None:
+        out["quality"], out["quality_metric"] = m["eval_loss"], "eval_loss (lower is better)"
+    return out
+
+
+def frame(recs: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame([row(r) for r in recs])
+    if df.empty:
+        return df
+    df["label"] = labels(df, recs)
+    return add_ratios(df)
+
+
+def labels(df: pd.DataFrame, recs: list[dict[str, Any]]) -> pd.Series:
+    """The method, plus the config keys that tell its runs apart within their (device, model,
+    task) group (``lora rank=4``, ``adapter variant=pfeiffer``, ``full train.lr=0.001``)."""
+    out = df["method"].astype(str).copy()
+    configs = [records.flat((r.get("config") or {})) for r in recs]
+    ignore = ("results_dir", "force", "method.name")
+    for _, g in df.groupby(["device", "model", "task", "method"], dropna=False):
+        cfgs = {i: configs[i] for i in g.index}
+        keys = sorted({k for c in cfgs.values() for k in c if not k.startswith(ignore)})
+        varying = [k for k in keys if len({repr(c.get(k)) for c in cfgs.values()}) > 1]
+        if "rank" in varying and "method.rank" in varying:
+            varying.remove("rank")  # the interpolated top-level key behind method.rank
+        for i, c in cfgs.items():
+            extra = " ".join(f"{k.removeprefix('method.')}={c.get(k)}" for k in varying)
+            out[i] = f"{out[i]} {extra}".strip()
+    return out
+
+
+def add_ratios(df: pd.DataFrame) -> pd.DataFrame:
+    """Ratios against the full fine-tuning run of the same device, model and task."""
+    df = df.copy()
+    for col in RATIOS:
+        df[col] = float("nan")
+    ok = (df["status"] == "ok") & (df["kind"] == "measured")
+    for _, g in df[ok].groupby(["device", "model", "task"], dropna=False):
+        full = g[g["method"] == "full"]
+        if full.empty:
+            continue
+        ref = full.sort_values("run_id").iloc[-1]
+        for col, base in RATIOS.items():
+            if base in g and pd.notna(ref.get(base)) and ref.get(base):
+                df.loc[g.index, col] = g[base] / ref[base]
+    return df
+
+
+def newest_per_config(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values("run_id").drop_duplicates(["config_hash", "device"], keep="last")
+
+
+# ---------------------------------------------------------------------------------- plots
+def _bar(ax: Any, labels_: list[str], values: list[float], **kw: Any) -> None:
+    ax.bar(range(len(values)), values, **kw)
+    ax.set_xticks(range(len(values)), labels_, rotation=30, ha="right", fontsize=8)
+
+
+def _save(fig: Any, out: Path, name: str, made: list[tuple[str, str]], title: str) -> None:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    made.append((title, name))
+
+
+def ordered(g: pd.DataFrame) -> pd.DataFrame:
+    """Full first, then by method, rank (numerically) and label."""
+    keys = g.assign(_full=g["method"] != "full", _rank=g["method.rank"] if "method.rank" in g else 0)
+    return g.loc[keys.sort_values(["_full", "method", "_rank", "label"]).index]
+
+
+def plot_group(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
+    """Every plot for one (device, model, task) group of ok measured runs; (title, file) pairs."""
+    made: list[tuple[str, str]] = []
+    g = ordered(g)
+    lab = g["label"].tolist()
+    if g["trainable_params"].notna().any():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        _bar(ax, lab, g["trainable_params"].tolist(), color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_ylabel("trainable parameters (log)")
+        _save(fig, out, f"{slug}-params.png", made, "Trainable parameters")
+    if g["peak_bytes"].notna().any():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        cols = [f"memory_{c}_bytes" for c in BREAKDOWN if f"memory_{c}_bytes" in g]
+        if cols:
+            bottom = pd.Series(0.0, index=g.index)
+            for c in cols:
+                v = g[c].fillna(0) / MiB
+                ax.bar(range(len(g)), v, bottom=bottom, label=c[7:-6])
+                bottom += v
+            ax.legend(fontsize=8)
+        ax.scatter(range(len(g)), g["peak_bytes"] / MiB, marker="_", s=400, color="k", label="peak", zorder=3)
+        ax.set_xticks(range(len(g)), lab, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("MiB at the training peak")
+        _save(fig, out, f"{slug}-memory.png", made, "Peak training memory by category")
+    if "train_tokens_per_s" in g and g["train_tokens_per_s"].notna().any():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        v = g["train_tokens_per_s"]
+        err = None
+        if "train_tokens_per_s_q25" in g:
+            err = [(v - g["train_tokens_per_s_q25"]).fillna(0).clip(lower=0),
+                   (g["train_tokens_per_s_q75"] - v).fillna(0).clip(lower=0)]
+        _bar(ax, lab, v.tolist(), yerr=err, capsize=4, color="tab:green")
+        ax.set_ylabel("training tokens/s (median, IQR)")
+        _save(fig, out, f"{slug}-throughput.png", made, "Training throughput")
+    return made
+
+
+def plot_latency(g: pd.DataFrame, recs: dict[str, dict], out: Path, slug: str) -> list[tuple[str, str]]:
+    """Latency against batch size and against length (deployed form solid, unmerged dashed),
+    and merged against unmerged at the default point."""
+    made: list[tuple[str, str]] = []
+    pts = pd.DataFrame([{**p, "label": r["label"]} for _, r in g.iterrows()
+                        for p in records.latency_points(recs[r["run_id"]])])
+    if not pts.empty and (pts["batch"].nunique() > 1 or pts["length"].nunique() > 1):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, x, fixed in ((axes[0], "batch", "length"), (axes[1], "length", "batch")):
+            at = pts[fixed].max()
+            sub = pts[pts[fixed] == at]
+            for (label, merged), s in sub.groupby(["label", "merged"]):
+                s = s.sort_values(x)
+                ax.errorbar(s[x], s["median_ms"], yerr=s["iqr_ms"].fillna(0) / 2, capsize=3,
+                            linestyle="-" if merged or label not in set(pts[pts.merged]["label"]) else "--",
+                            marker="o", label=f"{label}{' (unmerged)' if not merged and label in set(pts[pts.merged]['label']) else ''}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(f"{x} ({fixed} = {at})")
+            ax.set_ylabel("forward latency ms (median)")
+        axes[1].legend(fontsize=7)
+        _save(fig, out, f"{slug}-latency.png", made, "Inference latency against batch size and length")
+    mg = g[g["inference_latency_unmerged_ms"].notna()] if "inference_latency_unmerged_ms" in g else g.iloc[:0]
+    if not mg.empty:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = range(len(mg))
+        iqr = lambda c: mg[c].fillna(0) / 2 if c in mg else None  # noqa: E731
+        ax.bar([i - 0.2 for i in x], mg["inference_latency_ms"], 0.4, yerr=iqr("inference_latency_iqr_ms"), label="merged")
+        ax.bar([i + 0.2 for i in x], mg["inference_latency_unmerged_ms"], 0.4,
+               yerr=iqr("inference_latency_unmerged_iqr_ms"), label="unmerged")
+        ax.set_xticks(list(x), mg["label"], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("forward latency ms (median, IQR)")
+        ax.legend(fontsize=8)
+        _save(fig, out, f"{slug}-merged.png", made, "Merged against unmerged")
+    return made
+
+
+def plot_ranks(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
+    """Parameters, memory, quality and throughput against rank, per method with several ranks."""
+    made: list[tuple[str, str]] = []
+    if "method.rank" not in g:
+        return made
+    for method, s in g[g["method.rank"].notna()].groupby("method"):
+        if s["method.rank"].nunique() < 2:
+            continue
+        s = s.sort_values("method.rank")
+        panels = [("trainable_params", "trainable parameters"), ("peak_bytes", "peak MiB"),
+                  ("quality", s["quality_metric"].dropna().iloc[0] if s.get("quality_metric") is not None
+                   and s["quality_metric"].notna().any() else "quality"),
+                  ("train_tokens_per_s", "training tokens/s")]
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+        for ax, (col, name) in zip(axes, panels):
+            if col in s and s[col].notna().any():
+                ax.plot(s["method.rank"], s[col] / (MiB if col == "peak_bytes" else 1), marker="o")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("rank")
+            ax.set_title(name, fontsize=9)
+        _save(fig, out, f"{slug}-{method}-ranks.png", made, f"{method}: rank sweep")
+    return made
+
+
+def pareto(points: list[tuple[float, float]], higher_better: bool) -> list[int]:
+    """Indices of the points (memory, quality) that no other point beats on both."""
+    front = []
+    for i, (m, q) in enumerate(points):
+        beaten = any((m2 <= m and (q2 >= q if higher_better else q2 <= q)) and (m2, q2) != (m, q)
+                     for m2, q2 in points)
+        if not beaten:
+            front.append(i)
+    return front
+
+
+def plot_pareto(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
+    made: list[tuple[str, str]] = []
+    s = g[g["peak_bytes"].notna() & g["quality"].notna()] if "quality" in g else g.iloc[:0]
+    if len(s) < 2:
+        return made
+    higher = str(s["quality_metric"].iloc[0]).startswith("eval_accuracy")
+    pts = list(zip(s["peak_bytes"] / MiB, s["quality"]))
+    front = sorted(pareto(pts, higher))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:gray")
+    fp = sorted(pts[i] for i in front)
+    ax.plot([p[0] for p in fp], [p[1] for p in fp], color="tab:red", marker="o", label="Pareto front")
+    for (x, y), label in zip(pts, s["label"]):
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("peak training MiB")
+    ax.set_ylabel(s["quality_metric"].iloc[0])
+    ax.legend(fontsize=8)
+    _save(fig, out, f"{slug}-pareto.png", made, "Quality against memory")
+    return made
+
+
+# ------------------------------------------------------------------------------- markdown
+def md_table(df: pd.DataFrame, cols: tuple = TABLE) -> str:
+    present = [c for c in cols if c[0] in df and df[c[0]].notna().any()]
+    lines = ["| " + " | ".join(c[1] for c in present) + " |", "|" + "---|" * len(present)]
+    for _, r in df.iterrows():
+        cells = []
+        for col, _, scale, fmt in present:
+            v = r[col]
+            if v is None or (isinstance(v, float) and pd.isna(v)):
+                cells.append("-")
+                continue
+            text = fmt.format(v / scale if scale else v)
+            if col == "train_step_ms_median" and pd.notna(r.get("train_step_ms_iqr")):
+                text += f" ({r['train_step_ms_iqr']:,.1f})"
+            cells.append(text.replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def slugify(*parts: Any) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")[:80]
+
+
+def render(df: pd.DataFrame, recs: list[dict[str, Any]], skipped: list[tuple[str, str]], out: Path,
+           sources: list[str]) -> str:
+    by_id = {r["run_id"]: r for r in recs}
+    lines = ["# peftbench report", "", f"Records from {', '.join(f'`{s}`' for s in sources)}: "
+             f"{len(df)} loaded, {len(skipped)} file(s) skipped.", "",
+             "Every figure is from the newest ok record of each config on each device. Ratios "
+             "(`vs full`) divide by the full fine-tuning run of the same device, model and task. "
+             "Times are medians; IQR in brackets or as error bars.", ""]
+    if df.empty:
+        return "\n".join(lines + ["No records."])
+    measured = df[(df["kind"] == "measured") & (df["status"] == "ok")]
+    measured = newest_per_config(measured)
+    for (device, model, task), g in measured.groupby(["device", "model", "task"], dropna=False):
+        slug = slugify(model, task, device)
+        lines += [f"## {model} / {task} on {device}", ""]
+        if g["parallel_launcher"].any():
+            lines += ["> Some of these timings were taken under a parallel launcher (jobs sharing the "
+                      "machine): compare them with care.", ""]
+        g = ordered(g)
+        lines += [md_table(g), ""]
+        if "quality_metric" in g and g["quality_metric"].notna().any():
+            lines += [f"quality: {', '.join(sorted(g['quality_metric'].dropna().unique()))}", ""]
+        plots = (plot_group(g, out, slug) + plot_latency(g, by_id, out, slug) + plot_ranks(g, out, slug)
+                 + plot_pareto(g, out, slug))
+        for title, name in plots:
+            lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    failed = df[df["status"] != "ok"]
+    if not failed.empty:
+        lines += ["## Failed runs (not plotted)", "", "| run | model | task | device | error |", "|---|---|---|---|---|"]
+        lines += [f"| {r['run_id']} | {r['model']} | {r['task']} | {r['device']} | "
+                  f"{str(r['error']).replace('|', '/')} |" for _, r in failed.iterrows()]
+        lines.append("")
+    est = df[(df["kind"] == "estimate") & (df["status"] == "ok")]
+    if not est.empty:
+        cols = ("label", "model") + tuple(c for c in (
+            ("trainable_params", "trainable params", None, "{:,.0f}"),
+            ("peak_memory_bytes", "estimated peak GiB", 2**30, "{:,.2f}"),
+            ("memory_weights_bytes", "weights GiB", 2**30, "{:,.2f}"),
+            ("memory_optimizer_bytes", "optimizer GiB", 2**30, "{:,.2f}"),
+            ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.2f}"),
+            ("train_flops_per_step", "train FLOP/step", None, "{:.3g}")))
+        cols = tuple(("model", "model", None, "{}") if c == "model" else ("label", "method", None, "{}") if c == "label"
+                     else c for c in cols)
+        lines += ["## Estimates (computed, not measured)", "", md_table(newest_per_config(est), cols), ""]
+    if skipped:
+        lines += ["## Skipped files", ""] + [f"- `{p}`: {why}" for p, why in skipped] + [""]
+    return "\n".join(lines)
+
+
+def build(sources: list[str], out: str | Path) -> Path:
+    """Load, tabulate, plot and render; returns the path of ``report.md``."""
+    loaded = records.load(sources)
+    for path, why in loaded.skipped:
+        print(f"peftbench.report: skipped {path}: {why}", file=sys.stderr)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = frame(loaded.records)
+    df.to_csv(out / "records.csv", index=False)
+    grid = [{"run_id": r["run_id"], "method": r["method"], "model": r["model"], "task": r["task"],
+             "device": records.device_name(r), **p} for r in loaded.records for p in records.latency_points(r)]
+    pd.DataFrame(grid).to_csv(out / "latency.csv", index=False)
+    page = out / "report.md"
+    page.write_text(render(df, loaded.records, loaded.skipped, out, [str(s) for s in sources]) + "\n")
+    return page
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m peftbench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", nargs="+", default=["results/runs"], help="record folders or files")
+    p.add_argument("--out", default="reports/latest", help="folder for report.md, CSVs and plots")
+    a = p.parse_args(argv)
+    try:
+        page = build(a.results, a.out)
+    except records.RecordError as e:
+        print(f"peftbench.report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"peftbench.report: wrote {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
