@@ -21,7 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -89,14 +89,14 @@ def _is_hydra_override(o: Any) -> bool:
     return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
-def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+def job_overrides(overrides: list[str], multirun: bool, config_name: str = "config") -> list[list[str]]:
     """The override list of every job a command would launch (one for a single run)."""
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     if not multirun:
         return [overrides]
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    primary = compose("config", overrides=fixed, return_hydra_config=True)
+    primary = compose(config_name, overrides=fixed, return_hydra_config=True)
     params = primary.hydra.sweeper.get("params") or {}
     by_key: dict[str, list[str]] = {}
     # the sweep config's params first, so that the command line wins for a key in both
@@ -109,6 +109,28 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*by_key.values())]
 
 
+def check_jobs(argv: list[str], check: Callable[[Any, list[str]], Any], config_name: str = "config",
+               prog: str = "peftbench") -> int | list[Any]:
+    """Compose every job of a command line and pass it to ``check(cfg, overrides)``; the list of
+    what ``check`` returned if all are valid, else print one line and return 2."""
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    GlobalHydra.instance().clear()
+    planned: list[Any] = []
+    current = overrides
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=prog):
+            for job in job_overrides(overrides, multirun, config_name):
+                current = job
+                planned.append(check(compose(config_name, overrides=job), job))
+    except Exception as e:  # every composition problem becomes one line
+        print(f"{prog}: error: {explain(e, current)}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        GlobalHydra.instance().clear()
+    return planned
+
+
 def plan_job(cfg: Any, overrides: list[str]) -> Job:
     from peftbench.record import config_hash
 
@@ -119,33 +141,19 @@ def plan_job(cfg: Any, overrides: list[str]) -> Job:
 
 def check_all(argv: list[str]) -> int | list[Job]:
     """Compose and check every job; the jobs if all are valid, else print one line and return 2."""
-    overrides = [a for a in argv if not a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    GlobalHydra.instance().clear()
-    jobs: list[Job] = []
-    current = overrides
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name="peftbench"):
-            for job in job_overrides(overrides, multirun):
-                current = job
-                cfg = compose("config", overrides=job)
-                dry_run(cfg)
-                jobs.append(plan_job(cfg, job))
-    except Exception as e:  # every composition problem becomes one line
-        print(f"peftbench: error: {explain(e, current)}", file=sys.stderr)
-        return EXIT_CONFIG
-    finally:
-        GlobalHydra.instance().clear()
-    return jobs
+
+    def check(cfg: Any, job: list[str]) -> Job:
+        dry_run(cfg)
+        return plan_job(cfg, job)
+
+    return check_jobs(argv, check)
 
 
 def dry_run(cfg: Any) -> None:
     """Check the values, then apply the method to the model's structure on the meta device, so
     that a setting the model cannot take (a LoRA target it lacks) fails before any real work."""
     import methods
-    from peftbench import models
-
-    from peftbench import tasks
+    from peftbench import models, tasks
 
     config_mod.check(cfg)
     tasks.check(cfg.task)
@@ -220,10 +228,8 @@ def hydra_entry(cfg: Any) -> None:
         print(f"peftbench: reusing {old['_path']} (ok record of config {chash}, same code; force=true re-runs)")
         print_summary(old, Path(old["_path"]))
         return
-    rec, path = run(cfg)
     # what only the launching side knows: the code's fingerprint (for resume) and the launcher
-    rec["provenance"].update({**now, "launcher": launcher_info()})
-    record.write(rec, cfg.results_dir)
+    rec, path = run(cfg, {**now, "launcher": launcher_info()})
     print_summary(rec, path)
 
 

@@ -38,14 +38,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import methods
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench.cli import CONF_DIR, EXIT_CONFIG, explain
+from peftbench import cli
+from peftbench.cli import CONF_DIR
 from peftbench.config import ModelConfig
 
 CONFIG_NAME = "estimate"
@@ -552,42 +552,15 @@ def calibrate(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------- CLI
 
 
-def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job a command would launch (as ``cli.job_overrides``, for
-    this app's primary config)."""
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
-    if not multirun:
-        return [overrides]
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    primary = compose(CONFIG_NAME, overrides=fixed, return_hydra_config=True)
-    params = primary.hydra.sweeper.get("params") or {}
-    by_key: dict[str, list[str]] = {}
-    for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed:
-        key = o.get_key_element()
-        by_key[key] = [f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
-    return [list(combo) for combo in itertools.product(*by_key.values())]
-
-
 def check_all(argv: list[str]) -> int:
     """Compose every job, check its values and apply its method on meta; 0 or one line and 2."""
-    overrides = [a for a in argv if not a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    current = overrides
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=PROG):
-            for job in job_overrides(overrides, multirun):
-                current = job
-                cfg = compose(CONFIG_NAME, overrides=job)
-                check(cfg)
-                build(cfg, keep=True)
-    except Exception as e:  # every composition problem becomes one line
-        print(f"{PROG}: error: {explain(e, current)}", file=sys.stderr)
-        return EXIT_CONFIG
-    finally:
-        GlobalHydra.instance().clear()
-    return 0
+
+    def check_one(cfg: Any, job: list[str]) -> None:
+        check(cfg)
+        build(cfg, keep=True)
+
+    checked = cli.check_jobs(argv, check_one, CONFIG_NAME, PROG)
+    return checked if isinstance(checked, int) else 0
 
 
 RECORDS: list[dict[str, Any]] = []

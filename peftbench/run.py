@@ -147,8 +147,12 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if not isinstance(e, ConfigError) else text
 
 
-def run(cfg: Any) -> tuple[dict[str, Any], Path]:
-    """Execute one run and write its record, ok or failed; returns the record and its path."""
+def run(cfg: Any, extra_provenance: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
+    """Execute one run and write its record, ok or failed; returns the record and its path.
+
+    extra_provenance: what only the launching side knows (the launcher, the code fingerprint),
+    merged into the record's provenance before it is written.
+    """
     rec = new_record(cfg)
     t0 = time.perf_counter()
     try:
@@ -161,6 +165,7 @@ def run(cfg: Any) -> tuple[dict[str, Any], Path]:
             rec["traceback"] = traceback.format_exc()
         if rec["provenance"] is None:
             rec["provenance"] = record.provenance(torch.device("cpu"))
+    rec["provenance"].update(extra_provenance or {})
     rec["wall_s"] = time.perf_counter() - t0
     path = record.write(rec, cfg.results_dir)
     return rec, path
