@@ -70,7 +70,8 @@ class TrainConfig:
 
     steps: optimizer steps (0: a latency-only run, no training and no evaluation). batch_size:
     examples per step. lr: learning rate; null takes the method's default (``method.lr``).
-    warmup_steps: linear learning-rate warm-up, then linear decay to 0. timing_warmup: first
+    warmup_steps: linear learning-rate warm-up, then linear decay to 0 (default 0, as the
+    transformers Trainer: no warm-up, linear decay, clipping at 1.0). timing_warmup: first
     steps excluded from throughput timing (the memory and FLOP steps are always excluded too).
     grad_clip: max gradient norm (0 disables).
     """
@@ -79,7 +80,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: Optional[float] = None
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = 0
     timing_warmup: int = 5
     grad_clip: float = 1.0
 
