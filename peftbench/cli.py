@@ -167,7 +167,9 @@ def dry_run(cfg: Any) -> None:
 def check_context(cfg: Any, method: Any, model_config: Any) -> None:
     """Inputs plus the positions a method takes itself (prefix tuning's virtual tokens) must fit
     in the model's context; otherwise the run would fail half-way."""
-    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    from peftbench import models
+
+    context = models.context_length(model_config)
     taken = getattr(method, "context_tokens", 0)
     if not context:
         return

@@ -133,48 +133,49 @@ def register_configs() -> None:
         cs.store(group="method", name=f"{name}_schema", node=cls.config_class)
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a one-line ConfigError naming the key, the value and what is allowed, unless ok."""
     if not ok:
         raise ConfigError(f"{key}={value}: {allowed}")
 
 
 def check(cfg: Any) -> None:
     """Reject a composed config whose values cannot work (one-line ``ConfigError``)."""
-    _require(cfg.method.name in methods.REGISTRY, "method", cfg.method.name,
+    require(cfg.method.name in methods.REGISTRY, "method", cfg.method.name,
              f"allowed: {', '.join(sorted(methods.REGISTRY))}")
     method_cls = methods.REGISTRY[cfg.method.name]
     method_cls(cfg.method)  # each method checks its own keys
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
-    _require(lr is not None and lr > 0, "train.lr", lr, "must be > 0 (or set method.lr)")
-    _require(cfg.device in DEVICES or str(cfg.device).startswith("cuda:"), "device", cfg.device,
+    require(lr is not None and lr > 0, "train.lr", lr, "must be > 0 (or set method.lr)")
+    require(cfg.device in DEVICES or str(cfg.device).startswith("cuda:"), "device", cfg.device,
              f"allowed: {', '.join(DEVICES)} or cuda:N")
-    _require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
-    _require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
-    _require(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
-    _require(cfg.train.timing_warmup >= 0, "train.timing_warmup", cfg.train.timing_warmup, "must be >= 0")
-    _require(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables)")
-    _require(cfg.train.weight_decay >= 0, "train.weight_decay", cfg.train.weight_decay, "must be >= 0")
-    _require(cfg.measure.memory_steps >= 1, "measure.memory_steps", cfg.measure.memory_steps, "must be >= 1")
-    _require(cfg.measure.latency_batch >= 1, "measure.latency_batch", cfg.measure.latency_batch, "must be >= 1")
-    _require(cfg.measure.latency_length >= 1, "measure.latency_length", cfg.measure.latency_length, "must be >= 1")
-    _require(cfg.measure.latency_repeats >= 1, "measure.latency_repeats", cfg.measure.latency_repeats, "must be >= 1")
-    _require(cfg.measure.latency_warmup >= 0, "measure.latency_warmup", cfg.measure.latency_warmup, "must be >= 0")
+    require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
+    require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
+    require(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
+    require(cfg.train.timing_warmup >= 0, "train.timing_warmup", cfg.train.timing_warmup, "must be >= 0")
+    require(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables)")
+    require(cfg.train.weight_decay >= 0, "train.weight_decay", cfg.train.weight_decay, "must be >= 0")
+    require(cfg.measure.memory_steps >= 1, "measure.memory_steps", cfg.measure.memory_steps, "must be >= 1")
+    require(cfg.measure.latency_batch >= 1, "measure.latency_batch", cfg.measure.latency_batch, "must be >= 1")
+    require(cfg.measure.latency_length >= 1, "measure.latency_length", cfg.measure.latency_length, "must be >= 1")
+    require(cfg.measure.latency_repeats >= 1, "measure.latency_repeats", cfg.measure.latency_repeats, "must be >= 1")
+    require(cfg.measure.latency_warmup >= 0, "measure.latency_warmup", cfg.measure.latency_warmup, "must be >= 0")
     for key in ("latency_grid_batches", "latency_grid_lengths"):
         values = list(cfg.measure[key])
-        _require(bool(values) and all(v >= 1 for v in values), f"measure.{key}", values,
+        require(bool(values) and all(v >= 1 for v in values), f"measure.{key}", values,
                  "must be a non-empty list of integers >= 1")
-    _require(cfg.measure.decode_tokens >= 0, "measure.decode_tokens", cfg.measure.decode_tokens,
+    require(cfg.measure.decode_tokens >= 0, "measure.decode_tokens", cfg.measure.decode_tokens,
              "must be >= 0 (0 skips the decode measurement)")
-    _require(cfg.measure.decode_repeats >= 1, "measure.decode_repeats", cfg.measure.decode_repeats, "must be >= 1")
-    _require(cfg.task.kind in TASK_KINDS, "task.kind", cfg.task.kind, f"allowed: {', '.join(TASK_KINDS)}")
-    _require(cfg.task.max_length >= 8, "task.max_length", cfg.task.max_length, "must be >= 8 tokens")
-    _require(cfg.task.num_train is None or cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train,
+    require(cfg.measure.decode_repeats >= 1, "measure.decode_repeats", cfg.measure.decode_repeats, "must be >= 1")
+    require(cfg.task.kind in TASK_KINDS, "task.kind", cfg.task.kind, f"allowed: {', '.join(TASK_KINDS)}")
+    require(cfg.task.max_length >= 8, "task.max_length", cfg.task.max_length, "must be >= 8 tokens")
+    require(cfg.task.num_train is None or cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train,
              "must be >= 1 or null")
-    _require(cfg.task.num_eval is None or cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval,
+    require(cfg.task.num_eval is None or cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval,
              "must be >= 1 or null")
-    _require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
-    _require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
-    _require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
+    require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
+    require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
+    require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
              "a random-init model needs model.arch (or set model.name_or_path)")
 
 

@@ -42,11 +42,10 @@ from omegaconf import MISSING, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import methods
-from methods import ConfigError
 from peftbench import config as config_mod
 from peftbench import cli
 from peftbench.cli import CONF_DIR
-from peftbench.config import ModelConfig
+from peftbench.config import ModelConfig, require
 
 CONFIG_NAME = "estimate"
 PROG = "peftbench.estimate"
@@ -90,23 +89,18 @@ config_mod.register_configs()
 ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value}: {allowed}")
-
-
 def check(cfg: Any) -> None:
     """Reject values that cannot work (one-line ``ConfigError``)."""
-    _require(cfg.method.name in methods.REGISTRY, "method", cfg.method.name,
+    require(cfg.method.name in methods.REGISTRY, "method", cfg.method.name,
              f"allowed: {', '.join(sorted(methods.REGISTRY))}")
     methods.REGISTRY[cfg.method.name](cfg.method)  # each method checks its own keys
-    _require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"allowed: {', '.join(PRECISIONS)}")
-    _require(cfg.attention in ATTENTION, "attention", cfg.attention, f"allowed: {', '.join(ATTENTION)}")
-    _require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
-    _require(cfg.seq_length >= 1, "seq_length", cfg.seq_length, "must be >= 1 token")
-    _require(cfg.vocab_size >= 1, "vocab_size", cfg.vocab_size, "must be >= 1")
-    _require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
-    _require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
+    require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"allowed: {', '.join(PRECISIONS)}")
+    require(cfg.attention in ATTENTION, "attention", cfg.attention, f"allowed: {', '.join(ATTENTION)}")
+    require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    require(cfg.seq_length >= 1, "seq_length", cfg.seq_length, "must be >= 1 token")
+    require(cfg.vocab_size >= 1, "vocab_size", cfg.vocab_size, "must be >= 1")
+    require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
+    require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
              "needs model.arch (or set model.name_or_path to a folder with a config.json)")
 
 
@@ -148,26 +142,18 @@ def build(cfg: Any, keep: bool = False) -> tuple[torch.nn.Module, Any]:
 
     spec, vocab = model_spec(cfg)
     meta = models.build_meta(spec, "causal-lm", vocab, 0)
-    ctx = context_length(meta.config)
-    _require(ctx is None or cfg.seq_length <= ctx, "seq_length", cfg.seq_length,
+    ctx = models.context_length(meta.config)
+    require(ctx is None or cfg.seq_length <= ctx, "seq_length", cfg.seq_length,
              f"longer than the model's context of {ctx} tokens")
     method = methods.build(cfg.method)
     built = method.apply(meta), method
-    taken = getattr(built[0], "num_virtual_tokens", 0)  # prefix tuning's positions
-    _require(ctx is None or cfg.seq_length + taken <= ctx, "seq_length", cfg.seq_length,
+    taken = getattr(method, "context_tokens", 0)  # prefix tuning's positions
+    require(ctx is None or cfg.seq_length + taken <= ctx, "seq_length", cfg.seq_length,
              f"with method={cfg.method.name}'s {taken} virtual tokens exceeds the model's context of {ctx} "
              f"tokens; allowed: at most {ctx - taken if ctx else None}")
     if keep:
         BUILT[key] = built
     return built
-
-
-def context_length(config: Any) -> Optional[int]:
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # ------------------------------------------------------------------------ counting

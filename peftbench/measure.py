@@ -146,15 +146,6 @@ def forward_latency(model: nn.Module, inputs: dict, device: torch.device, warmup
     return stats(ms)
 
 
-def max_positions(config: Any) -> Optional[int]:
-    """The longest sequence the model's position embeddings allow (None: no limit known)."""
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def check_lengths(m: Any, kind: str, limit: Optional[int]) -> None:
     """Refuse latency points (and the decode run) longer than the model's positions."""
     if limit is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -156,6 +156,15 @@ def check_head(config: Any, kind: str, name: str) -> None:
             f"model={name}: a {config.model_type} encoder cannot run a causal-lm task; "
             f"allowed: a classification task (task=synthetic-cls or task=text-classification)"
         )
+
+
+def context_length(config: Any) -> Optional[int]:
+    """Positions the model can address (tokens), or None if its config names no limit."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def head_names(model: nn.Module) -> set[str]:

@@ -82,7 +82,7 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
     rec["provenance"] = record.provenance(resolve_device(cfg.device))
     s = setup(cfg, rec)
     model, device, kind = s.model, s.device, cfg.task.kind
-    measure.check_lengths(cfg.measure, kind, measure.max_positions(s.base_config))  # before training
+    measure.check_lengths(cfg.measure, kind, models.context_length(s.base_config))  # before training
     metrics: dict[str, Any] = rec["metrics"]
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
     rec["train_lr"] = lr
@@ -114,7 +114,7 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
 
     # ---- inference: memory, FLOPs, latency grid, decode (merged where the method merges)
     inf, grid = measure.inference(model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device,
-                                  cfg.measure, measure.max_positions(s.base_config))
+                                  cfg.measure, models.context_length(s.base_config))
     metrics.update(inf)
     rec["latency_grid"] = grid
     metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))
