@@ -66,7 +66,7 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
     }
     out.update({f"method.{k}": v for k, v in records.method_settings(rec).items() if k != "name"})
     out.update({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None})
-    out["peak_bytes"] = m.get("peak_memory_bytes", m.get("peak_memory_tracked_bytes"))
+    out["peak_bytes"] = m.get("peak_memory_bytes")
     steps = rec.get("train_step_ms")
     if m.get("train_tokens_per_s") and m.get("train_tokens_per_s_iqr") is not None:
         half = m["train_tokens_per_s_iqr"] / 2
