@@ -17,9 +17,8 @@ then also unfreezes a task head it created (a fresh classifier), which every met
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
-import torch
 from torch import nn
 
 
@@ -110,8 +109,13 @@ def module_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def cast_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return x.to(dtype=ref.dtype, device=ref.device)
+def context_length(config: Any) -> Optional[int]:
+    """Positions the model can address (tokens), or None if its config names no limit."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _import_all() -> None:

@@ -48,7 +48,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from methods import ConfigError, freeze_all_but, register
+from methods import ConfigError, context_length, freeze_all_but, register
 
 ENCODER_NAME = "prefix_encoder"
 
@@ -100,15 +100,6 @@ def prefix_shape(config: Any) -> PrefixShape:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return PrefixShape(layers, kv_heads, head_dim)
-
-
-def context_length(config: Any) -> Optional[int]:
-    """Positions the model can address (tokens), or None if its config names no limit."""
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class PrefixEncoder(nn.Module):

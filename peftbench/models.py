@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from methods import ConfigError
+from methods import ConfigError, context_length  # noqa: F401 (re-exported for the harness)
 
 # Modules that a classification head consists of; every method trains them.
 HEAD_MODULES = ("classifier", "score")
@@ -156,15 +156,6 @@ def check_head(config: Any, kind: str, name: str) -> None:
             f"model={name}: a {config.model_type} encoder cannot run a causal-lm task; "
             f"allowed: a classification task (task=synthetic-cls or task=text-classification)"
         )
-
-
-def context_length(config: Any) -> Optional[int]:
-    """Positions the model can address (tokens), or None if its config names no limit."""
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def head_names(model: nn.Module) -> set[str]:
