@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REPO, compose_config
+from tests.conftest import compose_config
 
 F32 = 4
 TINY = (
@@ -135,8 +135,6 @@ def test_latency_only_run(runs):
 
 
 def test_classification_has_no_decode(runs):
-    if not (REPO / "conf" / "task" / "synthetic-cls.yaml").exists():
-        pytest.skip("task=synthetic-cls not available")
     m = runs("cls", "method=lora", "task=synthetic-cls", "train.steps=0")["metrics"]
     assert m["decode_ms_per_token"] is None
     assert m["inference_flops"] > 0
