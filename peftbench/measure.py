@@ -236,14 +236,14 @@ def merged(method: Any, model: nn.Module) -> Iterator[bool]:
 
 
 def inference(model: nn.Module, method: Any, vocab_size: int, pad_id: Optional[int], kind: str,
-              device: torch.device, m: Any, limit: Optional[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              device: torch.device, m: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Everything measured on the finished model: flat metrics and the latency grid.
 
     Latency and decode are taken as trained first, then, for a method that merges, again
     merged (the deployed form, behind the flat figures); inference memory and FLOPs are
-    counted in the deployed form, in their own untimed passes.
+    counted in the deployed form, in their own untimed passes. The lengths were checked
+    against the model's context (``check_lengths``) before training.
     """
-    check_lengths(m, kind, limit)
     default = (m.latency_batch, m.latency_length)
 
     def timed() -> tuple[dict, Optional[dict]]:

@@ -114,7 +114,7 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
 
     # ---- inference: memory, FLOPs, latency grid, decode (merged where the method merges)
     inf, grid = measure.inference(model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device,
-                                  cfg.measure, models.context_length(s.base_config))
+                                  cfg.measure)
     metrics.update(inf)
     rec["latency_grid"] = grid
     metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))

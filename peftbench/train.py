@@ -87,8 +87,8 @@ def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float, trai
         with ExitStack() as instruments:
             if step < memory_steps:
                 if tracker is None:
-                    tracker = TensorMemoryTracker(model, optimizer, device, extra=batch.values())
-                tracker.track(batch.values())
+                    tracker = TensorMemoryTracker(model, optimizer, device)
+                tracker.track(batch.values())  # this step's inputs, made outside the tracker
                 instruments.enter_context(tracker)
             if step == flop_step:
                 flops = instruments.enter_context(FlopCounterMode(display=False))
