@@ -132,7 +132,7 @@ def time_point(built: dict[str, dict], batch: int, length: int, rounds: int, per
 
 
 def markdown(built: dict, results: dict[tuple[int, int], dict], args: argparse.Namespace) -> str:
-    from peftbench import record
+    from peftbench.records import writer as record
 
     s = next(iter(built.values()))["setup"]
     prov = record.provenance(s.device)

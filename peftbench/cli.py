@@ -32,7 +32,7 @@ from hydra.types import RunMode
 
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import records
+from peftbench.records import reader as records
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_CONFIG = 2
@@ -132,7 +132,7 @@ def check_jobs(argv: list[str], check: Callable[[Any, list[str]], Any], config_n
 
 
 def plan_job(cfg: Any, overrides: list[str]) -> Job:
-    from peftbench.record import config_hash
+    from peftbench.records import config_hash
 
     chash = config_hash(config_mod.to_container(cfg))
     label = f"{cfg.method.name}/{cfg.model.name}/{cfg.task.name}"
@@ -219,7 +219,7 @@ def reuse(cfg: Any, chash: str, now: dict[str, Any]) -> Optional[dict[str, Any]]
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def hydra_entry(cfg: Any) -> None:
-    from peftbench import record
+    from peftbench.records import writer as record
     from peftbench.run import run
     from peftbench.summary import print_summary
 

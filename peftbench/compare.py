@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from peftbench import records
+from peftbench.records import reader as records
 
 EXIT_OK, EXIT_REGRESSION, EXIT_INPUT = 0, 1, 2
 EXACT_KEYS = ("trainable_params", "total_params", "checkpoint_bytes", "checkpoint_params", "checkpoint_tensors")
@@ -138,7 +138,7 @@ class Comparer:
         if b.get("status") != "ok":
             return [Row(name, "status", b.get("status"), c.get("status"), "", "better")]
         bm, cm = b["metrics"], c["metrics"]
-        both_cpu = records.device_type(b) == "cpu" and records.device_type(c) == "cpu"
+        both_cpu = records.recorded_device_type(b) == "cpu" and records.recorded_device_type(c) == "cpu"
         rows = []
         if b.get("base_weights_sha256") and c.get("base_weights_sha256"):
             same = b["base_weights_sha256"] == c["base_weights_sha256"]
@@ -149,9 +149,9 @@ class Comparer:
                 rows += self.exact(name, key, bm.get(key), cm.get(key))
             elif key in QUALITY:
                 rows += self.quality(name, key, bm.get(key), cm.get(key))
-        same_device = records.device_name(b) == records.device_name(c)
+        same_device = records.recorded_device(b) == records.recorded_device(c)
         if not same_device:
-            rows.append(Row(name, "timing", records.device_name(b), records.device_name(c), "", "note",
+            rows.append(Row(name, "timing", records.recorded_device(b), records.recorded_device(c), "", "note",
                             "different devices: timings not compared"))
             return rows
         parallel = records.launched_in_parallel(b) or records.launched_in_parallel(c)

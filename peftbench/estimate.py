@@ -123,7 +123,7 @@ BUILT: dict[str, tuple[torch.nn.Module, Any]] = {}  # check phase -> job, same p
 
 
 def build_key(cfg: Any) -> str:
-    from peftbench import record
+    from peftbench.records import writer as record
 
     return record.config_hash(config_mod.to_container(cfg))
 
@@ -367,7 +367,7 @@ def estimate(cfg: Any) -> dict[str, Any]:
 
 def new_record(cfg: Any) -> dict[str, Any]:
     """A record in the measured run's format, ``kind: "estimate"``; ``task`` is null."""
-    from peftbench import record
+    from peftbench.records import writer as record
 
     resolved = config_mod.to_container(cfg)
     chash = record.config_hash(resolved)
@@ -395,7 +395,7 @@ def new_record(cfg: Any) -> dict[str, Any]:
 
 def run(cfg: Any) -> tuple[dict[str, Any], Any]:
     """Estimate one config and write its record, ok or failed; returns (record, path)."""
-    from peftbench import record
+    from peftbench.records import writer as record
     from peftbench.run import one_line
 
     rec = new_record(cfg)

@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from peftbench import records  # noqa: E402
+from peftbench.records import reader as records  # noqa: E402
 
 MiB = 2**20
 BREAKDOWN = ("weights", "gradients", "optimizer", "activations")
@@ -59,7 +59,7 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "run_id": rec.get("run_id"), "kind": rec.get("kind", "measured"), "status": rec.get("status"),
         "error": rec.get("error"), "method": rec.get("method"), "model": rec.get("model"),
-        "task": rec.get("task"), "device": records.device_name(rec), "device_type": records.device_type(rec),
+        "task": rec.get("task"), "device": records.recorded_device(rec), "device_type": records.recorded_device_type(rec),
         "config_hash": rec.get("config_hash"), "git_sha": (prov.get("git_sha") or "")[:10] or None,
         "timestamp": prov.get("timestamp"), "parallel_launcher": records.launched_in_parallel(rec),
         "train_steps": ((rec.get("config") or {}).get("train") or {}).get("steps"), "path": rec.get("_path"),
@@ -361,7 +361,7 @@ def build(sources: list[str], out: str | Path) -> Path:
     df = frame(loaded.records)
     df.to_csv(out / "records.csv", index=False)
     grid = [{"run_id": r["run_id"], "method": r["method"], "model": r["model"], "task": r["task"],
-             "device": records.device_name(r), **p} for r in loaded.records for p in records.latency_points(r)]
+             "device": records.recorded_device(r), **p} for r in loaded.records for p in records.latency_points(r)]
     pd.DataFrame(grid).to_csv(out / "latency.csv", index=False)
     page = out / "report.md"
     page.write_text(render(df, loaded.records, loaded.skipped, out, [str(s) for s in sources]) + "\n")

@@ -20,7 +20,8 @@ import torch
 import methods
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import measure, models, record, tasks
+from peftbench import measure, models, tasks
+from peftbench.records import writer as record
 from peftbench.train import evaluate, train
 
 ACCURACY_METRIC = Path(__file__).parent / "metrics" / "accuracy.py"

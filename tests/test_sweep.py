@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from peftbench import cli, records
+from peftbench import cli
+from peftbench.records import reader as records
 from peftbench.config import MeasureConfig
 
 # Tiny runs: a few steps on a few short examples, one latency point, no decode measurement.

@@ -12,9 +12,10 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
-REPO = Path(__file__).resolve().parent.parent
+from peftbench.records import REPO, git
+
 # The files whose content decides what a run measures; a change elsewhere (tests, docs,
 # results) does not make an old record stale.
 CODE_PATHS = ("peftbench", "methods", "conf", "pyproject.toml")
@@ -111,19 +112,15 @@ def by_hash(folder: str | Path, chash: str) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------- code version
-def _git(*args: str) -> bytes:
-    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=20, check=True).stdout
-
-
 def code_state() -> dict[str, Any]:
     """The code a run started now would execute: the commit, whether the measured code
     (``CODE_PATHS``) differs from it, and a SHA-256 over those differences (tracked changes
     and untracked files), so that two dirty trees can be told apart. Git missing (an installed
     wheel): all three are None and the package version stands for the code."""
     try:
-        sha = _git("rev-parse", "HEAD").decode().strip()
-        diff = _git("diff", "HEAD", "--no-ext-diff", "--binary", "--", *CODE_PATHS)
-        untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS).split(b"\0")
+        sha = git("rev-parse", "HEAD").decode().strip()
+        diff = git("diff", "HEAD", "--no-ext-diff", "--binary", "--", *CODE_PATHS)
+        untracked = git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS).split(b"\0")
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "code_dirty": None, "code_diff_sha256": None}
     h = hashlib.sha256(diff)
@@ -177,13 +174,13 @@ def reusable(results_dir: str | Path, chash: str, now: dict[str, Any]) -> tuple[
 
 
 # ------------------------------------------------------------------------------------ keys
-def device_name(rec: dict[str, Any]) -> str:
+def recorded_device(rec: dict[str, Any]) -> str:
     """The device a record was measured on (GPU or CPU model name), for grouping."""
     prov = rec.get("provenance") or {}
     return str(prov.get("device_name") or prov.get("device_type") or "unknown")
 
 
-def device_type(rec: dict[str, Any]) -> str:
+def recorded_device_type(rec: dict[str, Any]) -> str:
     prov = rec.get("provenance") or {}
     return str(prov.get("device_type") or "unknown")
 
@@ -220,10 +217,6 @@ def loose_key(rec: dict[str, Any]) -> str:
     differ because the config gained or lost a key elsewhere."""
     return json.dumps([rec.get("method"), rec.get("model"), rec.get("task"), method_settings(rec)],
                       sort_keys=True, default=str)
-
-
-def iter_ok(recs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    return (r for r in recs if r.get("status") == "ok")
 
 
 def latency_points(rec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The run record: one JSON file per run, written atomically (temp file, then rename).
+"""Writing run records: a new record, its provenance, and one JSON file per run, written
+atomically (temp file, then rename).
 
 A reader never sees a half-written record: the file appears under its final name only once
 complete. ``schema_version`` changes whenever a field changes meaning.
@@ -7,7 +8,6 @@ complete. ``schema_version`` changes whenever a field changes meaning.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -19,27 +19,17 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+from peftbench.records import SCHEMA_VERSION, config_hash, git  # noqa: F401 (re-exported for writers)
+
 PACKAGES = ("peftbench", "torch", "transformers", "datasets", "evaluate", "hydra-core", "omegaconf",
             "safetensors", "pandas", "numpy", "peft")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """Short stable hash of a resolved config (everything that defines the run but where its
-    record is written)."""
-    cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force")}
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def git_state() -> dict[str, Any]:
     """Commit of the peftbench checkout and whether it has uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-
     try:
-        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {"git_sha": git("rev-parse", "HEAD", timeout=10).decode().strip(),
+                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", timeout=10).strip())}
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "git_dirty": None}
 
@@ -121,7 +111,3 @@ def _jsonable(x: Any) -> Any:
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
-
-def load(path: str | Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)

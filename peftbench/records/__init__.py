@@ -1,0 +1,32 @@
+"""Run records: one JSON file per run (``writer``: create and save; ``reader``: find, load,
+validate and reuse). What both sides share lives here: the schema version, the config hash
+that names a run, and the git helper that fingerprints the code.
+
+This package imports neither torch nor transformers at import time, so that ``report`` and
+``compare`` start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+# The peftbench checkout (the folder holding peftbench/, methods/ and conf/).
+REPO = Path(__file__).resolve().parent.parent.parent
+SCHEMA_VERSION = 1
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short stable hash of a resolved config (everything that defines the run but where its
+    record is written and whether it is forced)."""
+    cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force")}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def git(*args: str, timeout: float = 20) -> bytes:
+    """``git -C REPO <args>``'s standard output; raises OSError or SubprocessError."""
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=timeout,
+                          check=True).stdout
