@@ -1,4 +1,5 @@
-"""Reading run records back: find and load them, tell a record from a foreign file, decide whether
+"""Reading run records back: find and load them, check each against the schema (``schema``, so that
+a file of the wrong shape is skipped with the reason, never a crash), decide whether
 an existing record can stand in for a new run (sweep resume), and key them for matching.
 
 Shared by the CLI (resume, sweep summary), ``peftbench.report`` and ``peftbench.compare``. It
@@ -14,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from peftbench.records import REPO, git
+from peftbench.records import REPO, git, schema
 
 # The files whose content decides what a run measures; a change elsewhere (tests, docs,
 # results) does not make an old record stale.
 CODE_PATHS = ("peftbench", "methods", "conf", "pyproject.toml")
-REQUIRED = ("schema_version", "run_id", "method", "model", "task", "metrics")
 
 
 class RecordError(ValueError):
@@ -33,35 +33,38 @@ class Loaded:
     records: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-
-def not_a_record(obj: Any) -> Optional[str]:
-    """Why ``obj`` (parsed JSON) is not a run record, or None if it is one."""
-    if not isinstance(obj, dict):
-        return f"a JSON {type(obj).__name__}, not an object"
-    missing = [k for k in REQUIRED if k not in obj]
-    if missing:
-        return f"not a peftbench record (missing {', '.join(missing)})"
-    if not isinstance(obj["metrics"], dict):
-        return "not a peftbench record ('metrics' is not an object)"
-    return None
+    def add(self, f: Path) -> None:
+        """The record in file ``f``, or the file among the skipped with the reason."""
+        rec, why = parse(f)
+        if rec is None:
+            self.skipped.append((str(f), why))
+        else:
+            self.records.append(rec)
 
 
-def read(path: str | Path) -> dict[str, Any]:
-    """One record file; raises ``RecordError`` with a one-line reason."""
-    p = Path(path)
+def parse(p: Path) -> tuple[Optional[dict[str, Any]], str]:
+    """The record in file ``p``, or None and why it is not one (one line)."""
     try:
         obj = json.loads(p.read_text())
     except OSError as e:
-        raise RecordError(f"{p}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RecordError(f"{p}: not JSON ({str(e).splitlines()[0]})") from None
-    why = not_a_record(obj)
+        return None, f"cannot read ({e.strerror or e})"
+    except RecursionError:
+        return None, "not JSON (nested too deeply to parse)"
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer of > 4300 digits
+        return None, f"not JSON ({str(e).splitlines()[0]})"
+    why = schema.problem(obj)
     if why:
-        raise RecordError(f"{p}: {why}")
-    obj.setdefault("kind", "measured")
-    obj.setdefault("status", "ok")
+        return None, why
     obj["_path"] = str(p)
-    return obj
+    return obj, ""
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """One record file, checked against the schema; raises ``RecordError`` with a one-line reason."""
+    rec, why = parse(Path(path))
+    if rec is None:
+        raise RecordError(f"{path}: {why}")
+    return rec
 
 
 def record_files(folder: Path) -> list[Path]:
@@ -78,10 +81,7 @@ def load(paths: Iterable[str | Path]) -> Loaded:
         if not p.exists():
             raise RecordError(f"{p}: no such file or folder")
         for f in (record_files(p) if p.is_dir() else [p]):
-            try:
-                out.records.append(read(f))
-            except RecordError as e:
-                out.skipped.append((str(f), str(e).split(": ", 1)[-1]))
+            out.add(f)
     return out
 
 
@@ -94,21 +94,23 @@ def newest(recs: Iterable[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return max(recs, key=stamp, default=None)
 
 
-def by_hash(folder: str | Path, chash: str) -> list[dict[str, Any]]:
-    """Records in ``folder`` (not its subfolders) whose config hash is ``chash``."""
+def matching(folder: str | Path, chash: str) -> Loaded:
+    """Records in ``folder`` (not its subfolders) whose config hash is ``chash``, and the files
+    named for that config that were skipped."""
     p = Path(folder)
+    out = Loaded()
     if not p.is_dir():
-        return []
-    out = []
+        return out
     # run ids end in the config hash, so the file name narrows the search before parsing
     for f in sorted(p.glob(f"*-{chash}.json")):
-        try:
-            rec = read(f)
-        except RecordError:
-            continue
-        if rec.get("config_hash") == chash:
-            out.append(rec)
+        out.add(f)
+    out.records = [r for r in out.records if r.get("config_hash") == chash]
     return out
+
+
+def by_hash(folder: str | Path, chash: str) -> list[dict[str, Any]]:
+    """Records in ``folder`` (not its subfolders) whose config hash is ``chash``."""
+    return matching(folder, chash).records
 
 
 # ------------------------------------------------------------------------------- code version
@@ -143,7 +145,7 @@ def same_code(rec: dict[str, Any], now: dict[str, Any]) -> tuple[bool, str]:
     """
     prov = rec.get("provenance") or {}
     if now["git_sha"] is None or prov.get("git_sha") is None:
-        ours = prov.get("packages", {}).get("peftbench")
+        ours = (prov.get("packages") or {}).get("peftbench")
         return (False, "no git commit to compare") if ours is None else (True, "")
     if prov["git_sha"] != now["git_sha"]:
         return False, f"made at commit {prov['git_sha'][:10]}, the checkout is at {now['git_sha'][:10]}"
@@ -160,17 +162,19 @@ def same_code(rec: dict[str, Any], now: dict[str, Any]) -> tuple[bool, str]:
 def reusable(results_dir: str | Path, chash: str, now: dict[str, Any]) -> tuple[Optional[dict[str, Any]], str]:
     """The newest ok record in ``results_dir`` for config ``chash`` made with the code in ``now``,
     or None and a reason (for the log) why nothing can be reused."""
-    found = by_hash(results_dir, chash)
-    ok = [r for r in found if r.get("status") == "ok" and r.get("kind", "measured") == "measured"]
+    found = matching(results_dir, chash)
+    skipped = "".join(f"; skipped {f}: {why}" for f, why in found.skipped)
+    ok = [r for r in found.records if r["status"] == "ok" and r["kind"] == "measured"]
     if not ok:
-        return None, "no ok record yet" if not found else f"{len(found)} earlier record(s), none ok"
+        why = f"{len(found.records)} earlier record(s), none ok" if found.records else "no ok record yet"
+        return None, why + skipped
     reasons = []
     for rec in sorted(ok, key=stamp, reverse=True):
         good, why = same_code(rec, now)
         if good:
             return rec, ""
         reasons.append(why)
-    return None, f"{len(ok)} ok record(s) but {reasons[0]}"
+    return None, f"{len(ok)} ok record(s) but {reasons[0]}" + skipped
 
 
 # ------------------------------------------------------------------------------------ keys

@@ -1,0 +1,134 @@
+"""Reading records back: every record is checked against the schema on load, and a file that is
+not a valid record is skipped with a one-line reason by the reader, the report, the regression
+gate and resume alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_compare import make_record, write
+
+from peftbench import compare, report
+from peftbench.records import reader
+
+
+def as_text(rec: dict) -> str:
+    return json.dumps(rec)
+
+
+def changed(path: str, value) -> callable:
+    """A mutation that sets the dotted ``path`` of a record to ``value``."""
+
+    def go(rec: dict) -> str:
+        *parents, last = path.split(".")
+        target = rec
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        target[int(last) if isinstance(target, list) else last] = value
+        return as_text(rec)
+
+    return go
+
+
+def deep(rec: dict) -> str:
+    """JSON nested 200,000 levels deep: json.loads raises RecursionError."""
+    return as_text(rec)[:-1] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}"
+
+
+# (mutation of a valid record, what the skip reason must name)
+WRONG_TYPES = {
+    "provenance a list": (changed("provenance", [1]), "provenance"),
+    "provenance a string": (changed("provenance", "x"), "provenance"),
+    "config a list": (changed("config", [1]), "config"),
+    "config.method a string": (changed("config.method", "lora"), "config.method"),
+    "config.train a list": (changed("config.train", [30]), "config.train"),
+    "config.method.rank a string": (changed("config.method.rank", "8"), "config.method.rank"),
+    "config_hash a list": (changed("config_hash", ["a"]), "config_hash"),
+    "run_id an integer": (changed("run_id", 5), "run_id"),
+    "model a list": (changed("model", ["tiny"]), "model"),
+    "status unknown": (changed("status", "done"), "status"),
+    "metric a string": (changed("metrics.trainable_params", "many"), "metrics.trainable_params"),
+    "metric 2**80": (changed("metrics.trainable_params", 2**80), "metrics.trainable_params"),
+    "metric -2**80": (changed("metrics.peak_memory_bytes", -(2**80)), "metrics.peak_memory_bytes"),
+    "metric a bool": (changed("metrics.eval_loss", True), "metrics.eval_loss"),
+    "metric a list": (changed("metrics.eval_loss", [1.0]), "metrics.eval_loss"),
+    "metric NaN": (lambda r: as_text(r).replace('"eval_loss": 5.0', '"eval_loss": NaN'), "metrics.eval_loss"),
+    "metrics a list": (changed("metrics", [1]), "metrics"),
+    "git_sha an integer": (changed("provenance.git_sha", 5), "provenance.git_sha"),
+    "launcher a list": (changed("provenance.launcher", [1]), "provenance.launcher"),
+    "packages a number": (changed("provenance.packages", 5), "provenance.packages"),
+    "base_weights_sha256 an integer": (changed("base_weights_sha256", 5), "base_weights_sha256"),
+    "train_step_ms strings": (changed("train_step_ms", ["a"] * 25), "train_step_ms[0]"),
+    "latency_grid a string": (changed("latency_grid", "abc"), "latency_grid"),
+    "latency row a list": (changed("latency_grid.0", [1, 32]), "latency_grid[0]"),
+    "latency batch a list": (changed("latency_grid.0.batch", [1]), "latency_grid[0].batch"),
+    "latency ms a string": (changed("latency_grid.1.inference_latency_ms", "x"),
+                            "latency_grid[1].inference_latency_ms"),
+    "nested 200,000 deep": (deep, "nested too deeply"),
+}
+
+
+@pytest.fixture
+def good():
+    return make_record("lora", seed=2)
+
+
+def write_bad(folder: Path, good: dict, mutate) -> Path:
+    """``good`` under its own name, and a mutated copy named as its config's records are."""
+    write(folder, good)
+    bad = folder / f"20260102T000000000000-lora-tiny-llama-synthetic-lm-{good['config_hash']}.json"
+    bad.write_text(mutate(json.loads(json.dumps(good))))
+    return bad
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES)
+def test_wrong_types_are_skipped_with_the_field(tmp_path, good, case):
+    mutate, names = WRONG_TYPES[case]
+    bad = write_bad(tmp_path, good, mutate)
+    loaded = reader.load([tmp_path])
+    assert [r["run_id"] for r in loaded.records] == [good["run_id"]]
+    assert [p for p, _ in loaded.skipped] == [str(bad)]
+    why = loaded.skipped[0][1]
+    assert names in why and "\n" not in why, why
+    with pytest.raises(reader.RecordError, match=names.replace("[", r"\[")):
+        reader.read(bad)
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES)
+def test_report_and_compare_survive_wrong_types(tmp_path, good, case, capsys):
+    mutate, names = WRONG_TYPES[case]
+    folder = tmp_path / "runs"
+    bad = write_bad(folder, good, mutate)
+    base = write(tmp_path / "base", good)
+    assert compare.main([str(base), str(folder)]) == 0
+    assert report.main(["--results", str(folder), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert f"peftbench.compare: skipped {bad}: " in err and f"peftbench.report: skipped {bad}: " in err
+
+
+@pytest.mark.parametrize("case", ["metric a string", "config.method a string", "nested 200,000 deep"])
+def test_resume_ignores_an_invalid_record_and_says_why(tmp_path, good, case):
+    mutate, names = WRONG_TYPES[case]
+    write_bad(tmp_path, good, mutate)
+    found = reader.by_hash(tmp_path, good["config_hash"])
+    assert [r["run_id"] for r in found] == [good["run_id"]]
+    now = {"git_sha": "c" * 40, "code_dirty": False, "code_diff_sha256": None}
+    rec, why = reader.reusable(tmp_path, good["config_hash"], now)
+    assert rec is None and "skipped" in why and names in why
+
+
+def test_resume_skips_a_record_that_is_only_invalid(tmp_path, good):
+    (tmp_path / f"{good['run_id']}.json").write_text(changed("provenance", "x")(good))
+    rec, why = reader.reusable(tmp_path, good["config_hash"], {"git_sha": None, "code_dirty": None})
+    assert rec is None and "provenance" in why
+
+
+def test_every_committed_record_validates():
+    files = sorted((REPO / "results").rglob("*.json"))
+    assert files
+    loaded = reader.load([REPO / "results"])
+    assert loaded.skipped == []
+    assert len(loaded.records) == len(files)
