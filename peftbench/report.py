@@ -194,15 +194,15 @@ def plot_latency(g: pd.DataFrame, recs: dict[str, dict], out: Path, slug: str) -
     pts = pd.DataFrame([{**p, "label": r["label"]} for _, r in g.iterrows()
                         for p in records.latency_points(recs[r["run_id"]])])
     if not pts.empty and (pts["batch"].nunique() > 1 or pts["length"].nunique() > 1):
+        merging = set(pts.loc[pts["merged"], "label"])  # runs with a merged and an unmerged form
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, x, fixed in ((axes[0], "batch", "length"), (axes[1], "length", "batch")):
             at = pts[fixed].max()
-            sub = pts[pts[fixed] == at]
-            for (label, merged), s in sub.groupby(["label", "merged"]):
+            for (label, merged), s in pts[pts[fixed] == at].groupby(["label", "merged"]):
+                unmerged = label in merging and not merged
                 s = s.sort_values(x)
-                ax.errorbar(s[x], s["median_ms"], yerr=s["iqr_ms"].fillna(0) / 2, capsize=3,
-                            linestyle="-" if merged or label not in set(pts[pts.merged]["label"]) else "--",
-                            marker="o", label=f"{label}{' (unmerged)' if not merged and label in set(pts[pts.merged]['label']) else ''}")
+                ax.errorbar(s[x], s["median_ms"], yerr=s["iqr_ms"].fillna(0) / 2, capsize=3, marker="o",
+                            linestyle="--" if unmerged else "-", label=label + (" (unmerged)" if unmerged else ""))
             ax.set_xscale("log", base=2)
             ax.set_xlabel(f"{x} ({fixed} = {at})")
             ax.set_ylabel("forward latency ms (median)")

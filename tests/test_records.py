@@ -132,3 +132,20 @@ def test_every_committed_record_validates():
     loaded = reader.load([REPO / "results"])
     assert loaded.skipped == []
     assert len(loaded.records) == len(files)
+
+
+def test_latency_points_read_the_grid_the_writer_writes():
+    """A merging method's row holds the deployed (merged) figure and the as-trained one; any
+    other method's row holds one figure. Rows of another format are no latency points."""
+    merging = {"batch": 2, "length": 16, "inference_latency_ms": 1.5, "inference_latency_iqr_ms": 0.1,
+               "inference_latency_unmerged_ms": 2.5, "inference_latency_unmerged_iqr_ms": 0.2, "tokens_per_s": 1.0}
+    plain = {"batch": 1, "length": 8, "inference_latency_ms": 0.5, "inference_latency_iqr_ms": None, "tokens_per_s": 1.0}
+    unmeasured = {**plain, "inference_latency_ms": None}
+    assert reader.latency_points({"latency_grid": [merging, plain, unmeasured]}) == [
+        {"batch": 2, "length": 16, "merged": True, "median_ms": 1.5, "iqr_ms": 0.1},
+        {"batch": 2, "length": 16, "merged": False, "median_ms": 2.5, "iqr_ms": 0.2},
+        {"batch": 1, "length": 8, "merged": False, "median_ms": 0.5, "iqr_ms": None},
+    ]
+    foreign = {"batch": 1, "length": 8, "merged": True, "median_ms": 3.0, "iqr_ms": 0.1}
+    assert reader.latency_points({"latency_grid": [foreign]}) == []
+    assert reader.latency_points({"metrics": {"latency_grid": [plain]}}) == []

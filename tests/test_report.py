@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import REPO
 from test_compare import FULL_PARAMS, make_record, write
 
 from peftbench import report
@@ -72,3 +73,12 @@ def test_pareto_front():
 def test_missing_results_folder_is_an_error(tmp_path, capsys):
     assert report.main(["--results", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_report_of_the_committed_default_results_is_unchanged(tmp_path, monkeypatch):
+    """The committed example report is what the report code makes of the committed records
+    (text outputs; the plots depend on the matplotlib version)."""
+    monkeypatch.chdir(REPO)
+    report.build(["results/default"], tmp_path)
+    for name in ("report.md", "records.csv", "latency.csv"):
+        assert (tmp_path / name).read_text() == (REPO / "reports" / "default" / name).read_text(), name

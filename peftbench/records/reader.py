@@ -226,27 +226,18 @@ def loose_key(rec: dict[str, Any]) -> str:
 def latency_points(rec: dict[str, Any]) -> list[dict[str, Any]]:
     """The record's latency grid as long rows: batch, length, merged (bool), median_ms, iqr_ms.
 
-    Accepts rows that carry a ``merged`` flag with ``median_ms``/``iqr_ms``, and rows that hold
-    the deployed figure (``inference_latency_ms``, merged where the method merges) beside
-    ``inference_latency_unmerged_ms``."""
-    grid = rec.get("latency_grid") or (rec.get("metrics") or {}).get("latency_grid") or []
+    A method that merges has its deployed (merged) figure in ``inference_latency_ms`` and the
+    as-trained one in ``inference_latency_unmerged_ms``; any other method only the first, not
+    merged. Times in milliseconds; a point not measured (null) is left out."""
     out = []
-    for row in grid if isinstance(grid, list) else []:
-        if not isinstance(row, dict) or "batch" not in row or "length" not in row:
-            continue
-        base = {"batch": row["batch"], "length": row["length"]}
-        if "merged" in row:
-            med = next((row[k] for k in ("median_ms", "inference_latency_ms", "median") if k in row), None)
-            iqr = next((row[k] for k in ("iqr_ms", "inference_latency_iqr_ms", "iqr") if k in row), None)
-            out.append({**base, "merged": bool(row["merged"]), "median_ms": med, "iqr_ms": iqr})
-            continue
-        unmerged = row.get("inference_latency_unmerged_ms")
-        out.append({**base, "merged": unmerged is not None, "median_ms": row.get("inference_latency_ms"),
-                    "iqr_ms": row.get("inference_latency_iqr_ms")})
-        if unmerged is not None:
-            out.append({**base, "merged": False, "median_ms": unmerged,
-                        "iqr_ms": row.get("inference_latency_unmerged_iqr_ms")})
-    return [r for r in out if isinstance(r["median_ms"], (int, float))]
+    for row in rec.get("latency_grid") or []:
+        merges = row.get("inference_latency_unmerged_ms") is not None
+        forms = [(merges, "inference_latency_ms", "inference_latency_iqr_ms")]
+        if merges:
+            forms.append((False, "inference_latency_unmerged_ms", "inference_latency_unmerged_iqr_ms"))
+        out += [{"batch": row["batch"], "length": row["length"], "merged": merged, "median_ms": row.get(median),
+                 "iqr_ms": row.get(iqr)} for merged, median, iqr in forms]
+    return [p for p in out if p["median_ms"] is not None]
 
 
 def launched_in_parallel(rec: dict[str, Any]) -> bool:
