@@ -19,7 +19,8 @@ config keys that differ are printed.
   those beyond ``--gross-slowdown``; timings taken under a parallel launcher only warn.
 
 Exit status: 0 no regression; 1 a regression (or a baseline run missing or failed in CURRENT);
-2 unusable input (a path missing or unreadable, a file that is not a record, no records).
+2 unusable input (an option out of range, a path missing or unreadable, a file that is not a
+record, no records), in one line on standard error.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from peftbench.records import reader as records
 
@@ -36,6 +37,11 @@ EXIT_OK, EXIT_REGRESSION, EXIT_INPUT = 0, 1, 2
 EXACT_KEYS = ("trainable_params", "total_params", "checkpoint_bytes", "checkpoint_params", "checkpoint_tensors")
 QUALITY = {"eval_loss": "lower", "train_loss_final": "lower", "eval_accuracy": "higher"}
 MIN_SAMPLES = 5  # per side, for the rank test
+# numeric options: what is allowed, and the test (infinities and NaN are never allowed)
+LIMITS = {"time_tolerance": ("a finite number >= 0", lambda x: x >= 0),
+          "gross_slowdown": ("a finite number >= 1", lambda x: x >= 1),
+          "alpha": ("a number in (0, 1]", lambda x: 0 < x <= 1),
+          "quality_tolerance": ("a finite number >= 0", lambda x: x >= 0)}
 
 
 @dataclass
@@ -251,8 +257,15 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT, f"peftbench.compare: error: {message}\n")
+
+
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m peftbench.compare", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m peftbench.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("baseline", help="records folder or record file")
     p.add_argument("current", help="records folder or record file")
     p.add_argument("--timing", choices=("fail", "warn", "off"), default="fail",
@@ -265,7 +278,12 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="worsening allowed: relative for losses, absolute for accuracy")
     p.add_argument("--allow-missing", action="store_true", help="a baseline run absent from CURRENT only warns")
     p.add_argument("-v", "--verbose", action="store_true", help="print unchanged figures too")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for dest, (allowed, ok) in LIMITS.items():
+        value = getattr(a, dest)
+        if not (math.isfinite(value) and ok(value)):
+            p.error(f"--{dest.replace('_', '-')}={value:g}: must be {allowed}")
+    return a
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -190,3 +190,33 @@ def test_foreign_file_inside_a_folder_is_skipped(tmp_path, baseline, capsys):
     (c / "notes.json").write_text("[1, 2]")
     assert compare.main([str(b), str(c)]) == 0
     assert "skipped" in capsys.readouterr().err
+
+
+BAD_OPTIONS = [("--time-tolerance", "nan", "a finite number >= 0"), ("--time-tolerance", "-1", "a finite number >= 0"),
+               ("--time-tolerance", "inf", "a finite number >= 0"), ("--gross-slowdown", "nan", "a finite number >= 1"),
+               ("--gross-slowdown", "0.5", "a finite number >= 1"), ("--alpha", "0", "a number in (0, 1]"),
+               ("--alpha", "1.5", "a number in (0, 1]"), ("--alpha", "nan", "a number in (0, 1]"),
+               ("--quality-tolerance", "-0.1", "a finite number >= 0"),
+               ("--quality-tolerance", "inf", "a finite number >= 0")]
+
+
+@pytest.mark.parametrize("option, value, allowed", BAD_OPTIONS)
+def test_a_numeric_option_that_cannot_work_is_refused(tmp_path, baseline, capsys, option, value, allowed):
+    """Before the check, --time-tolerance nan or -1 made a folder compared with itself a REGRESSION."""
+    folder = write(tmp_path / "b", *baseline)
+    with pytest.raises(SystemExit) as stop:
+        compare.main([str(folder), str(folder), option, value])
+    assert stop.value.code == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"peftbench.compare: error: {option}={value}: must be {allowed}\n")
+
+
+def test_a_bad_option_from_the_shell_is_one_line_and_exit_2(tmp_path, baseline):
+    folder = write(tmp_path / "b", *baseline)
+    for args in (["--time-tolerance", "nan"], ["--time-tolerance=-1"], ["--alpha", "abc"]):
+        proc = subprocess.run([sys.executable, "-m", "peftbench.compare", str(folder), str(folder), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("peftbench.compare: error: "), proc.stderr
+        assert args[0].split("=")[0] in lines[0] and args[-1].split("=")[-1] in lines[0], lines
