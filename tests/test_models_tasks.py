@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from methods import ConfigError
 from peftbench import models, tasks
+from peftbench.tasks import synthetic
 
 
 def task_cfg(**kw):
@@ -44,8 +45,8 @@ def test_synthetic_tasks_are_deterministic_and_balanced():
     # the label is the majority sentiment: check it from the word lists themselves
     for text, label in zip(c.train_text[:200], c.train_labels[:200]):
         words = text.split()
-        pos = sum(w in tasks._POSITIVE for w in words)
-        neg = sum(w in tasks._NEGATIVE for w in words)
+        pos = sum(w in synthetic.POSITIVE for w in words)
+        neg = sum(w in synthetic.NEGATIVE for w in words)
         assert pos != neg and label == int(pos > neg)
 
 
@@ -168,7 +169,7 @@ def saved_checkpoints(tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("ckpt")
-    texts = tasks.sentiment_text(200, 0)[0] + tasks.markov_text(50, 64, 1234, 1)
+    texts = synthetic.sentiment_text(200, 0)[0] + synthetic.markov_text(50, 64, 1234, 1)
     tok = tasks.word_tokenizer(texts, 600)
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,

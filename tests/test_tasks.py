@@ -1,4 +1,5 @@
-"""The tasks' generated data, pinned byte for byte."""
+"""The task registry (one file per task, one YAML per task, nothing else to edit), and the
+generated data pinned byte for byte."""
 
 from __future__ import annotations
 
@@ -6,9 +7,62 @@ import hashlib
 import json
 
 import pytest
-from conftest import compose_config
+import yaml
+from conftest import REPO, compose_config
+from omegaconf import OmegaConf
 
+from methods import ConfigError
 from peftbench import tasks
+
+
+def one_line_error(call, *args) -> str:
+    with pytest.raises(ConfigError) as e:
+        call(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_every_task_yaml_is_a_registered_task_and_back():
+    yamls = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "task").glob("*.yaml")}
+    assert set(yamls) == set(tasks.REGISTRY)
+    for stem, conf in yamls.items():
+        assert conf["name"] == stem and conf["kind"] == tasks.REGISTRY[stem].kind
+        assert compose_config(f"task={stem}").task.name == stem
+
+
+def test_a_task_is_one_registered_class(monkeypatch):
+    monkeypatch.setattr(tasks, "REGISTRY", dict(tasks.REGISTRY))  # the throwaway task leaves no trace
+
+    @tasks.register
+    class Echo:
+        name, kind = "echo", "causal-lm"
+
+        def check(self, cfg):
+            if cfg.num_train > 3:
+                raise ConfigError(f"task.num_train={cfg.num_train}: echo has 3 examples; allowed: 1..3")
+
+        def load(self, cfg):
+            return tasks.RawTask(["a b"] * cfg.num_train, ["a"], None, None)
+
+    cfg = compose_config("task=synthetic-lm", "task.name=echo", "task.num_train=2").task
+    assert tasks.load(cfg).train_text == ["a b", "a b"]
+    assert one_line_error(tasks.check, OmegaConf.merge(cfg, {"num_train": 4})).startswith("task.num_train=4: echo")
+    assert one_line_error(tasks.check, OmegaConf.merge(cfg, {"kind": "classification"})) == (
+        "task.kind=classification: task echo is causal-lm; allowed: causal-lm")
+    with pytest.raises(RuntimeError, match="'echo' registered twice"):
+        tasks.register(Echo)
+
+
+def test_unknown_task_name_lists_the_registered_ones():
+    cfg = compose_config("task=synthetic-lm", "task.name=nope").task
+    for call in (tasks.check, tasks.load):
+        assert one_line_error(call, cfg) == "task.name=nope: allowed: synthetic-cls, synthetic-lm, text-classification"
+
+
+# --------------------------------------------------------------------------- generated data
 
 # sha256 of the first 100 train and eval texts and labels of each generated task at its YAML
 # defaults, computed with peftbench/tasks.py as of commit 4c1ba87 (before tasks became a package)

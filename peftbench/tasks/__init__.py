@@ -1,0 +1,91 @@
+"""Tasks: raw text (and labels), tokenized into batches the one training loop consumes.
+
+A task is a small class registered under its config name (``task=synthetic-lm`` is
+``conf/task/synthetic-lm.yaml`` is ``peftbench/tasks/synthetic_lm.py`` is the ``task`` of a
+record); adding one is that file plus that YAML. The protocol every task satisfies, each call
+taking the resolved ``task`` config group::
+
+    task = tasks.REGISTRY[cfg.name]
+    task.name, task.kind               # "synthetic-lm"; "causal-lm" or "classification"
+    task.check(cfg)                    # its own keys, cheaply, before any model is built
+    task.load(cfg)                     # a RawTask: the untokenized train and eval splits
+
+The harness calls the free functions below, which dispatch on ``cfg.name``: ``check`` and
+``load``, then ``word_tokenizer``, ``tokenize``, ``train_batches``
+and ``eval_batches`` (from ``batching``), the same for every task. Generated text lives in
+``synthetic``; reading local files or hub datasets in ``data``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+from methods import ConfigError
+from peftbench.tasks.batching import (  # noqa: F401  (re-exported: the harness calls tasks.tokenize)
+    SPECIALS, Split, collate, eval_batches, tokenize, train_batches, word_tokenizer)
+
+
+@dataclass
+class RawTask:
+    """Untokenized splits. ``labels`` are class ids (classification) or None (causal LM)."""
+
+    train_text: list[str]
+    eval_text: list[str]
+    train_labels: Optional[list[int]]
+    eval_labels: Optional[list[int]]
+    num_labels: int = 0
+    label_names: Optional[list[str]] = None
+
+
+class Task(Protocol):
+    name: str
+    kind: str
+
+    def check(self, cfg: Any) -> None: ...
+
+    def load(self, cfg: Any) -> RawTask: ...
+
+
+REGISTRY: dict[str, Task] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make ``cls`` available as ``task=<cls.name>``."""
+    if cls.name in REGISTRY:
+        raise RuntimeError(f"task name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _task(cfg: Any) -> Task:
+    if cfg.name not in REGISTRY:
+        raise ConfigError(f"task.name={cfg.name}: allowed: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[cfg.name]
+
+
+def check(cfg: Any) -> None:
+    """Cheap checks of a task config before any model is built: the keys every task shares,
+    then the task's own."""
+    task = _task(cfg)
+    if cfg.kind != task.kind:
+        raise ConfigError(f"task.kind={cfg.kind}: task {cfg.name} is {task.kind}; allowed: {task.kind}")
+    task.check(cfg)
+
+
+def load(cfg: Any) -> RawTask:
+    """The raw splits of the task named ``cfg.name``."""
+    check(cfg)
+    return _task(cfg).load(cfg)
+
+
+def _import_all() -> None:
+    """Import every module of this package; each task module registers its task."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

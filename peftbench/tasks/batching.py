@@ -1,0 +1,88 @@
+"""Tokenizing and batching, the same for every task: a word-level tokenizer for models that
+bring none, and padded batches of token ids the one training loop consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+
+from methods import ConfigError
+
+if TYPE_CHECKING:
+    from peftbench.tasks import RawTask
+
+SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+
+
+def word_tokenizer(texts: list[str], vocab_size: int):
+    """A word-level tokenizer fitted on ``texts`` (no download): the ``vocab_size`` - 4 most
+    frequent lower-cased words and punctuation marks, plus [PAD] [UNK] [BOS] [EOS]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIALS)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+@dataclass
+class Split:
+    """Tokenized examples: ``ids`` lists of token ids, ``labels`` class ids or None."""
+
+    ids: list[list[int]]
+    labels: Optional[list[int]]
+
+
+def tokenize(raw: RawTask, tokenizer: Any, max_length: int) -> tuple[Split, Split]:
+    """The train and eval splits as token ids, each text truncated to ``max_length`` tokens."""
+
+    def enc(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    return Split(enc(raw.train_text), raw.train_labels), Split(enc(raw.eval_text), raw.eval_labels)
+
+
+def collate(split: Split, index: list[int], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
+    """Pad the examples at ``index`` to the longest among them (right padding).
+
+    Causal LM: ``labels`` are the input ids with padding set to -100 (the model shifts them).
+    Classification: ``labels`` are the class ids.
+    """
+    rows = [split.ids[i] for i in index]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
+    if kind == "causal-lm":
+        labels = ids.masked_fill(mask == 0, -100)
+    else:
+        labels = torch.tensor([split.labels[i] for i in index], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_batches(split: Split, batch_size: int, seed: int, pad_id: int, kind: str) -> Iterator[dict]:
+    """Endless shuffled batches, the same order for every method with the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(split.ids)
+    if n < batch_size:
+        raise ConfigError(f"train.batch_size={batch_size}: larger than the {n} training examples")
+    while True:
+        order = torch.randperm(n, generator=g).tolist()
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield collate(split, order[start : start + batch_size], pad_id, kind)
+
+
+def eval_batches(split: Split, batch_size: int, pad_id: int, kind: str) -> Iterator[dict]:
+    """The evaluation split in order, in batches (the last may be smaller)."""
+    n = len(split.ids)
+    for start in range(0, n, batch_size):
+        yield collate(split, list(range(start, min(n, start + batch_size))), pad_id, kind)

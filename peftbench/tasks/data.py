@@ -1,0 +1,146 @@
+"""Real data for the tasks that read it: a local folder of train/<eval_split> .csv/.json/.jsonl
+files, or a hub dataset id, loaded with ``datasets``; plus seeded subsets and label encoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from methods import ConfigError
+
+DATA_EXTENSIONS = {"csv": "csv", "json": "json", "jsonl": "json"}  # file suffix -> datasets builder
+
+
+def is_local(path: str) -> bool:
+    """A path that names a file or folder (not a hub dataset id such as ``user/name``)."""
+    return Path(path).expanduser().exists() or Path(path).suffix != "" or path.startswith((".", "/", "~"))
+
+
+def require_path(cfg: Any) -> None:
+    if not cfg.path:
+        raise ConfigError(f"task.path=null: {cfg.name} needs a folder of train/validation "
+                          ".csv/.json/.jsonl files or a hub dataset id")
+
+
+def split_files(cfg: Any) -> dict[str, Path]:
+    """The train and evaluation files of a local ``task.path`` folder, by split name."""
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"task.path={cfg.path}: no such folder (allowed: a folder of train/{cfg.eval_split} "
+                          f".csv/.json/.jsonl files, or a hub dataset id)")
+    files = {}
+    for split in dict.fromkeys(("train", cfg.eval_split)):
+        found = [folder / f"{split}.{ext}" for ext in DATA_EXTENSIONS if (folder / f"{split}.{ext}").is_file()]
+        if not found:
+            present = sorted(p.name for p in folder.iterdir() if p.suffix[1:] in DATA_EXTENSIONS)
+            key = "task.path" if split == "train" else "task.eval_split"
+            value = cfg.path if split == "train" else split
+            raise ConfigError(f"{key}={value}: no {split}.csv/.json/.jsonl in {cfg.path}; "
+                              f"files there: {', '.join(present) or 'none'}")
+        files[split] = found[0]
+    return files
+
+
+def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:
+    """``task.path`` is set; if it is a local folder, its split files have the columns the keys
+    in ``column_keys`` (e.g. ``text_column``) name (read from the first row of each file). A hub
+    dataset is only checked when it is loaded."""
+    require_path(cfg)
+    if not is_local(str(cfg.path)):
+        return
+    for f in split_files(cfg).values():
+        columns = _first_row_columns(f)
+        for key in column_keys:
+            col = getattr(cfg, key)
+            if columns is not None and col not in columns:
+                raise ConfigError(f"task.{key}={col}: no such column in {f.name}; allowed: {', '.join(columns)}")
+
+
+def _first_row_columns(f: Path) -> Optional[list[str]]:
+    """Column names from a file's header (CSV) or first record (JSON Lines); None if unknown."""
+    with f.open(encoding="utf-8", newline="") as fh:
+        if f.suffix == ".csv":
+            return next(csv.reader(fh), [])
+        first = fh.readline().strip()
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return None  # a JSON array or object spread over lines: checked when loaded
+    return list(row) if isinstance(row, dict) else None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def load_splits(cfg: Any) -> dict[str, Any]:
+    """``{"train": Dataset, eval_split: Dataset}`` from a local folder or the hub."""
+    import datasets
+
+    require_path(cfg)
+    if is_local(str(cfg.path)):
+        return {
+            split: datasets.load_dataset(DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)}, split=split)
+            for split, f in split_files(cfg).items()
+        }
+    try:
+        ds = datasets.load_dataset(str(cfg.path))
+    except Exception as e:  # offline, unknown id, gated: all end the run the same way
+        raise ConfigError(f"task.path={cfg.path}: not a local folder, and loading it as a hub dataset "
+                          f"failed ({_one_line(e)})") from None
+    for split in ("train", cfg.eval_split):
+        if split not in ds:
+            key = "task.path" if split == "train" else "task.eval_split"
+            raise ConfigError(f"{key}={cfg.path if split == 'train' else split}: the dataset has no "
+                              f"{split!r} split; allowed: {', '.join(ds.keys())}")
+    return {"train": ds["train"], cfg.eval_split: ds[cfg.eval_split]}
+
+
+def check_columns(cfg: Any, splits: dict[str, Any], column_keys: tuple[str, ...]) -> None:
+    """Every split has the columns the keys in ``column_keys`` name (a hub dataset's first check)."""
+    for split, ds in splits.items():
+        for key in column_keys:
+            col = getattr(cfg, key)
+            if col not in ds.column_names:
+                raise ConfigError(f"task.{key}={col}: no such column in the {split} split; "
+                                  f"allowed: {', '.join(ds.column_names)}")
+
+
+def subset(ds: Any, n: Optional[int], seed: int) -> Any:
+    """At most ``n`` examples, a seeded random subset (files are often sorted by label)."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def encode_labels(cfg: Any, train: Any, raw_train: list[Any],
+                  raw_eval: list[Any]) -> tuple[list[str], list[int], list[int]]:
+    """Class names, and the train and eval labels as class ids 0..K-1.
+
+    The dataset's ``ClassLabel`` names when it has them; else integer labels (``1``, ``1.0``,
+    ``true``) in increasing order; else string labels in sorted order.
+    """
+    feature = train.features.get(cfg.label_column)
+    if hasattr(feature, "names"):  # ClassLabel: the values are ids already
+        return list(feature.names), [int(v) for v in raw_train], [int(v) for v in raw_eval]
+    values = raw_train + raw_eval
+    missing = sum(v is None for v in values)
+    if missing:
+        raise ConfigError(f"task.label_column={cfg.label_column}: {missing} examples have no label")
+    if all(isinstance(v, (bool, int)) or (isinstance(v, float) and v.is_integer()) for v in values):
+        ids = sorted({int(v) for v in values})
+        index = {v: i for i, v in enumerate(ids)}
+        return [str(v) for v in ids], [index[int(v)] for v in raw_train], [index[int(v)] for v in raw_eval]
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        index = {v: i for i, v in enumerate(names)}
+        return names, [index[v] for v in raw_train], [index[v] for v in raw_eval]
+    kinds = sorted({type(v).__name__ for v in values})
+    raise ConfigError(f"task.label_column={cfg.label_column}: labels must be class ids (integers) or class "
+                      f"names (strings); found {', '.join(kinds)} values")
