@@ -41,9 +41,6 @@ PHASES = (("train", "peak_memory_bytes"), ("eval", "eval_peak_memory_bytes"),
 
 
 def run_one(model: str, method: str, steps: int, out: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from peftbench import cli
     from peftbench.run import run
 
@@ -52,12 +49,7 @@ def run_one(model: str, method: str, steps: int, out: str):
         "task.num_train=256", "task.num_eval=32", "measure.latency_repeats=10", "measure.decode_repeats=3",
         f"results_dir={out}",
     ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=cli.CONF_DIR, version_base=None):
-        cfg = compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    cli.dry_run(cfg)
-    rec, _ = run(cfg)
+    rec, _ = run(cli.checked_config(*overrides))
     return rec
 
 

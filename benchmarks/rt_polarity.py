@@ -39,20 +39,9 @@ def overrides(method: str, data: Path, results: Path, steps: int, extra: list[st
 
 def compose(args: list[str]) -> Any:
     """The config ``python -m peftbench <args>`` would run, checked as the CLI checks it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from peftbench import cli
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=cli.CONF_DIR, version_base=None, job_name="rt_polarity"):
-            cfg = hydra_compose("config", overrides=args)
-    finally:
-        GlobalHydra.instance().clear()
-    cli.dry_run(cfg)
-    return cfg
+    return cli.checked_config(*args)
 
 
 def run_method(method: str, data: Path = DATA, results: Path = REPO / "results" / "rt-polarity",

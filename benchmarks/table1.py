@@ -43,18 +43,9 @@ VARIANTS = [  # key, label, overrides (the bottleneck is added per model)
 
 def compose(overrides: list[str]) -> Any:
     """The config ``python -m peftbench <overrides>`` would run, checked as the CLI checks it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from peftbench import cli
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=cli.CONF_DIR, version_base=None):
-        cfg = hydra_compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    cli.dry_run(cfg)
-    return cfg
+    return cli.checked_config(*overrides)
 
 
 def bottleneck_for(cfg: Any, per_layer: int, target_params: float) -> int:

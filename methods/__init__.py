@@ -91,6 +91,12 @@ def match_modules(model: nn.Module, patterns: list[str], types: tuple[type, ...]
     """
     import re
 
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ConfigError(f"method.target_modules={pat}: not a valid regular expression ({e}); allowed: module "
+                              "names (q_proj) or regular expressions over dotted names") from None
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, types):
@@ -116,6 +122,22 @@ def context_length(config: Any) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_context(config: Any, needs: dict[str, int], taken: int = 0, taker: str = "") -> None:
+    """The one context-length rule: every input length in ``needs`` (config key -> tokens), plus
+    the ``taken`` positions a method occupies itself (prefix tuning's virtual tokens), must fit in
+    the model's context. Raises a one-line ConfigError naming the longest key that does not fit."""
+    context = context_length(config)
+    if context is None or not needs:
+        return
+    if taken >= context:
+        raise ConfigError(f"{taker or 'method'}={taken}: must be < the model's context length ({context} tokens)")
+    key, longest = max(needs.items(), key=lambda kv: kv[1])
+    if taken + longest > context:
+        extra = f" plus the {taken} positions that {taker} takes" if taken else ""
+        raise ConfigError(f"{key}={longest}: {longest} tokens{extra} exceed the model's context of {context}; "
+                          f"allowed: at most {context - taken}")
 
 
 def _import_all() -> None:

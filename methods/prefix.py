@@ -48,7 +48,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from methods import ConfigError, context_length, freeze_all_but, register
+from methods import ConfigError, check_context, context_length, freeze_all_but, register
 
 ENCODER_NAME = "prefix_encoder"
 
@@ -175,10 +175,8 @@ class PrefixModel(nn.Module):
     def _check_length(self, length: int) -> None:
         """The real tokens sit at positions n..n+length-1; past the context they would index
         outside a learned position table (GPT-2, BERT) or leave the trained range (RoPE)."""
-        ctx = context_length(self.base_model.config)
-        if ctx is not None and self.num_virtual_tokens + length > ctx:
-            raise ValueError(f"input of {length} tokens after {self.num_virtual_tokens} virtual tokens exceeds the "
-                             f"model's context length ({ctx} tokens); allowed: at most {ctx - self.num_virtual_tokens}")
+        check_context(self.base_model.config, {"input length": length}, self.num_virtual_tokens,
+                      "method.num_virtual_tokens")
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
@@ -268,10 +266,8 @@ class Prefix:
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ConfigError("method=prefix: gradient checkpointing is on; a prefix in the KV cache does not "
                               "survive recomputation; allowed: gradient checkpointing off")
-        ctx = context_length(config)
-        n = self.cfg.num_virtual_tokens
-        if ctx is not None and n >= ctx:
-            raise ConfigError(f"method.num_virtual_tokens={n}: must be < the model's context length ({ctx} tokens)")
+        check_context(config, {"method.num_virtual_tokens": 0}, self.cfg.num_virtual_tokens,
+                      "method.num_virtual_tokens")
         return prefix_shape(config)
 
     def apply(self, model: nn.Module) -> nn.Module:

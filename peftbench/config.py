@@ -7,6 +7,8 @@ cannot work. Both end in a one-line error naming the key, the value and what is 
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -133,6 +135,25 @@ def register_configs() -> None:
         cs.store(group="method", name=f"{name}_schema", node=cls.config_class)
 
 
+MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed and random.Random, offset by a few
+
+
+def resolve_device(name: str) -> Any:
+    """The ``torch.device`` for ``device=``; ConfigError for a device this machine lacks."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name}: CUDA is not available on this machine; allowed here: auto, cpu")
+        index = torch.device(name).index
+        count = torch.cuda.device_count()
+        require(index is None or index < count, "device", name,
+                f"this machine has {count} CUDA device(s); allowed: cuda, cuda:0..cuda:{count - 1}, cpu, auto")
+    return torch.device(name)
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a one-line ConfigError naming the key, the value and what is allowed, unless ok."""
     if not ok:
@@ -147,8 +168,10 @@ def check(cfg: Any) -> None:
     method_cls(cfg.method)  # each method checks its own keys
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
     require(lr is not None and lr > 0, "train.lr", lr, "must be > 0 (or set method.lr)")
-    require(cfg.device in DEVICES or str(cfg.device).startswith("cuda:"), "device", cfg.device,
+    require(cfg.device in DEVICES or re.fullmatch(r"cuda:\d+", str(cfg.device)) is not None, "device", cfg.device,
              f"allowed: {', '.join(DEVICES)} or cuda:N")
+    resolve_device(cfg.device)
+    check_numbers(cfg)
     require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
     require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
     require(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
@@ -177,6 +200,43 @@ def check(cfg: Any) -> None:
     require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
     require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
              "a random-init model needs model.arch (or set model.name_or_path)")
+
+
+def check_numbers(cfg: Any) -> None:
+    """Every float of the config is finite, and every seed fits the random generators."""
+    for key, value in flat_items(OmegaConf.to_container(cfg, resolve=True)):
+        if isinstance(value, float):
+            require(math.isfinite(value), key, value, "must be a finite number")
+        if key.rsplit(".", 1)[-1] in ("seed", "init_seed", "data_seed") and isinstance(value, int):
+            require(0 <= value <= MAX_SEED, key, value, f"must be an integer from 0 to {MAX_SEED}")
+
+
+def flat_items(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of nested dicts."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        out.extend(flat_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])
+    return out
+
+
+def context_needs(cfg: Any) -> dict[str, int]:
+    """Input lengths (tokens) a run feeds the model, by the config key that sets each."""
+    m = cfg.measure
+    needs = {
+        "task.max_length": cfg.task.max_length,
+        "measure.latency_length": m.latency_length,
+        "measure.latency_grid_lengths": max(m.latency_grid_lengths),
+    }
+    if cfg.task.kind == "causal-lm" and m.decode_tokens:  # the prompt plus every generated token
+        needs["measure.decode_tokens"] = m.latency_length + m.decode_tokens + 1
+    return needs
+
+
+def check_context(cfg: Any, method: Any, model_config: Any) -> None:
+    """Inputs plus the positions a method takes itself (prefix tuning's virtual tokens) must fit
+    in the model's context; otherwise the run would fail half-way (``methods.check_context``)."""
+    methods.check_context(model_config, context_needs(cfg), getattr(method, "context_tokens", 0),
+                          f"method={cfg.method.name}")
 
 
 def to_container(cfg: Any) -> dict[str, Any]:

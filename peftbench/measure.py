@@ -146,19 +146,6 @@ def forward_latency(model: nn.Module, inputs: dict, device: torch.device, warmup
     return stats(ms)
 
 
-def check_lengths(m: Any, kind: str, limit: Optional[int]) -> None:
-    """Refuse latency points (and the decode run) longer than the model's positions."""
-    if limit is None:
-        return
-    longest = max([m.latency_length, *m.latency_grid_lengths])
-    if longest > limit:
-        raise ConfigError(f"measure.latency_grid_lengths/latency_length={longest}: longer than the model's "
-                          f"{limit} positions; allowed: <= {limit}")
-    if kind == "causal-lm" and m.decode_tokens and m.latency_length + m.decode_tokens + 1 > limit:
-        raise ConfigError(f"measure.decode_tokens={m.decode_tokens}: prompt {m.latency_length} + "
-                          f"{m.decode_tokens + 1} new tokens exceed the model's {limit} positions")
-
-
 def grid_points(m: Any) -> list[tuple[int, int]]:
     """(batch, length) of every grid point, batch-major."""
     return [(b, n) for b in m.latency_grid_batches for n in m.latency_grid_lengths]
@@ -242,7 +229,7 @@ def inference(model: nn.Module, method: Any, vocab_size: int, pad_id: Optional[i
     Latency and decode are taken as trained first, then, for a method that merges, again
     merged (the deployed form, behind the flat figures); inference memory and FLOPs are
     counted in the deployed form, in their own untimed passes. The lengths were checked
-    against the model's context (``check_lengths``) before training.
+    against the model's context (``config.check_context``) before training.
     """
     default = (m.latency_batch, m.latency_length)
 

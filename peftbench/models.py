@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -66,47 +66,76 @@ def load_tokenizer(cfg: Any):
     return tok
 
 
+def model_config(cfg: Any, kind: str, vocab_size: Optional[int], pad_token_id: Optional[int] = None,
+                 num_labels: int = 2) -> Any:
+    """The transformers config that both the real build and the meta-device build use, with
+    every check a build makes, so that the dry run checks exactly what the run builds.
+
+    vocab_size: tokens of the tokenizer in use (the word-level tokenizer's size when the model
+    brings none; None when the model's own tokenizer is used, which fits its embedding).
+    pad_token_id: the tokenizer's padding id (None in the dry run). num_labels: classes of a
+    classification task (the dry run does not read the data, and passes 2).
+    """
+    from transformers import AutoConfig
+
+    extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
+    if cfg.name_or_path is None:
+        arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
+        model_type = arch.pop("model_type", None)
+        rows = arch.pop("vocab_size", vocab_size)  # a preset may fix the real vocabulary
+        if model_type is None:
+            raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type "
+                              "(llama, gpt2, bert, ...)")
+        if rows is None:
+            raise ConfigError("model.arch.vocab_size=null: a random-init model needs a vocabulary size")
+        if vocab_size is not None and rows < vocab_size:
+            raise ConfigError(f"model.arch.vocab_size={rows}: smaller than the tokenizer's {vocab_size} tokens; "
+                              f"allowed: >= {vocab_size}, or lower task.vocab_size")
+        try:
+            config = AutoConfig.for_model(model_type, **arch, vocab_size=rows, pad_token_id=pad_token_id, **extra)
+        except ValueError as e:
+            raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
+    else:
+        config = pretrained_config(cfg.name_or_path, **extra)
+        rows = getattr(config, "vocab_size", None)
+        if vocab_size is not None and rows is not None and vocab_size > rows:
+            raise ConfigError(
+                f"model.name_or_path={cfg.name_or_path}: its embedding has {rows} rows but the tokenizer "
+                f"has {vocab_size} tokens; allowed: save the model's tokenizer with it, or task.vocab_size<={rows}"
+            )
+    check_head(config, kind, cfg.name)
+    return config
+
+
+def tokens_in_use(cfg: Any, word_vocab_size: int) -> Optional[int]:
+    """The tokenizer size a run will have, known before anything loads: None for a checkpoint
+    with its own tokenizer, else the word-level tokenizer's ``word_vocab_size``."""
+    if cfg.name_or_path is not None and has_tokenizer(cfg.name_or_path):
+        return None
+    return word_vocab_size
+
+
+def auto_class(kind: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+
+
 def build(cfg: Any, kind: str, vocab_size: int, pad_token_id: int, num_labels: int) -> nn.Module:
     """The base model for a task of ``kind``; random weights are seeded by ``cfg.init_seed``.
 
     vocab_size / pad_token_id come from the tokenizer in use; num_labels from the task.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    dtype = torch_dtype(cfg.dtype)
-    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
-    extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
+    config = model_config(cfg, kind, vocab_size, pad_token_id, num_labels)
+    torch.manual_seed(cfg.init_seed)  # the random weights, or a freshly initialised head
     if cfg.name_or_path is None:
-        arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
-        model_type = arch.pop("model_type", None)
-        tokens = vocab_size
-        vocab_size = arch.pop("vocab_size", vocab_size)  # a preset may fix the real vocabulary
-        if vocab_size < tokens:
-            raise ConfigError(f"model.arch.vocab_size={vocab_size}: smaller than the tokenizer's {tokens} tokens; "
-                              f"allowed: >= {tokens}, or lower task.vocab_size")
-        if model_type is None:
-            raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type (llama, gpt2, bert, ...)")
-        try:
-            config = AutoConfig.for_model(model_type, **arch, vocab_size=vocab_size, pad_token_id=pad_token_id, **extra)
-        except ValueError as e:
-            raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
-        check_head(config, kind, cfg.name)
-        torch.manual_seed(cfg.init_seed)
-        model = auto.from_config(config, dtype=dtype)
+        model = auto_class(kind).from_config(config, dtype=torch_dtype(cfg.dtype))
         model.config.architectures = [type(model).__name__]  # from_config leaves it unset
-    else:
-        config = pretrained_config(cfg.name_or_path)
-        check_head(config, kind, cfg.name)
-        torch.manual_seed(cfg.init_seed)  # seeds a freshly initialised head
-        model = auto.from_pretrained(cfg.name_or_path, dtype=dtype, **extra)
-        rows = model.get_input_embeddings().num_embeddings
-        if vocab_size > rows:
-            raise ConfigError(
-                f"model.name_or_path={cfg.name_or_path}: its embedding has {rows} rows but the tokenizer "
-                f"has {vocab_size} tokens; allowed: save the model's tokenizer with it, or task.vocab_size<={rows}"
-            )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = pad_token_id
+        return model
+    extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
+    model = auto_class(kind).from_pretrained(cfg.name_or_path, dtype=torch_dtype(cfg.dtype), **extra)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
     return model
 
 
@@ -123,31 +152,15 @@ def pretrained_config(name_or_path: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def build_meta(cfg: Any, kind: str, vocab_size: int, num_labels: int = 2) -> nn.Module:
+def build_meta(cfg: Any, kind: str, vocab_size: Optional[int], num_labels: int = 2) -> nn.Module:
     """The model's structure on the meta device: no weight memory, no weight download.
 
     Used to check a method's settings against the real module tree before anything is built,
-    and by the estimator. vocab_size is used for random-init models only.
+    and by the estimator; the config comes from ``model_config``, as the real build's does.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
-    extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
-    if cfg.name_or_path is None:
-        arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
-        model_type = arch.pop("model_type", None)
-        vocab_size = arch.pop("vocab_size", vocab_size)  # a preset may fix the real vocabulary
-        if model_type is None:
-            raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type (llama, gpt2, bert, ...)")
-        try:
-            config = AutoConfig.for_model(model_type, **arch, vocab_size=vocab_size, **extra)
-        except ValueError as e:
-            raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
-    else:
-        config = pretrained_config(cfg.name_or_path, **extra)
-    check_head(config, kind, cfg.name)
+    config = model_config(cfg, kind, vocab_size, None, num_labels)
     with torch.device("meta"):
-        return auto.from_config(config, dtype=torch_dtype(cfg.dtype))
+        return auto_class(kind).from_config(config, dtype=torch_dtype(cfg.dtype))
 
 
 def check_head(config: Any, kind: str, name: str) -> None:

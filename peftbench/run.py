@@ -1,4 +1,5 @@
-"""One run, top to bottom: setup -> train -> evaluate -> measure -> save.
+"""One run, top to bottom: setup -> train -> evaluate -> measure (the record is saved by the
+app layer, ``peftbench.app.run_job``, ok or failed).
 
 ``run(cfg)`` never raises for a failure inside the run: the record says ``status: failed``
 with the reason, so one bad job never takes a sweep down. Configuration errors are caught
@@ -9,8 +10,6 @@ checkpoint size are still measured.
 
 from __future__ import annotations
 
-import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,6 @@ from peftbench.records import writer as record
 from peftbench.train import evaluate, train
 
 ACCURACY_METRIC = Path(__file__).parent / "metrics" / "accuracy.py"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: CUDA is not available on this machine; allowed here: auto, cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -50,7 +41,7 @@ class Setup:
 
 def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     """Data, tokenizer, base model and method; fills the record's model and parameter fields."""
-    device = resolve_device(cfg.device)
+    device = config_mod.resolve_device(cfg.device)
     kind = cfg.task.kind
     raw = tasks.load(cfg.task)
     if kind == "classification" and raw.num_labels < 2:
@@ -80,10 +71,10 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
 def execute(cfg: Any, rec: dict[str, Any]) -> None:
     """Set up, train, evaluate and measure; fills ``rec`` in place as it goes."""
     config_mod.check(cfg)
-    rec["provenance"] = record.provenance(resolve_device(cfg.device))
+    rec["provenance"] = record.provenance(config_mod.resolve_device(cfg.device))
     s = setup(cfg, rec)
     model, device, kind = s.model, s.device, cfg.task.kind
-    measure.check_lengths(cfg.measure, kind, models.context_length(s.base_config))  # before training
+    config_mod.check_context(cfg, s.method, s.base_config)  # before training
     metrics: dict[str, Any] = rec["metrics"]
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
     rec["train_lr"] = lr
@@ -123,50 +114,12 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
 
 
 def new_record(cfg: Any) -> dict[str, Any]:
-    resolved = config_mod.to_container(cfg)
-    chash = record.config_hash(resolved)
-    return {
-        "schema_version": record.SCHEMA_VERSION,
-        "run_id": record.run_id(cfg.method.name, cfg.model.name, cfg.task.name, chash),
-        "kind": "measured",
-        "status": "running",
-        "error": None,
-        "method": cfg.method.name,
-        "model": cfg.model.name,
-        "task": cfg.task.name,
-        "config_hash": chash,
-        "config": resolved,
-        "model_config": None,
-        "method_config": None,
-        "provenance": None,
-        "metrics": {},
-    }
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if not isinstance(e, ConfigError) else text
+    return record.new_record(cfg, kind="measured", task=cfg.task.name)
 
 
 def run(cfg: Any, extra_provenance: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
-    """Execute one run and write its record, ok or failed; returns the record and its path.
+    """Execute one run and write its record, ok or failed; returns the record and its path."""
+    from peftbench import app
+    from peftbench.cli import APP
 
-    extra_provenance: what only the launching side knows (the launcher, the code fingerprint),
-    merged into the record's provenance before it is written.
-    """
-    rec = new_record(cfg)
-    t0 = time.perf_counter()
-    try:
-        execute(cfg, rec)
-        rec["status"] = "ok"
-    except Exception as e:  # recorded, not raised: a sweep goes on
-        rec["status"] = "failed"
-        rec["error"] = one_line(e)
-        if not isinstance(e, ConfigError):
-            rec["traceback"] = traceback.format_exc()
-        if rec["provenance"] is None:
-            rec["provenance"] = record.provenance(torch.device("cpu"))
-    rec["provenance"].update(extra_provenance or {})
-    rec["wall_s"] = time.perf_counter() - t0
-    path = record.write(rec, cfg.results_dir)
-    return rec, path
+    return app.run_job(APP, cfg, extra_provenance)

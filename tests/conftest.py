@@ -17,16 +17,9 @@ RT_POLARITY = REPO.parent / "shared" / "data" / "rt-polarity"
 
 def compose_config(*overrides: str):
     """The resolved config for ``python -m peftbench <overrides>`` (no run)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from peftbench import app
 
-    from peftbench import cli  # registers the schemas
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=cli.CONF_DIR, version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
+    return app.compose(*overrides)
 
 
 @pytest.fixture

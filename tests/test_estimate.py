@@ -14,12 +14,19 @@ import pytest
 import torch
 
 import methods
-from peftbench import estimate as E
+from peftbench import app
+from peftbench.estimate import app as EA
+from peftbench.estimate import calibrate as EC
+from peftbench.estimate import cost as E
 
 from conftest import REPO
 
 METHODS = [m for m in ("full", "lora", "adapter", "prefix") if m in methods.REGISTRY]
 TINY = ["batch_size=2", "seq_length=16", "precision=fp32"]
+
+
+def compose_estimate(*overrides: str):
+    return app.compose(*overrides, config_name="estimate")
 
 
 def real_model(cfg):
@@ -34,7 +41,7 @@ def real_model(cfg):
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 @pytest.mark.parametrize("method", METHODS)
 def test_counts_equal_the_real_model(model, method):
-    cfg = E.compose_estimate(f"model={model}", f"method={method}", *TINY)
+    cfg = compose_estimate(f"model={model}", f"method={method}", *TINY)
     m = E.estimate(cfg)["metrics"]
     real = real_model(cfg)
     assert m["trainable_params"] == methods.trainable_parameters(real)
@@ -47,18 +54,18 @@ def test_counts_equal_the_real_model(model, method):
 def test_bytes_equal_the_tracker_on_the_default_model(method):
     """fp32: weights, gradients and AdamW state to the byte; the traced activations too (the
     bytes live right after the forward of a real step: batch, saved tensors, loss)."""
-    cfg = E.compose_estimate("model=tiny-llama", f"method={method}", *TINY)
+    cfg = compose_estimate("model=tiny-llama", f"method={method}", *TINY)
     est = E.estimate(cfg)["metrics"]
-    got = E.measure(cfg)
+    got = EC.tracked_step(cfg)
     for part in ("weights", "gradients", "optimizer", "activations"):
         key = f"memory_{part}_bytes"
         assert est[key] == got[key], (part, est[key], got[key])
-    assert est["peak_memory_bytes"] == sum(est[f"memory_{p}_bytes"] for p in E.PARTS)
+    assert est["peak_memory_bytes"] == sum(est[f"memory_{p}_bytes"] for p in EC.PARTS)
 
 
 def test_precision_mixed_closed_form_on_llama2_7b():
     """bf16 weights and gradients; 12 B of AdamW state per trained element plus a 4 B step."""
-    cfg = E.compose_estimate("model=llama2-7b", "method=full", "precision=mixed")
+    cfg = compose_estimate("model=llama2-7b", "method=full", "precision=mixed")
     model, _ = E.build(cfg)
     m = E.estimate(cfg)["metrics"]
     n = m["total_params"]
@@ -73,7 +80,7 @@ def test_precision_mixed_closed_form_on_llama2_7b():
 def test_flops_full_fine_tuning_is_6n_plus_attention():
     """Full fine-tuning: 6 FLOPs per matrix weight per token (forward 2, input and weight
     gradients 2 each; the embedding lookup is no product), plus 3 x 4*s*d_attn per layer."""
-    cfg = E.compose_estimate("model=tiny-llama", "method=full", *TINY)
+    cfg = compose_estimate("model=tiny-llama", "method=full", *TINY)
     model, _ = E.build(cfg)
     m = E.estimate(cfg)["metrics"]
     c = model.config
@@ -89,7 +96,7 @@ def test_flops_lora_closed_form():
     """LoRA (r=8 on q, v; frozen base): forward 2N, input gradients 2N except layer 0's q, k, v
     (nothing below them trains), no weight gradients; each LoRA product costs 2 x its size
     forward, 2 x for its weight gradient and 2 x for its input gradient (A's skipped in layer 0)."""
-    cfg = E.compose_estimate("model=tiny-llama", "method=lora", "rank=8", *TINY)
+    cfg = compose_estimate("model=tiny-llama", "method=lora", "rank=8", *TINY)
     model, _ = E.build(cfg)
     m = E.estimate(cfg)["metrics"]
     c = model.config
@@ -105,7 +112,7 @@ def test_flops_lora_closed_form():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_layer_extrapolation_equals_the_whole_trace(method):
-    cfg = E.compose_estimate("model=tiny-gpt2", f"method={method}", *TINY)
+    cfg = compose_estimate("model=tiny-gpt2", f"method={method}", *TINY)
     model, _ = E.build(cfg)
     assert model.config.num_hidden_layers > 3
     assert E.trace_model(model, cfg) == E.trace(model, cfg.batch_size, cfg.seq_length, cfg.attention)
@@ -117,18 +124,18 @@ def rss_bytes() -> int:
 
 @pytest.mark.parametrize("model,params", [("llama2-7b", 6_738_415_616), ("gpt3-175b", 174_604_259_328)])
 def test_preset_estimates_take_seconds_and_no_weight_memory(model, params, tmp_path):
-    cfg = E.compose_estimate(f"model={model}", "method=lora", f"results_dir={tmp_path}")
+    cfg = compose_estimate(f"model={model}", "method=lora", f"results_dir={tmp_path}")
     built, _ = E.build(cfg)
     assert all(p.device.type == "meta" for p in built.parameters())
     before, t0 = rss_bytes(), time.perf_counter()
-    rec, path = E.run(cfg)
+    rec, path = app.run_job(EA.APP, cfg)
     assert time.perf_counter() - t0 < 30
     assert rss_bytes() - before < 1 << 30  # 2 bytes x 175B parameters would be 350 GB
     assert rec["status"] == "ok", rec["error"]
     assert rec["kind"] == "estimate" and json.loads(path.read_text())["run_id"] == rec["run_id"]
     m = rec["metrics"]
     assert m["total_params"] == params + m["trainable_params"]
-    assert m["peak_memory_bytes"] == sum(m[f"memory_{p}_bytes"] for p in E.PARTS)
+    assert m["peak_memory_bytes"] == sum(m[f"memory_{p}_bytes"] for p in EC.PARTS)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -155,13 +162,13 @@ def test_hydra_sweep_over_presets_and_methods(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["precision=fp16"], "precision=fp16: allowed: fp32, mixed, bf16"),
     (["method=lora", "rank=0"], "method.rank=0"),
-    (["model=gpt3-175b", "seq_length=4096"], "seq_length=4096: longer than the model's context of 2048"),
+    (["model=gpt3-175b", "seq_length=4096"], "seq_length=4096: 4096 tokens exceed the model's context of 2048"),
     (["model=gpt3-175b", "method=prefix", "seq_length=2048"], "allowed: at most 2028"),
     (["model=nope"], "model=nope: no such option"),
 ])
 def test_bad_values_are_one_line_and_exit_2(args, expected, tmp_path, capsys):
     """In-process (the same ``main`` the module runs): the check phase stops before Hydra."""
-    assert E.main([*args, f"results_dir={tmp_path}"]) == 2
+    assert EA.main([*args, f"results_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("peftbench.estimate: error: ") and err.strip().count("\n") == 0, err
     assert expected in err, err

@@ -275,8 +275,9 @@ def test_input_past_the_context_is_a_clear_error(family):
     _, wrapped = ours(build(), projection=False)
     with torch.no_grad():
         wrapped(input_ids=torch.ones(1, 59, dtype=torch.long))
-        with pytest.raises(ValueError, match="input of 60 tokens after 5 virtual tokens exceeds the model's "
-                                             "context length \\(64 tokens\\); allowed: at most 59"):
+        with pytest.raises(ValueError, match="input length=60: 60 tokens plus the 5 positions that "
+                                             "method.num_virtual_tokens takes exceed the model's context of 64; "
+                                             "allowed: at most 59"):
             wrapped(input_ids=torch.ones(1, 60, dtype=torch.long))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from peftbench import cli
+from peftbench import app, cli
 from peftbench.records import reader as records
 from peftbench.config import MeasureConfig
 
@@ -106,7 +106,7 @@ def test_same_code_policy():
 
 
 def test_a_job_without_record_is_reported(tmp_path, capsys):
-    job = cli.Job(("method=lora",), str(tmp_path), "0123456789", False, "lora/tiny-llama/synthetic-lm")
+    job = app.Job(("method=lora",), str(tmp_path), "0123456789", False, "lora/tiny-llama/synthetic-lm")
     assert cli.summarize([job], "20000101T000000000000") == 1
     assert "missing  lora/tiny-llama/synthetic-lm [0123456789]: no record written" in capsys.readouterr().err
 

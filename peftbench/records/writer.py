@@ -111,3 +111,27 @@ def _jsonable(x: Any) -> Any:
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
+
+def new_record(cfg: Any, kind: str, task: str | None) -> dict[str, Any]:
+    """The record a job starts with (``status: running``), for a measured run (``kind:
+    "measured"``) or an estimate (``kind: "estimate"``, no task)."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    chash = config_hash(resolved)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id(cfg.method.name, cfg.model.name, task or kind, chash),
+        "kind": kind,
+        "status": "running",
+        "error": None,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "task": task,
+        "config_hash": chash,
+        "config": resolved,
+        "model_config": None,
+        "method_config": None,
+        "provenance": None,
+        "metrics": {},
+    }

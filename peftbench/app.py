@@ -1,0 +1,451 @@
+"""The app layer under every command (``python -m peftbench``, ``python -m peftbench.estimate``).
+
+A command is an ``App``: a Hydra config name plus three hooks (check a composed config, make a
+new record, fill it in). Everything else is here, once:
+
+1. compose every job of the command line (``-m`` sweeps expanded, sweep configs included) and
+   check it, before anything runs; a problem is one line ``<prog>: error: <key>=<value>:
+   <allowed>`` and exit status 2 (``check_jobs``);
+2. hand the jobs to Hydra's launcher (basic, joblib, submitit). Each job creates its record,
+   runs, and writes the record atomically, ok or failed (``run_job``); a job whose config has
+   an ok record made with the same code is reused instead (``App.resume``);
+3. read what every job left on disk, print the summary, and return the exit status from those
+   records: 0 all ok, 1 a job failed or left no record (``outcome``, ``summarize``).
+
+Jobs may run in other processes, so nothing is passed back in memory: the records on disk
+are the only channel. A launcher that fails (a killed joblib worker, a submitit job that died)
+does not take the sweep down: the jobs it never started run here, one after another, and the
+ones it lost are named in the summary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import itertools
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from methods import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+# Flags that ask Hydra for information (help, the composed config) and run no job.
+INFORMATIONAL = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--shell-completion")
+# Launchers that run several jobs of a sweep at once on one machine (timings share it).
+PARALLEL_LAUNCHERS = ("JoblibLauncher", "LocalLauncher")
+SWEEP_SIZE_ENV = "PEFTBENCH_SWEEP_JOBS"
+# Where each command's App lives, by Hydra config name: a job in another process finds it here.
+APPS = {"config": "peftbench.cli:APP", "estimate": "peftbench.estimate.app:APP"}
+
+
+@dataclass(frozen=True)
+class App:
+    """One command.
+
+    check(cfg): raise ``ConfigError`` for a config that cannot run (including a dry run on
+    meta). new_record(cfg): the record a job starts with. execute(cfg, rec): do the work, filling
+    ``rec`` (raise on failure). print_record(rec, path): what a job prints when it ends.
+    report(recs): what the command prints after all jobs, from the records read back.
+    resume: reuse an ok record of the same config and code instead of running.
+    """
+
+    prog: str
+    config_name: str
+    check: Callable[[Any], None]
+    new_record: Callable[[Any], dict[str, Any]]
+    execute: Callable[[Any, dict[str, Any]], None]
+    print_record: Callable[[dict[str, Any], Path], None]
+    report: Callable[[list[dict[str, Any]]], None] = lambda recs: None
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a command: where its record goes and the hash that finds it again."""
+
+    overrides: tuple[str, ...]
+    results_dir: str  # absolute
+    config_hash: str
+    force: bool
+    label: str
+
+
+# ------------------------------------------------------------------------------- compose
+def register_schemas() -> None:
+    from peftbench import config as config_mod
+
+    config_mod.register_configs()
+
+
+def compose(*overrides: str, config_name: str = "config") -> Any:
+    """The config ``python -m peftbench <overrides>`` (or the estimator, by ``config_name``) would
+    run, composed as Hydra composes it; no job runs. Used by the CLI, the tests and benchmarks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    if config_name == "estimate":
+        importlib.import_module("peftbench.estimate.app")  # registers the estimate schema
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            return hydra_compose(config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def given_value(key: str, overrides: list[str]) -> Optional[str]:
+    """The value the command line gave ``key``: the last one, as Hydra uses the last."""
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+~") == key]
+    return values[-1] if values else None
+
+
+def explain(e: BaseException, overrides: list[str]) -> str:
+    """One line for a composition or parse error: the override, and what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+    if isinstance(e, ConfigError):
+        return str(e)
+    if isinstance(e, OverrideParseException):
+        return f"{e.override}: cannot parse this override ({one_line(e.message)})"
+    if isinstance(e, MissingConfigException):
+        group = Path(e.missing_cfg_file or "").parent.as_posix()
+        value = Path(e.missing_cfg_file or "").name
+        allowed = ", ".join(sorted(o for o in (e.options or []) if not o.endswith("_schema")))
+        return f"{group}={value}: no such option; allowed: {allowed}" if group else one_line(e)
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if not isinstance(cause, OmegaConfBaseException):
+        return one_line(e)
+    key = getattr(cause, "full_key", None) or ""
+    msg = one_line(str(getattr(cause, "msg", None) or cause).splitlines()[0])
+    given = given_value(key, overrides) if key else None
+    if given is None and isinstance(cause, InterpolationResolutionError):
+        given = next((o.split("=", 1)[1] for o in reversed(overrides) if "${" in o), None)
+        key = key or next((o.split("=", 1)[0].lstrip("+~") for o in reversed(overrides) if "${" in o), "")
+        msg = f"{msg}; allowed: an interpolation of an existing key, e.g. ${{rank}}"
+    if key:
+        return f"{key}={given if given is not None else '(from the config files)'}: {msg}"
+    return msg
+
+
+def job_overrides(overrides: list[str], multirun: bool, config_name: str) -> list[list[str]]:
+    """The override list of every job a command would launch (one for a single run)."""
+    from hydra import compose as hydra_compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    if not multirun:
+        return [overrides]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    primary = hydra_compose(config_name, overrides=fixed, return_hydra_config=True)
+    params = primary.hydra.sweeper.get("params") or {}
+    by_key: dict[str, list[str]] = {}
+    # the sweep config's params first, so that the command line wins for a key in both
+    for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed:
+        key = o.get_key_element()
+        by_key[key] = [f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+    return [list(combo) for combo in itertools.product(*by_key.values())]
+
+
+def check_added_keys(overrides: list[str], config_name: str) -> None:
+    """``+key=value`` and ``++key=value`` may add config groups (``+sweep=methods``) and set keys
+    the schema has; a key the schema does not know is rejected however it is added."""
+    from hydra import compose as hydra_compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    added = [o for o in OverridesParser.create().parse_overrides(overrides)
+             if o.input_line.startswith("+") and not o.key_or_group.startswith("hydra")
+             and not (Path(CONF_DIR) / o.key_or_group).is_dir()]
+    if not added:
+        return
+    plain = [o for o in overrides if o not in {a.input_line for a in added}]
+    base = hydra_compose(config_name, overrides=plain)
+    for o in added:
+        if OmegaConf.select(base, o.key_or_group, default="\0missing") == "\0missing":
+            value = o.input_line.split("=", 1)[1] if "=" in o.input_line else ""
+            raise ConfigError(f"{o.key_or_group}={value}: no such key in the config; allowed: the keys that "
+                              f"`python -m {'peftbench' if config_name == 'config' else 'peftbench.estimate'} "
+                              "--cfg job` lists")
+
+
+def check_results_dir(path: str) -> None:
+    """A results folder that is a file, or that cannot be written, is a bad value: found now,
+    not after the run. Creates nothing (a probe file is made and removed in the nearest folder
+    that exists)."""
+    p = Path(path).expanduser().resolve()
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        where = "" if existing == p else f" ({existing} is a file)"
+        raise ConfigError(f"results_dir={path}: not a folder{where}; allowed: a folder that can be written")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".peftbench-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"results_dir={path}: cannot write in {existing} ({e.strerror or e}); "
+                          "allowed: a folder that can be written") from None
+
+
+def plan_job(cfg: Any, overrides: list[str]) -> Job:
+    from peftbench import config as config_mod
+    from peftbench.records import config_hash
+
+    chash = config_hash(config_mod.to_container(cfg))
+    task = cfg.get("task")
+    label = f"{cfg.method.name}/{cfg.model.name}" + (f"/{task.name}" if task is not None else "")
+    return Job(tuple(overrides), str(Path(cfg.results_dir).expanduser().resolve()), chash,
+               bool(cfg.get("force", False)), label)
+
+
+def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
+    """Compose and check every job of a command line; the jobs if all are valid, else print one
+    line and return 2."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    register_schemas()
+    GlobalHydra.instance().clear()
+    jobs: list[Job] = []
+    current = overrides
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=app.prog):
+            for job in job_overrides(overrides, multirun, app.config_name):
+                current = job
+                check_added_keys(job, app.config_name)
+                cfg = hydra_compose(app.config_name, overrides=job)
+                check_results_dir(cfg.results_dir)
+                app.check(cfg)
+                jobs.append(plan_job(cfg, job))
+    except Exception as e:  # every composition problem becomes one line
+        print(f"{app.prog}: error: {explain(e, current)}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        GlobalHydra.instance().clear()
+    return jobs
+
+
+# --------------------------------------------------------------------------------- the job
+def launcher_info() -> dict[str, Any]:
+    """How this job was launched: the launcher's class, and whether other jobs of the same sweep
+    may run on this machine at the same time (then its timings are shared-machine timings)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return {"name": "single", "parallel": False}
+    name = str(hc.launcher.get("_target_", "")).rsplit(".", 1)[-1] or "unknown"
+    sweep_jobs = int(os.environ.get(SWEEP_SIZE_ENV, "0") or 0)
+    parallel = name in PARALLEL_LAUNCHERS and sweep_jobs != 1
+    if name == "JoblibLauncher":
+        parallel = parallel and hc.launcher.get("n_jobs", -1) != 1
+    return {"name": name, "parallel": parallel, "sweep_jobs": sweep_jobs or None}
+
+
+def failure(e: BaseException) -> str:
+    """A run-time failure in one line (a config error is already one line)."""
+    return one_line(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {one_line(e)}"
+
+
+def run_job(app: App, cfg: Any, extra_provenance: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], Path]:
+    """Create the record, run, and write it atomically, ok or failed; returns it and its path.
+
+    Never raises for a failure inside the run: the record says ``status: failed`` with the
+    reason, so one bad job never takes a sweep down. extra_provenance: what only the launching
+    side knows (the launcher, the code fingerprint). A record that cannot be written raises
+    ``OSError``.
+    """
+    import torch
+
+    from peftbench.records import writer
+
+    rec = app.new_record(cfg)
+    t0 = time.perf_counter()
+    try:
+        app.execute(cfg, rec)
+        rec["status"] = "ok"
+    except Exception as e:  # recorded, not raised: a sweep goes on
+        rec["status"], rec["error"] = "failed", failure(e)
+        if not isinstance(e, ConfigError):
+            rec["traceback"] = traceback.format_exc()
+    if rec.get("provenance") is None:
+        rec["provenance"] = writer.provenance(torch.device("cpu"))
+    rec["provenance"].update(extra_provenance or {})
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec, writer.write(rec, cfg.results_dir)
+
+
+def reuse(cfg: Any, chash: str, now: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The record to reuse instead of running this job, or None (and say why when it matters)."""
+    from peftbench.records import reader
+
+    if cfg.force:
+        return None
+    try:
+        rec, why = reader.reusable(cfg.results_dir, chash, now)
+    except OSError as e:  # an unreadable results folder: run rather than fail
+        print(f"peftbench: cannot look for earlier records ({e}); running", file=sys.stderr)
+        return None
+    if rec is None and why != "no ok record yet":
+        print(f"peftbench: config {chash}: {why}; running it again")
+    return rec
+
+
+def marker(results_dir: str, chash: str) -> Path:
+    """The file that says a job of config ``chash`` started in this process and has not ended."""
+    return Path(results_dir) / f".running-{chash}-{os.getpid()}"
+
+
+def job(cfg: Any) -> None:
+    """Hydra's task function for every command: one job, in whatever process the launcher chose."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from peftbench import config as config_mod
+    from peftbench.records import config_hash, reader
+
+    module, attr = APPS[HydraConfig.get().job.config_name].split(":")
+    app: App = getattr(importlib.import_module(module), attr)
+    chash = config_hash(config_mod.to_container(cfg))
+    now = reader.code_state()
+    old = reuse(cfg, chash, now) if app.resume else None
+    if old is not None:
+        print(f"{app.prog}: reusing {old['_path']} (ok record of config {chash}, same code; force=true re-runs)")
+        app.print_record(old, Path(old["_path"]))
+        return
+    running = marker(cfg.results_dir, chash)
+    try:
+        running.parent.mkdir(parents=True, exist_ok=True)
+        running.touch()
+        # what only the launching side knows: the code's fingerprint (for resume) and the launcher
+        rec, path = run_job(app, cfg, {**now, "launcher": launcher_info()})
+    except OSError as e:  # the record could not be written (disk full, folder gone)
+        where = e.filename or cfg.results_dir
+        print(f"{app.prog}: error: cannot write the record in {where}: {e.strerror or e}", file=sys.stderr)
+        return
+    finally:
+        running.unlink(missing_ok=True)
+    app.print_record(rec, path)
+
+
+# ------------------------------------------------------------------------------ outcome
+def outcome(job_: Job, since: str, now: dict[str, Any]) -> tuple[str, Optional[dict[str, Any]]]:
+    """What became of a job: ok, reused, failed or missing, with its record."""
+    from peftbench.records import reader
+
+    found = reader.by_hash(job_.results_dir, job_.config_hash)
+    fresh = reader.newest(r for r in found if reader.stamp(r) >= since)
+    if fresh is not None:
+        return ("ok" if fresh.get("status") == "ok" else "failed"), fresh
+    if not job_.force:
+        old, _ = reader.reusable(job_.results_dir, job_.config_hash, now)
+        if old is not None:
+            return "reused", old
+    return "missing", None
+
+
+def started(job_: Job) -> bool:
+    """Whether a process began this job and never ended it (its marker is still there)."""
+    return any(Path(job_.results_dir).glob(f".running-{job_.config_hash}-*"))
+
+
+def clear_markers(jobs: list[Job]) -> None:
+    for j in jobs:
+        for m in Path(j.results_dir).glob(f".running-{j.config_hash}-*"):
+            m.unlink(missing_ok=True)
+
+
+def summarize(app: App, jobs: list[Job], since: str) -> int:
+    """Print one line per job that did not end ok, and a count; 1 if any failed or is missing."""
+    from peftbench.records import reader
+
+    now = reader.code_state()
+    unique = list({(j.results_dir, j.config_hash): j for j in jobs}.values())
+    counts = {"ok": 0, "reused": 0, "failed": 0, "missing": 0}
+    lines, recs = [], []
+    for j in unique:
+        state, rec = outcome(j, since, now)
+        counts[state] += 1
+        if rec is not None:
+            recs.append(rec)
+        if state == "failed":
+            lines.append(f"  failed   {j.label} [{j.config_hash}]: {rec.get('error')}  ({rec['_path']})")
+        elif state == "missing":
+            lines.append(f"  missing  {j.label} [{j.config_hash}]: no record written (the job process died: "
+                         f"killed, out of memory, or a launcher error); overrides: {' '.join(j.overrides)}")
+    app.report(recs)
+    print(f"{app.prog}: sweep of {len(unique)} job(s): {counts['ok']} ran ok, {counts['reused']} reused, "
+          f"{counts['failed']} failed, {counts['missing']} without a record", file=sys.stderr)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return EXIT_FAILED if counts["failed"] or counts["missing"] else EXIT_OK
+
+
+# --------------------------------------------------------------------------------- main
+def hydra_main(app: App, argv: list[str]) -> None:
+    """Hand ``argv`` to Hydra with ``job`` as the task function."""
+    import hydra
+
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=CONF_DIR, config_name=app.config_name, version_base=None)(job)()
+
+
+def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
+    """Run the jobs through Hydra's launcher. If the launcher fails part-way (a joblib worker
+    killed, a submitit job that died), say so in one line, then run the jobs it never started
+    here, one after another; the ones it lost stay without a record."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    try:
+        hydra_main(app, argv)
+        return
+    except Exception as e:
+        if not multirun:
+            raise
+        print(f"{app.prog}: the launcher failed ({failure(e)[:300]}); the jobs it was running are lost, "
+              "the ones it never started run here", file=sys.stderr)
+    from peftbench.records import reader
+
+    now = reader.code_state()
+    for j in jobs:
+        if outcome(j, since, now)[0] == "missing" and not started(j):
+            hydra_main(app, [a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")]
+                       + list(j.overrides))
+
+
+def main(app: App, argv: Optional[list[str]] = None) -> int:
+    """Check every job, run them, and return the exit status read back from the records."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.startswith(INFORMATIONAL) for a in argv):
+        hydra_main(app, argv)
+        return EXIT_OK
+    jobs = check_jobs(app, argv)
+    if isinstance(jobs, int):
+        return jobs
+    since = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    os.environ[SWEEP_SIZE_ENV] = str(len(jobs))
+    launch(app, argv, jobs, since)
+    try:
+        if any(a in ("-m", "--multirun") for a in argv):
+            return summarize(app, jobs, since)
+        from peftbench.records import reader
+
+        state, _ = outcome(jobs[0], since, reader.code_state())
+        return EXIT_OK if state in ("ok", "reused") else EXIT_FAILED
+    finally:
+        clear_markers(jobs)

@@ -1,0 +1,8 @@
+"""``python -m peftbench.estimate``: see ``peftbench.estimate``."""
+
+import sys
+
+from peftbench.estimate.app import main
+
+if __name__ == "__main__":
+    sys.exit(main())
