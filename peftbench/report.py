@@ -8,15 +8,20 @@ numbers of different devices or models never share a chart, and ratios against f
 fine-tuning are taken within a group. Failed runs are listed, not plotted; estimates
 (``kind: estimate``) get their own table. A file that is not a record is reported and skipped.
 For several records of one config on one device, the newest ok one is shown.
+
+Exit status: 0 written; 1 a write failed (the path and the OS reason, in one line); 2 unusable
+input (a results path missing, or an ``--out`` that cannot be written, checked before any work).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import matplotlib
 
@@ -49,6 +54,31 @@ TABLE = (
 RATIOS = {"trainable_vs_full": "trainable_params", "memory_vs_full": "peak_bytes",
           "throughput_vs_full": "train_tokens_per_s", "latency_vs_full": "inference_latency_ms",
           "checkpoint_vs_full": "checkpoint_bytes"}
+
+
+class WriteError(Exception):
+    """A report file that could not be written (one line: the path and the OS reason)."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """``path``, to write; an OSError while writing it becomes a ``WriteError`` naming it."""
+    try:
+        yield path
+    except OSError as e:
+        raise WriteError(f"{path}: {e.strerror or e}") from None
+
+
+def unwritable(out: Path) -> Optional[str]:
+    """Why the report cannot be written to folder ``out``, or None."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    nearest = next(p for p in (out, *out.parents) if p.exists())
+    if not nearest.is_dir():
+        return f"cannot be created: {nearest} is not a folder"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"cannot be written: no permission to write in {nearest}"
+    return None
 
 
 # ---------------------------------------------------------------------------------- table
@@ -138,7 +168,8 @@ def _bar(ax: Any, labels_: list[str], values: list[float], **kw: Any) -> None:
 
 def _save(fig: Any, out: Path, name: str, made: list[tuple[str, str]], title: str) -> None:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    with writing(out / name) as path:
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     made.append((title, name))
 
@@ -357,14 +388,18 @@ def build(sources: list[str], out: str | Path) -> Path:
     for path, why in loaded.skipped:
         print(f"peftbench.report: skipped {path}: {why}", file=sys.stderr)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     df = frame(loaded.records)
-    df.to_csv(out / "records.csv", index=False)
+    with writing(out / "records.csv") as path:
+        df.to_csv(path, index=False)
     grid = [{"run_id": r["run_id"], "method": r["method"], "model": r["model"], "task": r["task"],
              "device": records.recorded_device(r), **p} for r in loaded.records for p in records.latency_points(r)]
-    pd.DataFrame(grid).to_csv(out / "latency.csv", index=False)
-    page = out / "report.md"
-    page.write_text(render(df, loaded.records, loaded.skipped, out, [str(s) for s in sources]) + "\n")
+    with writing(out / "latency.csv") as path:
+        pd.DataFrame(grid).to_csv(path, index=False)
+    text = render(df, loaded.records, loaded.skipped, out, [str(s) for s in sources])
+    with writing(out / "report.md") as page:
+        page.write_text(text + "\n")
     return page
 
 
@@ -373,11 +408,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--results", nargs="+", default=["results/runs"], help="record folders or files")
     p.add_argument("--out", default="reports/latest", help="folder for report.md, CSVs and plots")
     a = p.parse_args(argv)
+    why = unwritable(Path(a.out))
+    if why:
+        print(f"peftbench.report: error: --out={a.out}: {why}", file=sys.stderr)
+        return 2
     try:
         page = build(a.results, a.out)
     except records.RecordError as e:
         print(f"peftbench.report: error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(f"peftbench.report: error: {e}", file=sys.stderr)
+        return 1
     print(f"peftbench.report: wrote {page}")
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -82,3 +84,30 @@ def test_report_of_the_committed_default_results_is_unchanged(tmp_path, monkeypa
     report.build(["results/default"], tmp_path)
     for name in ("report.md", "records.csv", "latency.csv"):
         assert (tmp_path / name).read_text() == (REPO / "reports" / "default" / name).read_text(), name
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_out_path_that_cannot_be_written_is_refused_first(results, tmp_path, capsys, monkeypatch, where):
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    out, why = {"a file": (target, "exists and is not a folder"),
+                "under a file": (target / "report", f"cannot be created: {target} is not a folder"),
+                "read-only": (tmp_path / "new", f"cannot be written: no permission to write in {tmp_path}")}[where]
+    if where == "read-only":  # as root, permissions would not stop the write: the check is what is tested
+        monkeypatch.setattr(report.os, "access", lambda path, mode: False)
+    before = sorted(tmp_path.rglob("*"))
+    assert report.main(["--results", str(results), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"peftbench.report: error: --out={out}: {why}\n"
+    assert sorted(tmp_path.rglob("*")) == before and target.read_text() == "keep me"
+
+
+def test_a_write_that_fails_at_the_end_is_one_line_and_exit_1(results, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    out = tmp_path / "report"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"peftbench.report: error: {out / 'records.csv'}: No space left on device"
+    assert not any("Traceback" in line for line in err)
