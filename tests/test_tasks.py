@@ -1,10 +1,12 @@
-"""The task registry (one file per task, one YAML per task, nothing else to edit), and the
-generated data pinned byte for byte."""
+"""The task registry (one file per task, one YAML per task, nothing else to edit), the generated
+data pinned byte for byte, and bad local data files caught before any model is built."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -13,6 +15,13 @@ from omegaconf import OmegaConf
 
 from methods import ConfigError
 from peftbench import tasks
+from peftbench.tasks import data
+
+
+def task_cfg(path, **kw):
+    """A text-classification task config as the yaml composes it, reading ``path``."""
+    base = OmegaConf.to_container(compose_config("model=minilm", "task=text-classification", "task.path=x").task)
+    return SimpleNamespace(**{**base, "path": str(path), **kw})
 
 
 def one_line_error(call, *args) -> str:
@@ -79,3 +88,47 @@ def test_generated_data_is_byte_identical(name):
     first = [raw.train_text[:n], raw.eval_text[:n], (raw.train_labels or [])[:n], (raw.eval_labels or [])[:n]]
     blob = json.dumps(first)
     assert hashlib.sha256(blob.encode()).hexdigest() == GOLDEN[name]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def split_folder(tmp_path: Path, train: bytes, name="train.csv") -> Path:
+    (tmp_path / name).write_bytes(train)
+    (tmp_path / "validation.csv").write_text('text,label\n"fine",1\n')
+    return tmp_path
+
+
+def test_non_utf8_file_names_the_file_and_line(tmp_path):
+    folder = split_folder(tmp_path, b'text,label\n"ok",1\n"\xff\xfe bad",0\n')
+    assert one_line_error(tasks.check, task_cfg(folder)) == (
+        f"task.path={folder}: train.csv line 3: not UTF-8 text (byte 0xff); "
+        f"allowed: UTF-8 encoded .csv/.json/.jsonl files")
+
+
+def test_malformed_json_line_names_the_file_and_line(tmp_path):
+    lines = [b'{"text": "a", "label": 0}', b"", b'{"text": "c" "label": 1}']
+    folder = split_folder(tmp_path, b"\n".join(lines), "train.jsonl")
+    assert one_line_error(tasks.check, task_cfg(folder)) == (
+        f"task.path={folder}: train.jsonl line 3: not a JSON object (Expecting ',' delimiter at column 14)")
+    (folder / "train.jsonl").write_text('{"text": "a", "label": 0}\n["b", 1]\n')
+    assert one_line_error(tasks.check, task_cfg(folder)).endswith('train.jsonl line 2: not a JSON object: ["b", 1]')
+    (folder / "train.jsonl").unlink()
+    (folder / "train.json").write_text('[\n{"text": "a", "label": 0},\n{"text": "b", label: 1}\n]\n')
+    assert one_line_error(tasks.check, task_cfg(folder)).endswith(
+        "train.json line 3: not a JSON array of objects "
+        "(Expecting property name enclosed in double quotes at column 15)")
+
+
+def test_ragged_csv_names_the_file_and_line(tmp_path):
+    folder = split_folder(tmp_path, b'text,label\n"a",0\n"b, quoted",1\n\nb,1,extra\n')
+    assert one_line_error(tasks.check, task_cfg(folder)) == (
+        f"task.path={folder}: train.csv line 5: 3 fields but the header has 2; "
+        f"allowed: at most 2 (quote a text that contains a comma)")
+
+
+def test_a_file_datasets_cannot_read_is_one_line_naming_it(tmp_path):
+    folder = split_folder(tmp_path, b'text,label\n"a",0\n"b",1,extra\n')
+    message = one_line_error(data.load_splits, task_cfg(folder))  # load without the up-front check
+    assert message.startswith(f"task.path={folder}: train.csv: datasets cannot read it (")
+    assert "Expected 2 fields in line 3, saw 3" in message

@@ -66,7 +66,7 @@ def _task(cfg: Any) -> Task:
 
 def check(cfg: Any) -> None:
     """Cheap checks of a task config before any model is built: the keys every task shares,
-    then the task's own."""
+    then the task's own (for local data files, every line of them)."""
     task = _task(cfg)
     if cfg.kind != task.kind:
         raise ConfigError(f"task.kind={cfg.kind}: task {cfg.name} is {task.kind}; allowed: {task.kind}")

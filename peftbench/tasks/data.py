@@ -1,10 +1,16 @@
 """Real data for the tasks that read it: a local folder of train/<eval_split> .csv/.json/.jsonl
 files, or a hub dataset id, loaded with ``datasets``; plus seeded subsets and label encoding.
+
+``check_local`` reads every line of the local files with the stdlib ``csv`` and ``json``
+modules (milliseconds per MB), so that bytes that are not UTF-8, a malformed JSON line or a
+CSV row with more fields than its header end in one line naming the file and the line, before
+any model is built.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -12,6 +18,7 @@ from typing import Any, Optional
 from methods import ConfigError
 
 DATA_EXTENSIONS = {"csv": "csv", "json": "json", "jsonl": "json"}  # file suffix -> datasets builder
+ALLOWED_FILES = "UTF-8 encoded .csv/.json/.jsonl files"
 
 
 def is_local(path: str) -> bool:
@@ -44,32 +51,96 @@ def split_files(cfg: Any) -> dict[str, Path]:
     return files
 
 
+# ------------------------------------------------------------------ reading local files up front
+
+
+def _error(cfg: Any, f: Path, where: str, what: str) -> ConfigError:
+    return ConfigError(f"task.path={cfg.path}: {f.name} {where}: {what}")
+
+
+def scan(cfg: Any, f: Path) -> tuple[list[str], int]:
+    """The column names and the number of examples of a local split file, read in full.
+
+    Raises a one-line ConfigError naming the file and the line (1-based) where the bytes are not
+    UTF-8, a JSON line is not an object, or a CSV row has more fields than its header.
+    """
+    raw = f.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise _error(cfg, f, f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                                             f"allowed: {ALLOWED_FILES}") from None
+    if f.suffix == ".csv":
+        return _scan_csv(cfg, f, text)
+    if text.startswith("["):  # what datasets reads as one JSON array; anything else as JSON Lines
+        return _scan_json_array(cfg, f, text)
+    return _scan_json_lines(cfg, f, text)
+
+
+def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    rows, line = 0, reader.line_num  # line: the last line read (a quoted field may span lines)
+    try:
+        for row in reader:
+            if len(row) > len(header):
+                raise _error(cfg, f, f"line {line + 1}",
+                             f"{len(row)} fields but the header has {len(header)}; "
+                             f"allowed: at most {len(header)} (quote a text that contains a comma)")
+            rows += bool(row)  # a blank line is no example
+            line = reader.line_num
+    except csv.Error as e:
+        raise _error(cfg, f, f"line {reader.line_num}", f"not CSV ({e})") from None
+    return header, rows
+
+
+def _scan_json_lines(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
+    columns: dict[str, None] = {}
+    rows = 0
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _error(cfg, f, f"line {n}", f"not a JSON object ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise _error(cfg, f, f"line {n}", f"not a JSON object: {line.strip()[:40]}")
+        columns.update(dict.fromkeys(row))
+        rows += 1
+    return list(columns), rows
+
+
+def _scan_json_array(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _error(cfg, f, f"line {e.lineno}", f"not a JSON array of objects ({e.msg} at column {e.colno})") from None
+    columns: dict[str, None] = {}
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise _error(cfg, f, f"item {i}", f"not a JSON object: {json.dumps(row)[:40]}")
+        columns.update(dict.fromkeys(row))
+    return list(columns), len(rows)
+
+
 def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:
-    """``task.path`` is set; if it is a local folder, its split files have the columns the keys
-    in ``column_keys`` (e.g. ``text_column``) name (read from the first row of each file). A hub
+    """``task.path`` is set; if it is a local folder, its split files parse line by line, hold
+    examples and have the columns the keys in ``column_keys`` (e.g. ``text_column``) name. A hub
     dataset is only checked when it is loaded."""
     require_path(cfg)
     if not is_local(str(cfg.path)):
         return
     for f in split_files(cfg).values():
-        columns = _first_row_columns(f)
+        columns, rows = scan(cfg, f)
         for key in column_keys:
             col = getattr(cfg, key)
-            if columns is not None and col not in columns:
+            if col not in columns:
                 raise ConfigError(f"task.{key}={col}: no such column in {f.name}; allowed: {', '.join(columns)}")
-
-
-def _first_row_columns(f: Path) -> Optional[list[str]]:
-    """Column names from a file's header (CSV) or first record (JSON Lines); None if unknown."""
-    with f.open(encoding="utf-8", newline="") as fh:
-        if f.suffix == ".csv":
-            return next(csv.reader(fh), [])
-        first = fh.readline().strip()
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        return None  # a JSON array or object spread over lines: checked when loaded
-    return list(row) if isinstance(row, dict) else None
+        if not rows:
+            raise ConfigError(f"task.path={cfg.path}: {f.name} holds no examples; allowed: {ALLOWED_FILES} "
+                              f"with at least one row")
 
 
 # --------------------------------------------------------------------------- loading
@@ -85,10 +156,15 @@ def load_splits(cfg: Any) -> dict[str, Any]:
 
     require_path(cfg)
     if is_local(str(cfg.path)):
-        return {
-            split: datasets.load_dataset(DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)}, split=split)
-            for split, f in split_files(cfg).items()
-        }
+        splits = {}
+        for split, f in split_files(cfg).items():
+            try:
+                splits[split] = datasets.load_dataset(DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)},
+                                                      split=split)
+            except Exception as e:  # DatasetGenerationError says nothing; its cause names the line
+                raise ConfigError(f"task.path={cfg.path}: {f.name}: datasets cannot read it "
+                                  f"({_one_line(e.__cause__ or e)})") from None
+        return splits
     try:
         ds = datasets.load_dataset(str(cfg.path))
     except Exception as e:  # offline, unknown id, gated: all end the run the same way
