@@ -53,11 +53,14 @@ def test_a_task_is_one_registered_class(monkeypatch):
             if cfg.num_train > 3:
                 raise ConfigError(f"task.num_train={cfg.num_train}: echo has 3 examples; allowed: 1..3")
 
+        def num_train_examples(self, cfg):
+            return cfg.num_train
+
         def load(self, cfg):
             return tasks.RawTask(["a b"] * cfg.num_train, ["a"], None, None)
 
     cfg = compose_config("task=synthetic-lm", "task.name=echo", "task.num_train=2").task
-    assert tasks.load(cfg).train_text == ["a b", "a b"]
+    assert tasks.load(cfg).train_text == ["a b", "a b"] and tasks.num_train_examples(cfg) == 2
     assert one_line_error(tasks.check, OmegaConf.merge(cfg, {"num_train": 4})).startswith("task.num_train=4: echo")
     assert one_line_error(tasks.check, OmegaConf.merge(cfg, {"kind": "classification"})) == (
         "task.kind=classification: task echo is causal-lm; allowed: causal-lm")
@@ -67,7 +70,7 @@ def test_a_task_is_one_registered_class(monkeypatch):
 
 def test_unknown_task_name_lists_the_registered_ones():
     cfg = compose_config("task=synthetic-lm", "task.name=nope").task
-    for call in (tasks.check, tasks.load):
+    for call in (tasks.check, tasks.load, tasks.num_train_examples):
         assert one_line_error(call, cfg) == "task.name=nope: allowed: synthetic-cls, synthetic-lm, text-classification"
 
 
@@ -91,6 +94,15 @@ def test_generated_data_is_byte_identical(name):
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+def test_vocab_size_must_leave_room_for_a_word():
+    for value in (0, 4):
+        cfg = compose_config("task=synthetic-lm", f"task.vocab_size={value}").task
+        assert one_line_error(tasks.check, cfg) == (
+            f"task.vocab_size={value}: the word-level tokenizer needs its 4 special tokens "
+            f"([PAD], [UNK], [BOS], [EOS]) and at least one word; allowed: an integer >= 5")
+    tasks.check(compose_config("task=synthetic-lm", "task.vocab_size=5").task)
 
 
 def split_folder(tmp_path: Path, train: bytes, name="train.csv") -> Path:
@@ -132,3 +144,13 @@ def test_a_file_datasets_cannot_read_is_one_line_naming_it(tmp_path):
     message = one_line_error(data.load_splits, task_cfg(folder))  # load without the up-front check
     assert message.startswith(f"task.path={folder}: train.csv: datasets cannot read it (")
     assert "Expected 2 fields in line 3, saw 3" in message
+
+
+def test_num_train_examples_before_anything_is_loaded(tmp_path):
+    assert tasks.num_train_examples(compose_config("task=synthetic-lm", "task.num_train=7").task) == 7
+    assert tasks.num_train_examples(compose_config("model=minilm", "task=synthetic-cls").task) == 4000
+    folder = split_folder(tmp_path, b'text,label\n"a, multi\nline",0\n\n"b",1\n"c",1\n')
+    assert tasks.num_train_examples(task_cfg(folder)) == 3  # records, not lines; blank lines skipped
+    assert tasks.num_train_examples(task_cfg(folder, num_train=2)) == 2
+    assert len(tasks.load(task_cfg(folder)).train_text) == 3
+    assert tasks.num_train_examples(task_cfg("someone/some-dataset")) is None  # hub: unknown until loaded

@@ -8,10 +8,11 @@ taking the resolved ``task`` config group::
     task = tasks.REGISTRY[cfg.name]
     task.name, task.kind               # "synthetic-lm"; "causal-lm" or "classification"
     task.check(cfg)                    # its own keys, cheaply, before any model is built
+    task.num_train_examples(cfg)       # training examples load() returns; None if unknown
     task.load(cfg)                     # a RawTask: the untokenized train and eval splits
 
-The harness calls the free functions below, which dispatch on ``cfg.name``: ``check`` and
-``load``, then ``word_tokenizer``, ``tokenize``, ``train_batches``
+The harness calls the free functions below, which dispatch on ``cfg.name``: ``check``,
+``num_train_examples`` and ``load``, then ``word_tokenizer``, ``tokenize``, ``train_batches``
 and ``eval_batches`` (from ``batching``), the same for every task. Generated text lives in
 ``synthetic``; reading local files or hub datasets in ``data``.
 """
@@ -44,6 +45,8 @@ class Task(Protocol):
 
     def check(self, cfg: Any) -> None: ...
 
+    def num_train_examples(self, cfg: Any) -> Optional[int]: ...
+
     def load(self, cfg: Any) -> RawTask: ...
 
 
@@ -70,7 +73,17 @@ def check(cfg: Any) -> None:
     task = _task(cfg)
     if cfg.kind != task.kind:
         raise ConfigError(f"task.kind={cfg.kind}: task {cfg.name} is {task.kind}; allowed: {task.kind}")
+    if cfg.vocab_size < len(SPECIALS) + 1:
+        raise ConfigError(f"task.vocab_size={cfg.vocab_size}: the word-level tokenizer needs its {len(SPECIALS)} "
+                          f"special tokens ({', '.join(SPECIALS)}) and at least one word; "
+                          f"allowed: an integer >= {len(SPECIALS) + 1}")
     task.check(cfg)
+
+
+def num_train_examples(cfg: Any) -> Optional[int]:
+    """Training examples ``load`` will return, known before anything is loaded (generated tasks
+    and local files; files are read, not loaded), or None when unknown (a hub dataset)."""
+    return _task(cfg).num_train_examples(cfg)
 
 
 def load(cfg: Any) -> RawTask:

@@ -143,6 +143,16 @@ def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:
                               f"with at least one row")
 
 
+def num_local_train(cfg: Any) -> Optional[int]:
+    """Training examples of ``task.path`` kept by ``num_train``, counted from the local train
+    file; None for a hub dataset (unknown until loaded)."""
+    require_path(cfg)
+    if not is_local(str(cfg.path)):
+        return None
+    _, rows = scan(cfg, split_files(cfg)["train"])
+    return rows if cfg.num_train is None else min(rows, cfg.num_train)
+
+
 # --------------------------------------------------------------------------- loading
 
 

@@ -16,6 +16,9 @@ class SyntheticCls:
     def check(self, cfg: Any) -> None:
         synthetic.check_counts(cfg)
 
+    def num_train_examples(self, cfg: Any) -> int:
+        return cfg.num_train
+
     def load(self, cfg: Any) -> RawTask:
         """``num_train`` and ``num_eval`` sentences, labelled 0 (negative) or 1 (positive)."""
         tt, tl = synthetic.sentiment_text(cfg.num_train, cfg.data_seed + 1)

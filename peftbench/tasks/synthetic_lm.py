@@ -17,6 +17,9 @@ class SyntheticLM:
     def check(self, cfg: Any) -> None:
         synthetic.check_counts(cfg)
 
+    def num_train_examples(self, cfg: Any) -> int:
+        return cfg.num_train
+
     def load(self, cfg: Any) -> RawTask:
         """``num_train`` and ``num_eval`` texts of at least ``max_length`` words, one language."""
         return RawTask(

@@ -4,7 +4,7 @@ train/<eval_split> .csv/.json/.jsonl files or a hub dataset id, loaded with ``da
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from peftbench.tasks import RawTask, data, register
 
@@ -18,6 +18,9 @@ class TextClassification:
 
     def check(self, cfg: Any) -> None:
         data.check_local(cfg, COLUMNS)
+
+    def num_train_examples(self, cfg: Any) -> Optional[int]:
+        return data.num_local_train(cfg)
 
     def load(self, cfg: Any) -> RawTask:
         """At most ``num_train`` / ``num_eval`` examples of each split, a seeded subset."""
