@@ -4,7 +4,11 @@ gate and resume alike."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from conftest import REPO
 from test_compare import make_record, write
 
 from peftbench import compare, report
-from peftbench.records import reader
+from peftbench.records import reader, writer
 
 
 def as_text(rec: dict) -> str:
@@ -149,3 +153,53 @@ def test_latency_points_read_the_grid_the_writer_writes():
     foreign = {"batch": 1, "length": 8, "merged": True, "median_ms": 3.0, "iqr_ms": 0.1}
     assert reader.latency_points({"latency_grid": [foreign]}) == []
     assert reader.latency_points({"metrics": {"latency_grid": [plain]}}) == []
+
+
+# ------------------------------------------------------------------------------------ writing
+@pytest.fixture
+def umask():
+    """Set the process umask for one test."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)], ids=["022", "002", "077"])
+def test_a_record_gets_the_mode_the_umask_gives_any_new_file(tmp_path, good, umask, mask, mode):
+    umask(mask)
+    path = writer.write(good, str(tmp_path))
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert reader.read(path)["run_id"] == good["run_id"]
+
+
+def test_stale_temp_files_are_removed_when_the_folder_is_next_written(tmp_path, good):
+    killed = tmp_path / ".tmp-killed.json"  # left by a write killed two hours ago
+    killed.write_text('{"half": ')
+    hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (hours_ago, hours_ago))
+    in_progress = tmp_path / ".tmp-other-job.json"  # another job of the sweep, writing now
+    in_progress.write_text('{"half": ')
+    writer.write(good, str(tmp_path))
+    assert not killed.exists() and in_progress.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [in_progress.name, f"{good['run_id']}.json"]
+
+
+def test_a_write_that_fails_names_the_path_and_leaves_no_temp_file(tmp_path, good, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as failed:
+        writer.write(good, str(tmp_path))
+    path = tmp_path / f"{good['run_id']}.json"
+    assert str(failed.value) == f"cannot write {path}: No space left on device"
+    assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, good):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as failed:
+        writer.write(good, str(blocker / "runs"))
+    assert str(failed.value) == f"cannot write {blocker / 'runs' / good['run_id']}.json: Not a directory"

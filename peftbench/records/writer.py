@@ -2,7 +2,8 @@
 atomically (temp file, then rename).
 
 A reader never sees a half-written record: the file appears under its final name only once
-complete. ``schema_version`` changes whenever a field changes meaning.
+complete, with the mode the user's umask gives any new file (colleagues on a shared file system
+can read it). ``schema_version`` changes whenever a field changes meaning.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
+import time
+from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,10 @@ import torch
 
 from peftbench.records import SCHEMA_VERSION, config_hash, git  # noqa: F401 (re-exported for writers)
 
+# A temp file older than this (seconds) was left by a killed write: a record takes milliseconds to
+# write, so a concurrent job's temp file is always younger. Age, not the writer's pid: the jobs
+# of a sweep may run on other hosts of a shared file system, where a pid means nothing.
+STALE_TMP_S = 3600
 PACKAGES = ("peftbench", "torch", "transformers", "datasets", "evaluate", "hydra-core", "omegaconf",
             "safetensors", "pandas", "numpy", "peft")
 
@@ -77,22 +84,54 @@ def run_id(method: str, model: str, task: str, chash: str) -> str:
     return f"{stamp}-{method}-{model}-{task}-{chash}"
 
 
+class WriteError(OSError):
+    """A record that could not be written; ``str()`` is one line naming the path and the OS
+    reason (also in ``filename``, ``errno`` and ``strerror``)."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 def write(record: dict[str, Any], results_dir: str) -> Path:
-    """Write ``record`` as ``<results_dir>/<run_id>.json`` atomically; returns the path."""
+    """Write ``record`` as ``<results_dir>/<run_id>.json`` atomically; returns the path.
+
+    Removes stale temp files of killed writes from ``results_dir`` first. Raises ``WriteError``
+    (disk full, read-only, no such folder), leaving no temp file behind.
+    """
     out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{record['run_id']}.json"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".json")
+    text = json.dumps(_finite(record), indent=1, default=_jsonable, allow_nan=False)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(record), f, indent=1, default=_jsonable, allow_nan=False)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        replace_atomically(path, text)
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
+    return path
+
+
+def replace_atomically(path: Path, text: str) -> None:
+    """``text`` into a new temp file beside ``path`` (mode from the umask), synced, then renamed."""
+    tmp = path.with_name(f".tmp-{secrets.token_hex(8)}.json")
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files in ``folder`` older than ``STALE_TMP_S`` (from killed writes)."""
+    now = time.time()
+    for tmp in folder.glob(".tmp-*"):
+        with suppress(OSError):  # removed meanwhile by another job, or not ours to remove
+            if now - tmp.lstat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
 
 
 def _finite(x: Any) -> Any:
