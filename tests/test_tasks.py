@@ -125,6 +125,9 @@ def test_malformed_json_line_names_the_file_and_line(tmp_path):
         f"task.path={folder}: train.jsonl line 3: not a JSON object (Expecting ',' delimiter at column 14)")
     (folder / "train.jsonl").write_text('{"text": "a", "label": 0}\n["b", 1]\n')
     assert one_line_error(tasks.check, task_cfg(folder)).endswith('train.jsonl line 2: not a JSON object: ["b", 1]')
+    (folder / "train.jsonl").write_text('{\n  "text": "a",\n  "label": 0\n}\n{"text": "b", "label": 1}\n')
+    tasks.check(task_cfg(folder))  # objects spread over lines: datasets reads them too
+    assert tasks.num_train_examples(task_cfg(folder)) == 2 == len(tasks.load(task_cfg(folder)).train_text)
     (folder / "train.jsonl").unlink()
     (folder / "train.json").write_text('[\n{"text": "a", "label": 0},\n{"text": "b", label: 1}\n]\n')
     assert one_line_error(tasks.check, task_cfg(folder)).endswith(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ from methods import ConfigError
 
 DATA_EXTENSIONS = {"csv": "csv", "json": "json", "jsonl": "json"}  # file suffix -> datasets builder
 ALLOWED_FILES = "UTF-8 encoded .csv/.json/.jsonl files"
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def is_local(path: str) -> bool:
@@ -96,19 +98,21 @@ def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
 
 
 def _scan_json_lines(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
+    """JSON Lines, or JSON objects one after another spread over lines (datasets reads both)."""
+    decoder = json.JSONDecoder()
     columns: dict[str, None] = {}
-    rows = 0
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
+    rows, pos = 0, _JSON_SPACE.match(text).end()
+    while pos < len(text):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _error(cfg, f, f"line {n}", f"not a JSON object ({e.msg} at column {e.colno})") from None
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:  # e.lineno, e.colno: in the file, 1-based
+            raise _error(cfg, f, f"line {e.lineno}", f"not a JSON object ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
-            raise _error(cfg, f, f"line {n}", f"not a JSON object: {line.strip()[:40]}")
+            line = text.count("\n", 0, pos) + 1
+            raise _error(cfg, f, f"line {line}", f"not a JSON object: {text[pos:end][:40]}")
         columns.update(dict.fromkeys(row))
         rows += 1
+        pos = _JSON_SPACE.match(text, end).end()
     return list(columns), rows
 
 
