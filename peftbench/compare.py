@@ -29,6 +29,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from peftbench.records import reader as records
@@ -230,9 +231,7 @@ def load_side(path: str, what: str) -> list[dict[str, Any]]:
     """Records under ``path``; a bad file inside a folder is reported and skipped, while a
     missing path, a file that is not a record, or no records at all raise ``RecordError``."""
     loaded = records.load([path])
-    from pathlib import Path
-
-    if Path(path).is_file() and loaded.skipped:
+    if not Path(path).is_dir() and loaded.skipped:
         raise records.RecordError(f"{what} {path}: {loaded.skipped[0][1]}")
     for f, why in loaded.skipped:
         print(f"peftbench.compare: skipped {f}: {why}", file=sys.stderr)

@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -203,3 +205,68 @@ def test_a_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, good):
     with pytest.raises(OSError) as failed:
         writer.write(good, str(blocker / "runs"))
     assert str(failed.value) == f"cannot write {blocker / 'runs' / good['run_id']}.json: Not a directory"
+
+
+# ------------------------------------------------------------------------------ foreign files
+@pytest.fixture
+def foreign(tmp_path, good):
+    """A results folder holding one record among files no reader can use."""
+    folder = write(tmp_path / "runs", good)
+    (folder / "loop.json").symlink_to("loop.json")
+    (folder / "dangling.json").symlink_to("gone.json")
+    os.mkfifo(folder / "fifo.json")  # reading it would block forever
+    (folder / "zero.json").symlink_to("/dev/zero")  # reading it would never end
+    (folder / "latin1.json").write_bytes('{"caf\xe9": 1}'.encode("latin-1"))
+    (folder / "huge-int.json").write_text('{"n": ' + "9" * 5000 + "}")
+    (folder / "dir.json").mkdir()  # a folder, searched like any other
+    (folder / "locked").mkdir()
+    return folder
+
+
+FOREIGN = {"loop.json": "cannot read (Too many levels of symbolic links)",
+           "dangling.json": "cannot read (No such file or directory)",
+           "fifo.json": "not a regular file (a FIFO)", "zero.json": "not a regular file (a character device)",
+           "latin1.json": "not UTF-8 text (byte 0xe9 at offset 5)",
+           "huge-int.json": "not JSON (Exceeds the limit (4300 digits) for integer string conversion",
+           "locked": "cannot list the folder (Permission denied)"}
+
+
+@pytest.fixture
+def locked(monkeypatch, foreign):
+    """``locked`` cannot be listed (chmod would not stop root, so os.scandir refuses it)."""
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    return foreign / "locked"
+
+
+def test_files_no_reader_can_use_are_skipped_with_the_reason(foreign, locked, good):
+    loaded = reader.load([foreign])
+    assert [r["run_id"] for r in loaded.records] == [good["run_id"]]
+    skipped = {Path(p).name: why for p, why in loaded.skipped}
+    assert set(skipped) == set(FOREIGN)
+    for name, why in FOREIGN.items():
+        assert skipped[name].startswith(why), (name, skipped[name])
+
+
+def test_report_and_compare_survive_foreign_files(foreign, locked, tmp_path, good, capsys):
+    base = write(tmp_path / "base", good)
+    assert compare.main([str(base), str(foreign)]) == 0
+    assert report.main(["--results", str(foreign), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    for name in FOREIGN:
+        assert f"peftbench.compare: skipped {foreign / name}: " in err and f"peftbench.report: skipped {foreign / name}" in err
+
+
+@pytest.mark.parametrize("name", ["fifo.json", "zero.json", "loop.json"])
+def test_a_foreign_file_named_on_the_command_line_is_one_line_exit_2(foreign, tmp_path, good, name):
+    base = write(tmp_path / "base", good)
+    proc = subprocess.run([sys.executable, "-m", "peftbench.compare", str(base), str(foreign / name)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == f"peftbench.compare: error: current {foreign / name}: {FOREIGN[name]}\n"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,9 @@ from peftbench.records import REPO, git, schema
 # The files whose content decides what a run measures; a change elsewhere (tests, docs,
 # results) does not make an old record stale.
 CODE_PATHS = ("peftbench", "methods", "conf", "pyproject.toml")
+# what a file that is not a regular file is, for the reason it is skipped
+KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 class RecordError(ValueError):
@@ -41,16 +46,33 @@ class Loaded:
         else:
             self.records.append(rec)
 
+    def scan(self, folder: Path) -> None:
+        """Every ``*.json`` file under ``folder`` (recursively, not into symlinked folders) but the
+        temp files of atomic writes; a folder that cannot be listed is skipped with the reason."""
+
+        def unlisted(e: OSError) -> None:
+            self.skipped.append((str(e.filename), f"cannot list the folder ({e.strerror or e})"))
+
+        found = [Path(root, name) for root, _, names in os.walk(folder, onerror=unlisted)
+                 for name in names if name.endswith(".json") and not name.startswith(".tmp-")]
+        for f in sorted(found):
+            self.add(f)
+
 
 def parse(p: Path) -> tuple[Optional[dict[str, Any]], str]:
     """The record in file ``p``, or None and why it is not one (one line)."""
     try:
-        obj = json.loads(p.read_text())
+        kind = stat.S_IFMT(p.stat().st_mode)
+        if kind != stat.S_IFREG:  # reading a FIFO would block, a device might never end
+            return None, f"not a regular file ({KINDS.get(kind, 'of an unknown kind')})"
+        obj = json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         return None, f"cannot read ({e.strerror or e})"
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
     except RecursionError:
         return None, "not JSON (nested too deeply to parse)"
-    except (UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, or an integer of > 4300 digits
+    except ValueError as e:  # bad JSON, or an integer of more than 4300 digits
         return None, f"not JSON ({str(e).splitlines()[0]})"
     why = schema.problem(obj)
     if why:
@@ -67,21 +89,18 @@ def read(path: str | Path) -> dict[str, Any]:
     return rec
 
 
-def record_files(folder: Path) -> list[Path]:
-    """JSON files under ``folder`` (recursively), without the temp files of atomic writes."""
-    return sorted(p for p in folder.rglob("*.json") if not p.name.startswith(".tmp-") and p.is_file())
-
-
 def load(paths: Iterable[str | Path]) -> Loaded:
     """Every record in ``paths`` (folders searched recursively, or single files). A file that is
     not a record is skipped and listed; a path that does not exist raises ``RecordError``."""
     out = Loaded()
     for path in paths:
         p = Path(path)
-        if not p.exists():
+        if p.is_dir():
+            out.scan(p)
+        elif os.path.lexists(p):  # a file, or a link that may lead nowhere: skipped with the reason
+            out.add(p)
+        else:
             raise RecordError(f"{p}: no such file or folder")
-        for f in (record_files(p) if p.is_dir() else [p]):
-            out.add(f)
     return out
 
 
