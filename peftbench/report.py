@@ -185,7 +185,7 @@ def plot_group(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
     made: list[tuple[str, str]] = []
     g = ordered(g)
     lab = g["label"].tolist()
-    if g["trainable_params"].notna().any():
+    if "trainable_params" in g and g["trainable_params"].notna().any():
         fig, ax = plt.subplots(figsize=(6, 3.5))
         _bar(ax, lab, g["trainable_params"].tolist(), color="tab:blue")
         ax.set_yscale("log")

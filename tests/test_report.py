@@ -111,3 +111,12 @@ def test_a_write_that_fails_at_the_end_is_one_line_and_exit_1(results, tmp_path,
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == f"peftbench.report: error: {out / 'records.csv'}: No space left on device"
     assert not any("Traceback" in line for line in err)
+
+
+def test_valid_records_without_the_usual_metrics_make_a_report(tmp_path):
+    """The schema requires no particular metric: a record with none is a row, not a crash."""
+    bare = {"schema_version": 1, "kind": "measured", "status": "ok", "model": "m", "task": None, "metrics": {}}
+    folder = write(tmp_path / "runs", {**bare, "run_id": "1-full", "method": "full"},
+                   {**bare, "run_id": "2-lora", "method": "lora", "metrics": {"eval_loss": 2.0}})
+    assert report.main(["--results", str(folder), "--out", str(tmp_path / "report")]) == 0
+    assert len(pd.read_csv(tmp_path / "report" / "records.csv")) == 2
