@@ -365,6 +365,28 @@ def started(job_: Job) -> bool:
     return any(Path(job_.results_dir).glob(f".running-{job_.config_hash}-*"))
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()
+
+
+def wait_for_running(jobs: list[Job], poll_s: float = 1.0) -> None:
+    """Wait until no job of ``jobs`` is still running in a live process (after a launcher failed,
+    jobs it started elsewhere, such as submitit's other processes, may still be at work)."""
+    while any(alive(int(m.name.rsplit("-", 1)[1]))
+              for j in jobs for m in Path(j.results_dir).glob(f".running-{j.config_hash}-*")):
+        time.sleep(poll_s)
+
+
 def clear_markers(jobs: list[Job]) -> None:
     for j in jobs:
         for m in Path(j.results_dir).glob(f".running-{j.config_hash}-*"):
@@ -399,11 +421,20 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
 
 # --------------------------------------------------------------------------------- main
 def hydra_main(app: App, argv: list[str]) -> None:
-    """Hand ``argv`` to Hydra with ``job`` as the task function."""
+    """Hand ``argv`` to Hydra with ``job`` as the task function. A launcher's exception is
+    raised here (``HYDRA_FULL_ERROR``) instead of being printed by Hydra as a traceback."""
     import hydra
 
     sys.argv = [sys.argv[0], *argv]
-    hydra.main(config_path=CONF_DIR, config_name=app.config_name, version_base=None)(job)()
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(config_path=CONF_DIR, config_name=app.config_name, version_base=None)(job)()
+    finally:
+        if full_error is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
@@ -417,10 +448,11 @@ def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
     except Exception as e:
         if not multirun:
             raise
-        print(f"{app.prog}: the launcher failed ({failure(e)[:300]}); the jobs it was running are lost, "
-              "the ones it never started run here", file=sys.stderr)
+        print(f"{app.prog}: the launcher failed ({failure(e)[:300]}); waiting for the jobs still running, "
+              "then the ones it never started run here", file=sys.stderr)
     from peftbench.records import reader
 
+    wait_for_running(jobs)
     now = reader.code_state()
     for j in jobs:
         if outcome(j, since, now)[0] == "missing" and not started(j):

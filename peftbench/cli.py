@@ -33,6 +33,9 @@ def dry_run(cfg: Any) -> None:
 
     config_mod.check(cfg)
     tasks.check(cfg.task)
+    n = tasks.num_train_examples(cfg.task)
+    config_mod.require(n is None or cfg.train.steps == 0 or cfg.train.batch_size <= n, "train.batch_size",
+                       cfg.train.batch_size, f"larger than the {n} training examples; allowed: at most {n}")
     meta = models.build_meta(cfg.model, cfg.task.kind, models.tokens_in_use(cfg.model, cfg.task.vocab_size))
     method = methods.build(cfg.method)
     method.apply(meta)
