@@ -337,7 +337,7 @@ def job(cfg: Any) -> None:
         rec, path = run_job(app, cfg, {**now, "launcher": launcher_info()})
     except OSError as e:  # the record could not be written (disk full, folder gone)
         where = e.filename or cfg.results_dir
-        print(f"{app.prog}: error: cannot write the record in {where}: {e.strerror or e}", file=sys.stderr)
+        print(f"{app.prog}: error: cannot write the record {where}: {e.strerror or e}", file=sys.stderr)
         return
     finally:
         running.unlink(missing_ok=True)

@@ -132,7 +132,7 @@ def test_a_record_that_cannot_be_written_is_one_line_and_exit_1(tmp_path, monkey
     disk_full(monkeypatch)
     assert estimate_app.main([*ESTIMATE_TINY, f"results_dir={tmp_path}"]) == app.EXIT_FAILED
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == [f"peftbench.estimate: error: cannot write the record in {tmp_path}: No space left on device"]
+    assert err == [f"peftbench.estimate: error: cannot write the record {tmp_path}: No space left on device"]
 
 
 def test_a_sweep_whose_records_cannot_be_written_still_prints_its_summary(tmp_path, monkeypatch, capsys):
