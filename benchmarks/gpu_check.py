@@ -36,8 +36,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 MIB = 2**20
-PHASES = (("train", "peak_memory_bytes"), ("eval", "eval_peak_memory_bytes"),
-          ("inference", "inference_peak_memory_bytes"))
+PHASES = (
+    ("train", "peak_memory_bytes"),
+    ("eval", "eval_peak_memory_bytes"),
+    ("inference", "inference_peak_memory_bytes"),
+)
 
 
 def run_one(model: str, method: str, steps: int, out: str):
@@ -45,8 +48,15 @@ def run_one(model: str, method: str, steps: int, out: str):
     from peftbench.run import run
 
     overrides = [
-        f"model={model}", f"method={method}", "device=cuda", f"train.steps={steps}", "train.timing_warmup=3",
-        "task.num_train=256", "task.num_eval=32", "measure.latency_repeats=10", "measure.decode_repeats=3",
+        f"model={model}",
+        f"method={method}",
+        "device=cuda",
+        f"train.steps={steps}",
+        "train.timing_warmup=3",
+        "task.num_train=256",
+        "task.num_eval=32",
+        "measure.latency_repeats=10",
+        "measure.decode_repeats=3",
         f"results_dir={out}",
     ]
     rec, _ = run(cli.checked_config(*overrides))
@@ -63,17 +73,28 @@ def check_record(rec: dict) -> list[tuple[str, bool, str]]:
         untracked = m.get(f"cuda_{phase}_untracked_bytes")
         allocated = m.get(f"cuda_{phase}_max_allocated_bytes")
         if None in (tracked, requested, untracked, allocated):
-            out.append((f"{phase}: figures present", False, f"tracked={tracked} requested={requested} "
-                                                             f"untracked={untracked} allocated={allocated}"))
+            out.append(
+                (
+                    f"{phase}: figures present",
+                    False,
+                    f"tracked={tracked} requested={requested} untracked={untracked} allocated={allocated}",
+                )
+            )
             continue
         slack = max(2 * MIB, tracked // 100)
         ok = tracked <= requested <= tracked + max(untracked, 0) + slack
-        out.append((f"{phase}: tracked <= requested <= tracked + untracked + slack", ok,
-                    f"tracked {tracked / MIB:.2f}, requested {requested / MIB:.2f}, untracked "
-                    f"{untracked / MIB:.2f}, slack {slack / MIB:.2f} MiB"))
+        out.append(
+            (
+                f"{phase}: tracked <= requested <= tracked + untracked + slack",
+                ok,
+                f"tracked {tracked / MIB:.2f}, requested {requested / MIB:.2f}, untracked "
+                f"{untracked / MIB:.2f}, slack {slack / MIB:.2f} MiB",
+            )
+        )
         ok = requested <= allocated <= requested * 1.01 + 2 * MIB
-        out.append((f"{phase}: requested <= allocated <= requested + rounding", ok,
-                    f"allocated {allocated / MIB:.2f} MiB"))
+        out.append(
+            (f"{phase}: requested <= allocated <= requested + rounding", ok, f"allocated {allocated / MIB:.2f} MiB")
+        )
     for key in ("train_step_ms_median", "inference_latency_ms", "train_tokens_per_s"):
         ok = (m.get(key) or 0) > 0
         out.append((f"{key} > 0", ok, str(m.get(key))))

@@ -31,9 +31,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def overrides(method: str, data: Path, results: Path, steps: int, extra: list[str]) -> list[str]:
     """The Hydra overrides of one method's run (the README's recipe, then ``extra``)."""
     return [
-        f"method={method}", "model=minilm", "task=text-classification", f"task.path={data}",
-        "task.max_length=64", "task.eval_split=validation", "train.batch_size=32", f"train.steps={steps}",
-        "seed=0", f"results_dir={results}", *extra,
+        f"method={method}",
+        "model=minilm",
+        "task=text-classification",
+        f"task.path={data}",
+        "task.max_length=64",
+        "task.eval_split=validation",
+        "train.batch_size=32",
+        f"train.steps={steps}",
+        "seed=0",
+        f"results_dir={results}",
+        *extra,
     ]
 
 
@@ -44,8 +52,13 @@ def compose(args: list[str]) -> Any:
     return cli.checked_config(*args)
 
 
-def run_method(method: str, data: Path = DATA, results: Path = REPO / "results" / "rt-polarity",
-               steps: int = 250, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def run_method(
+    method: str,
+    data: Path = DATA,
+    results: Path = REPO / "results" / "rt-polarity",
+    steps: int = 250,
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Run one method and return a table row (its record's path included)."""
     from peftbench.run import run
 
@@ -77,14 +90,28 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("methods", nargs="*", default=["full", "lora", "adapter", "prefix"],
-                   help="method names, as for method=<name> (default: full lora adapter prefix)")
+    p.add_argument(
+        "methods",
+        nargs="*",
+        default=["full", "lora", "adapter", "prefix"],
+        help="method names, as for method=<name> (default: full lora adapter prefix)",
+    )
     p.add_argument("--data", type=Path, default=DATA, help="folder with train.csv and validation.csv")
-    p.add_argument("--results", type=Path, default=REPO / "results" / "rt-polarity",
-                   help="folder for the run records and the summary")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "results" / "rt-polarity",
+        help="folder for the run records and the summary",
+    )
     p.add_argument("--steps", type=int, default=250, help="training steps (README recipe: 250)")
-    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra override, repeatable (e.g. --set rank=16)")
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override, repeatable (e.g. --set rank=16)",
+    )
     args = p.parse_args(argv)
     if not (args.data / "train.csv").is_file():
         print(f"rt_polarity: error: --data={args.data}: no train.csv there", file=sys.stderr)

@@ -77,15 +77,25 @@ def build(model: str, device: str, bottleneck: dict[str, int | None], extra: lis
         s = setup(cfg, rec)
         merged = bool(s.method.merge(s.model))
         s.model.eval()
-        built[key] = {"label": label, "setup": s, "merged": merged, "cfg": cfg,
-                      "trainable": rec["metrics"]["trainable_params"], "total": rec["metrics"]["total_params"]}
-        print(f"built {key}: {rec['metrics']['total_params']:,} params, {rec['metrics']['trainable_params']:,} "
-              f"trainable{' (merged)' if merged else ''}", flush=True)
+        built[key] = {
+            "label": label,
+            "setup": s,
+            "merged": merged,
+            "cfg": cfg,
+            "trainable": rec["metrics"]["trainable_params"],
+            "total": rec["metrics"]["total_params"],
+        }
+        print(
+            f"built {key}: {rec['metrics']['total_params']:,} params, {rec['metrics']['trainable_params']:,} "
+            f"trainable{' (merged)' if merged else ''}",
+            flush=True,
+        )
     return built
 
 
-def time_point(built: dict[str, dict], batch: int, length: int, rounds: int, per_round: int,
-               warmup: int) -> dict[str, dict[str, float]]:
+def time_point(
+    built: dict[str, dict], batch: int, length: int, rounds: int, per_round: int, warmup: int
+) -> dict[str, dict[str, float]]:
     """Interleaved timing at one point; per variant: median/IQR ms and overhead vs base (%)."""
     from peftbench.measure import latency_inputs
     from peftbench.timing import Stopwatch, stats, synchronize
@@ -101,7 +111,7 @@ def time_point(built: dict[str, dict], batch: int, length: int, rounds: int, per
                 built[k]["setup"].model(**inputs)
         synchronize(any_setup.device)
         for r in range(rounds):
-            order = keys[r % len(keys):] + keys[: r % len(keys)]
+            order = keys[r % len(keys) :] + keys[: r % len(keys)]
             this_round: dict[str, float] = {}
             for k in order:
                 model = built[k]["setup"].model
@@ -117,8 +127,12 @@ def time_point(built: dict[str, dict], batch: int, length: int, rounds: int, per
     out = {}
     for k in keys:
         st, rt = stats(times[k]), stats(ratios[k])
-        out[k] = {"median_ms": st["median"], "iqr_ms": st["iqr"],
-                  "overhead_percent": 100 * (rt["median"] - 1), "overhead_iqr_percent": 100 * rt["iqr"]}
+        out[k] = {
+            "median_ms": st["median"],
+            "iqr_ms": st["iqr"],
+            "overhead_percent": 100 * (rt["median"] - 1),
+            "overhead_iqr_percent": 100 * rt["iqr"],
+        }
     return out
 
 
@@ -150,11 +164,16 @@ def markdown(built: dict, results: dict[tuple[int, int], dict], args: argparse.N
             cells.append(f"{r['median_ms']:.2f} ({r['iqr_ms']:.2f})")
             cells.append("-" if key == "base" else f"{r['overhead_percent']:+.1f}% ({r['overhead_iqr_percent']:.1f})")
         paper_ms, paper_pct = PAPER[key]
-        lines.append(f"| {b['label']} | {b['trainable']:,} | " + " | ".join(cells)
-                     + f" | {paper_ms} | {paper_pct:+.1f}% |")
-    lines += ["", "Random-init weights (latency does not depend on their values). The paper measured a GPU, "
-              "where batch-1 latency is dominated by kernel launches, so adapters' few extra small layers "
-              "weigh more there than on a CPU, where the work of the big matrix products dominates.", ""]
+        lines.append(
+            f"| {b['label']} | {b['trainable']:,} | " + " | ".join(cells) + f" | {paper_ms} | {paper_pct:+.1f}% |"
+        )
+    lines += [
+        "",
+        "Random-init weights (latency does not depend on their values). The paper measured a GPU, "
+        "where batch-1 latency is dominated by kernel launches, so adapters' few extra small layers "
+        "weigh more there than on a CPU, where the work of the big matrix products dominates.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -166,8 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--per-round", type=int, default=2, help="timed passes per variant per round")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--bottleneck-l", type=int, default=None, help="AdapterL bottleneck (default: ~11M params on gpt2-medium, else the method's default)")
-    p.add_argument("--bottleneck-h", type=int, default=None, help="AdapterH bottleneck (default: ~11M params on gpt2-medium, else the method's default)")
+    p.add_argument(
+        "--bottleneck-l",
+        type=int,
+        default=None,
+        help="AdapterL bottleneck (default: ~11M params on gpt2-medium, else the method's default)",
+    )
+    p.add_argument(
+        "--bottleneck-h",
+        type=int,
+        default=None,
+        help="AdapterH bottleneck (default: ~11M params on gpt2-medium, else the method's default)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=str(REPO / "docs" / "table1-cpu.md"))
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every variant")
@@ -187,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for b, n in points:
         results[(b, n)] = time_point(built, b, n, args.rounds, args.per_round, args.warmup)
-        print(f"{b}x{n}: " + ", ".join(f"{k} {r['median_ms']:.2f} ms ({r['overhead_percent']:+.1f}%)"
-                                        for k, r in results[(b, n)].items()), flush=True)
+        print(
+            f"{b}x{n}: "
+            + ", ".join(
+                f"{k} {r['median_ms']:.2f} ms ({r['overhead_percent']:+.1f}%)" for k, r in results[(b, n)].items()
+            ),
+            flush=True,
+        )
     text = markdown(built, results, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -95,8 +95,10 @@ def match_modules(model: nn.Module, patterns: list[str], types: tuple[type, ...]
         try:
             re.compile(pat)
         except re.error as e:
-            raise ConfigError(f"method.target_modules={pat}: not a valid regular expression ({e}); allowed: module "
-                              "names (q_proj) or regular expressions over dotted names") from None
+            raise ConfigError(
+                f"method.target_modules={pat}: not a valid regular expression ({e}); allowed: module "
+                "names (q_proj) or regular expressions over dotted names"
+            ) from None
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, types):
@@ -136,8 +138,10 @@ def check_context(config: Any, needs: dict[str, int], taken: int = 0, taker: str
     key, longest = max(needs.items(), key=lambda kv: kv[1])
     if taken + longest > context:
         extra = f" plus the {taken} positions that {taker} takes" if taken else ""
-        raise ConfigError(f"{key}={longest}: {longest} tokens{extra} exceed the model's context of {context}; "
-                          f"allowed: at most {context - taken}")
+        raise ConfigError(
+            f"{key}={longest}: {longest} tokens{extra} exceed the model's context of {context}; "
+            f"allowed: at most {context - taken}"
+        )
 
 
 def _import_all() -> None:

@@ -179,8 +179,9 @@ class Adapter:
                 )
         both = sorted(set(found["attn"]) & set(found["ffn"]))
         if both:
-            raise ConfigError(f"method.ffn_modules: {both[0]} is also matched by method.attn_modules; "
-                              f"allowed: disjoint module sets")
+            raise ConfigError(
+                f"method.ffn_modules: {both[0]} is also matched by method.attn_modules; allowed: disjoint module sets"
+            )
         return found
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -195,7 +196,8 @@ class Adapter:
     def adapter_names(self, model: nn.Module) -> set[str]:
         return {
             f"{mod_name}.{p_name}"
-            for mod_name, mod in model.named_modules() if isinstance(mod, BottleneckAdapter)
+            for mod_name, mod in model.named_modules()
+            if isinstance(mod, BottleneckAdapter)
             for p_name, _ in mod.named_parameters()
         }
 
@@ -236,15 +238,21 @@ def check(cfg: Any) -> None:
     if not _positive_int(cfg.reduction_factor):
         raise ConfigError(f"method.reduction_factor={cfg.reduction_factor}: must be an integer >= 1")
     if cfg.bottleneck is not None and not _positive_int(cfg.bottleneck):
-        raise ConfigError(f"method.bottleneck={cfg.bottleneck}: must be an integer >= 1, or null to use reduction_factor")
+        raise ConfigError(
+            f"method.bottleneck={cfg.bottleneck}: must be an integer >= 1, or null to use reduction_factor"
+        )
     if cfg.activation not in ACTIVATIONS:
         raise ConfigError(f"method.activation={cfg.activation}: allowed: {', '.join(ACTIVATIONS)}")
     for key in ("attn_modules", "ffn_modules"):
         value = getattr(cfg, key)
         if value is not None and len(value) == 0:
-            raise ConfigError(f"method.{key}=[]: give at least one module name, or null to use the architecture's table")
+            raise ConfigError(
+                f"method.{key}=[]: give at least one module name, or null to use the architecture's table"
+            )
     if cfg.variant == "pfeiffer" and cfg.attn_modules:
-        raise ConfigError(f"method.attn_modules={list(cfg.attn_modules)}: the pfeiffer variant has no attention "
-                          f"adapter; allowed: null, or method.variant=houlsby")
+        raise ConfigError(
+            f"method.attn_modules={list(cfg.attn_modules)}: the pfeiffer variant has no attention "
+            f"adapter; allowed: null, or method.variant=houlsby"
+        )
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"method.lr={cfg.lr}: must be > 0, or null to require train.lr")

@@ -147,7 +147,8 @@ class LoRA:
             return names
         if cfg.targets == "all-linear":
             return [
-                n for n, m in model.named_modules()
+                n
+                for n, m in model.named_modules()
                 if isinstance(m, LINEAR_TYPES) and not any(part in HEAD_NAMES for part in n.split("."))
             ]
         if model_type not in ATTENTION_TARGETS:

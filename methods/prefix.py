@@ -162,8 +162,9 @@ class PrefixModel(nn.Module):
 
         kv = self.prefix_key_values()
         shape = (batch_size, *kv.shape[2:])
-        return DynamicCache([(kv[l, 0].unsqueeze(0).expand(shape), kv[l, 1].unsqueeze(0).expand(shape))
-                             for l in range(kv.shape[0])])
+        return DynamicCache(
+            [(kv[l, 0].unsqueeze(0).expand(shape), kv[l, 1].unsqueeze(0).expand(shape)) for l in range(kv.shape[0])]
+        )
 
     def _extend_mask(self, attention_mask: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
         """(batch, T) -> (batch, n + T): ones for the virtual tokens, which every token sees."""
@@ -175,12 +176,20 @@ class PrefixModel(nn.Module):
     def _check_length(self, length: int) -> None:
         """The real tokens sit at positions n..n+length-1; past the context they would index
         outside a learned position table (GPT-2, BERT) or leave the trained range (RoPE)."""
-        check_context(self.base_model.config, {"input length": length}, self.num_virtual_tokens,
-                      "method.num_virtual_tokens")
+        check_context(
+            self.base_model.config, {"input length": length}, self.num_virtual_tokens, "method.num_virtual_tokens"
+        )
 
-    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                inputs_embeds: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                past_key_values: Any = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Any = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
         """The base model's forward with the prefix in front of every layer's keys and values.
 
         ``attention_mask`` covers the real tokens only (past and present); the wrapper adds the
@@ -197,8 +206,13 @@ class PrefixModel(nn.Module):
         if position_ids is not None:
             position_ids = position_ids + self.num_virtual_tokens
         return self.base_model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=self._extend_mask(attention_mask, batch),
-            position_ids=position_ids, past_key_values=past_key_values, labels=labels, **kwargs,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=self._extend_mask(attention_mask, batch),
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            **kwargs,
         )
 
     @torch.no_grad()
@@ -220,13 +234,16 @@ class PrefixModel(nn.Module):
         # The mask (n + T) is longer than input_ids (T): generate then treats every id as new input
         # after the n cached positions, and derives positions n..n+T-1 from the mask.
         return self.base_model.generate(
-            input_ids=input_ids, attention_mask=self._extend_mask(attention_mask, input_ids.shape[0]),
-            past_key_values=self.prefix_cache(input_ids.shape[0]), **kwargs,
+            input_ids=input_ids,
+            attention_mask=self._extend_mask(attention_mask, input_ids.shape[0]),
+            past_key_values=self.prefix_cache(input_ids.shape[0]),
+            **kwargs,
         )
 
 
 def accepts_cache(model: nn.Module) -> bool:
     """True if ``model``'s forward can hand ``past_key_values`` to a backbone that reads it."""
+
     def params(m: nn.Module) -> dict:
         return inspect.signature(m.forward).parameters
 
@@ -258,16 +275,23 @@ class Prefix:
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
         if config is None or getattr(config, "is_encoder_decoder", False):
-            raise ConfigError(f"method=prefix: model_type {model_type!r} (encoder-decoder or no config) is not "
-                              "supported; allowed: decoder-only LMs and encoders with a single attention stack")
+            raise ConfigError(
+                f"method=prefix: model_type {model_type!r} (encoder-decoder or no config) is not "
+                "supported; allowed: decoder-only LMs and encoders with a single attention stack"
+            )
         if not accepts_cache(model):
-            raise ConfigError(f"method=prefix: {type(model).__name__} ({model_type}) does not accept past_key_values, "
-                              "so a prefix cannot reach its attention; allowed: models whose forward takes a KV cache")
+            raise ConfigError(
+                f"method=prefix: {type(model).__name__} ({model_type}) does not accept past_key_values, "
+                "so a prefix cannot reach its attention; allowed: models whose forward takes a KV cache"
+            )
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-            raise ConfigError("method=prefix: gradient checkpointing is on; a prefix in the KV cache does not "
-                              "survive recomputation; allowed: gradient checkpointing off")
-        check_context(config, {"method.num_virtual_tokens": 0}, self.cfg.num_virtual_tokens,
-                      "method.num_virtual_tokens")
+            raise ConfigError(
+                "method=prefix: gradient checkpointing is on; a prefix in the KV cache does not "
+                "survive recomputation; allowed: gradient checkpointing off"
+            )
+        check_context(
+            config, {"method.num_virtual_tokens": 0}, self.cfg.num_virtual_tokens, "method.num_virtual_tokens"
+        )
         return prefix_shape(config)
 
     def apply(self, model: nn.Module) -> nn.Module:

@@ -28,9 +28,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from methods import ConfigError
 
@@ -168,9 +169,13 @@ def check_added_keys(overrides: list[str], config_name: str) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    added = [o for o in OverridesParser.create().parse_overrides(overrides)
-             if o.input_line.startswith("+") and not o.key_or_group.startswith("hydra")
-             and not (Path(CONF_DIR) / o.key_or_group).is_dir()]
+    added = [
+        o
+        for o in OverridesParser.create().parse_overrides(overrides)
+        if o.input_line.startswith("+")
+        and not o.key_or_group.startswith("hydra")
+        and not (Path(CONF_DIR) / o.key_or_group).is_dir()
+    ]
     if not added:
         return
     plain = [o for o in overrides if o not in {a.input_line for a in added}]
@@ -178,9 +183,11 @@ def check_added_keys(overrides: list[str], config_name: str) -> None:
     for o in added:
         if OmegaConf.select(base, o.key_or_group, default="\0missing") == "\0missing":
             value = o.input_line.split("=", 1)[1] if "=" in o.input_line else ""
-            raise ConfigError(f"{o.key_or_group}={value}: no such key in the config; allowed: the keys that "
-                              f"`python -m {'peftbench' if config_name == 'config' else 'peftbench.estimate'} "
-                              "--cfg job` lists")
+            raise ConfigError(
+                f"{o.key_or_group}={value}: no such key in the config; allowed: the keys that "
+                f"`python -m {'peftbench' if config_name == 'config' else 'peftbench.estimate'} "
+                "--cfg job` lists"
+            )
 
 
 def check_results_dir(path: str) -> None:
@@ -196,8 +203,9 @@ def check_results_dir(path: str) -> None:
         with tempfile.TemporaryFile(dir=existing, prefix=".peftbench-probe-"):
             pass
     except OSError as e:
-        raise ConfigError(f"results_dir={path}: cannot write in {existing} ({e.strerror or e}); "
-                          "allowed: a folder that can be written") from None
+        raise ConfigError(
+            f"results_dir={path}: cannot write in {existing} ({e.strerror or e}); allowed: a folder that can be written"
+        ) from None
 
 
 def plan_job(cfg: Any, overrides: list[str]) -> Job:
@@ -207,8 +215,9 @@ def plan_job(cfg: Any, overrides: list[str]) -> Job:
     chash = config_hash(config_mod.to_container(cfg))
     task = cfg.get("task")
     label = f"{cfg.method.name}/{cfg.model.name}" + (f"/{task.name}" if task is not None else "")
-    return Job(tuple(overrides), str(Path(cfg.results_dir).expanduser().resolve()), chash,
-               bool(cfg.get("force", False)), label)
+    return Job(
+        tuple(overrides), str(Path(cfg.results_dir).expanduser().resolve()), chash, bool(cfg.get("force", False)), label
+    )
 
 
 def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
@@ -382,8 +391,11 @@ def alive(pid: int) -> bool:
 def wait_for_running(jobs: list[Job], poll_s: float = 1.0) -> None:
     """Wait until no job of ``jobs`` is still running in a live process (after a launcher failed,
     jobs it started elsewhere, such as submitit's other processes, may still be at work)."""
-    while any(alive(int(m.name.rsplit("-", 1)[1]))
-              for j in jobs for m in Path(j.results_dir).glob(f".running-{j.config_hash}-*")):
+    while any(
+        alive(int(m.name.rsplit("-", 1)[1]))
+        for j in jobs
+        for m in Path(j.results_dir).glob(f".running-{j.config_hash}-*")
+    ):
         time.sleep(poll_s)
 
 
@@ -409,11 +421,16 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
         if state == "failed":
             lines.append(f"  failed   {j.label} [{j.config_hash}]: {rec.get('error')}  ({rec['_path']})")
         elif state == "missing":
-            lines.append(f"  missing  {j.label} [{j.config_hash}]: no record written (the job process died: "
-                         f"killed, out of memory, or a launcher error); overrides: {' '.join(j.overrides)}")
+            lines.append(
+                f"  missing  {j.label} [{j.config_hash}]: no record written (the job process died: "
+                f"killed, out of memory, or a launcher error); overrides: {' '.join(j.overrides)}"
+            )
     app.report(recs)
-    print(f"{app.prog}: sweep of {len(unique)} job(s): {counts['ok']} ran ok, {counts['reused']} reused, "
-          f"{counts['failed']} failed, {counts['missing']} without a record", file=sys.stderr)
+    print(
+        f"{app.prog}: sweep of {len(unique)} job(s): {counts['ok']} ran ok, {counts['reused']} reused, "
+        f"{counts['failed']} failed, {counts['missing']} without a record",
+        file=sys.stderr,
+    )
     for line in lines:
         print(line, file=sys.stderr)
     return EXIT_FAILED if counts["failed"] or counts["missing"] else EXIT_OK
@@ -448,16 +465,20 @@ def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
     except Exception as e:
         if not multirun:
             raise
-        print(f"{app.prog}: the launcher failed ({failure(e)[:300]}); waiting for the jobs still running, "
-              "then the ones it never started run here", file=sys.stderr)
+        print(
+            f"{app.prog}: the launcher failed ({failure(e)[:300]}); waiting for the jobs still running, "
+            "then the ones it never started run here",
+            file=sys.stderr,
+        )
     from peftbench.records import reader
 
     wait_for_running(jobs)
     now = reader.code_state()
     for j in jobs:
         if outcome(j, since, now)[0] == "missing" and not started(j):
-            hydra_main(app, [a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")]
-                       + list(j.overrides))
+            hydra_main(
+                app, [a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")] + list(j.overrides)
+            )
 
 
 def main(app: App, argv: Optional[list[str]] = None) -> int:

@@ -34,16 +34,27 @@ def dry_run(cfg: Any) -> None:
     config_mod.check(cfg)
     tasks.check(cfg.task)
     n = tasks.num_train_examples(cfg.task)
-    config_mod.require(n is None or cfg.train.steps == 0 or cfg.train.batch_size <= n, "train.batch_size",
-                       cfg.train.batch_size, f"larger than the {n} training examples; allowed: at most {n}")
+    config_mod.require(
+        n is None or cfg.train.steps == 0 or cfg.train.batch_size <= n,
+        "train.batch_size",
+        cfg.train.batch_size,
+        f"larger than the {n} training examples; allowed: at most {n}",
+    )
     meta = models.build_meta(cfg.model, cfg.task.kind, models.tokens_in_use(cfg.model, cfg.task.vocab_size))
     method = methods.build(cfg.method)
     method.apply(meta)
     config_mod.check_context(cfg, method, meta.config)
 
 
-APP = app.App(prog="peftbench", config_name="config", check=dry_run, new_record=run.new_record,
-              execute=run.execute, print_record=print_summary, resume=True)
+APP = app.App(
+    prog="peftbench",
+    config_name="config",
+    check=dry_run,
+    new_record=run.new_record,
+    execute=run.execute,
+    print_record=print_summary,
+    resume=True,
+)
 
 
 def check_all(argv: list[str]) -> int | list[app.Job]:

@@ -39,10 +39,12 @@ EXACT_KEYS = ("trainable_params", "total_params", "checkpoint_bytes", "checkpoin
 QUALITY = {"eval_loss": "lower", "train_loss_final": "lower", "eval_accuracy": "higher"}
 MIN_SAMPLES = 5  # per side, for the rank test
 # numeric options: what is allowed, and the test (infinities and NaN are never allowed)
-LIMITS = {"time_tolerance": ("a finite number >= 0", lambda x: x >= 0),
-          "gross_slowdown": ("a finite number >= 1", lambda x: x >= 1),
-          "alpha": ("a number in (0, 1]", lambda x: 0 < x <= 1),
-          "quality_tolerance": ("a finite number >= 0", lambda x: x >= 0)}
+LIMITS = {
+    "time_tolerance": ("a finite number >= 0", lambda x: x >= 0),
+    "gross_slowdown": ("a finite number >= 1", lambda x: x >= 1),
+    "alpha": ("a number in (0, 1]", lambda x: 0 < x <= 1),
+    "quality_tolerance": ("a finite number >= 0", lambda x: x >= 0),
+}
 
 
 @dataclass
@@ -117,8 +119,11 @@ def match(base: list[dict], cur: list[dict]) -> tuple[list[tuple[dict, dict, str
 
 
 def run_name(rec: dict[str, Any]) -> str:
-    extra = " ".join(f"{k}={v}" for k, v in sorted(records.method_settings(rec).items())
-                     if k in ("rank", "variant", "num_virtual_tokens"))
+    extra = " ".join(
+        f"{k}={v}"
+        for k, v in sorted(records.method_settings(rec).items())
+        if k in ("rank", "variant", "num_virtual_tokens")
+    )
     return f"{rec.get('method')}{' ' + extra if extra else ''}/{rec.get('model')}/{rec.get('task')}"
 
 
@@ -140,8 +145,17 @@ class Comparer:
     def pair(self, b: dict[str, Any], c: dict[str, Any]) -> list[Row]:
         name = run_name(b)
         if c.get("status") != "ok":
-            return [Row(name, "status", b.get("status"), c.get("status"), "", "FAIL" if b.get("status") == "ok" else "warn",
-                        str(c.get("error") or ""))]
+            return [
+                Row(
+                    name,
+                    "status",
+                    b.get("status"),
+                    c.get("status"),
+                    "",
+                    "FAIL" if b.get("status") == "ok" else "warn",
+                    str(c.get("error") or ""),
+                )
+            ]
         if b.get("status") != "ok":
             return [Row(name, "status", b.get("status"), c.get("status"), "", "better")]
         bm, cm = b["metrics"], c["metrics"]
@@ -149,8 +163,17 @@ class Comparer:
         rows = []
         if b.get("base_weights_sha256") and c.get("base_weights_sha256"):
             same = b["base_weights_sha256"] == c["base_weights_sha256"]
-            rows.append(Row(name, "base_weights_sha256", b["base_weights_sha256"][:12], c["base_weights_sha256"][:12],
-                            "", "same" if same else "FAIL", "" if same else "the base model's weights differ"))
+            rows.append(
+                Row(
+                    name,
+                    "base_weights_sha256",
+                    b["base_weights_sha256"][:12],
+                    c["base_weights_sha256"][:12],
+                    "",
+                    "same" if same else "FAIL",
+                    "" if same else "the base model's weights differ",
+                )
+            )
         for key in sorted(set(bm) | set(cm)):
             if is_exact(key, both_cpu):
                 rows += self.exact(name, key, bm.get(key), cm.get(key))
@@ -158,12 +181,23 @@ class Comparer:
                 rows += self.quality(name, key, bm.get(key), cm.get(key))
         same_device = records.recorded_device(b) == records.recorded_device(c)
         if not same_device:
-            rows.append(Row(name, "timing", records.recorded_device(b), records.recorded_device(c), "", "note",
-                            "different devices: timings not compared"))
+            rows.append(
+                Row(
+                    name,
+                    "timing",
+                    records.recorded_device(b),
+                    records.recorded_device(c),
+                    "",
+                    "note",
+                    "different devices: timings not compared",
+                )
+            )
             return rows
         parallel = records.launched_in_parallel(b) or records.launched_in_parallel(c)
         for key in sorted(k for k in set(bm) & set(cm) if is_timing(k)):
-            samples = (b.get("train_step_ms"), c.get("train_step_ms")) if key == "train_step_ms_median" else (None, None)
+            samples = (
+                (b.get("train_step_ms"), c.get("train_step_ms")) if key == "train_step_ms_median" else (None, None)
+            )
             rows += self.timing(name, key, bm[key], cm[key], iqr_of(bm, key), iqr_of(cm, key), samples, parallel)
         rows += self.grid(name, b, c, parallel)
         return rows
@@ -186,8 +220,17 @@ class Comparer:
         verdict = "FAIL" if worse > tol else "better" if worse < -tol else "same" if bv == cv else "changed"
         return [Row(name, key, round(bv, 6), round(cv, 6), f"{cv - bv:+.4g}", verdict)]
 
-    def timing(self, name: str, key: str, bv: Any, cv: Any, b_iqr: Optional[float], c_iqr: Optional[float],
-               samples: tuple[Any, Any], parallel: bool) -> list[Row]:
+    def timing(
+        self,
+        name: str,
+        key: str,
+        bv: Any,
+        cv: Any,
+        b_iqr: Optional[float],
+        c_iqr: Optional[float],
+        samples: tuple[Any, Any],
+        parallel: bool,
+    ) -> list[Row]:
         if self.a.timing == "off" or not (_num(bv) and _num(cv)) or bv <= 0:
             return []
         ratio = cv / bv
@@ -222,8 +265,9 @@ class Comparer:
             if q is None:
                 continue
             key = f"latency b={p['batch']} n={p['length']}{' unmerged' if merges and not p['merged'] else ''}"
-            rows += self.timing(name, key, p["median_ms"], q["median_ms"], p.get("iqr_ms"), q.get("iqr_ms"),
-                                (None, None), parallel)
+            rows += self.timing(
+                name, key, p["median_ms"], q["median_ms"], p.get("iqr_ms"), q.get("iqr_ms"), (None, None), parallel
+            )
         return rows
 
 
@@ -267,14 +311,26 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p = Parser(prog="python -m peftbench.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("baseline", help="records folder or record file")
     p.add_argument("current", help="records folder or record file")
-    p.add_argument("--timing", choices=("fail", "warn", "off"), default="fail",
-                   help="what a significant slowdown does (default: fail)")
+    p.add_argument(
+        "--timing",
+        choices=("fail", "warn", "off"),
+        default="fail",
+        help="what a significant slowdown does (default: fail)",
+    )
     p.add_argument("--time-tolerance", type=float, default=0.10, help="slowdown ratio allowed, 0.10 = 10%%")
-    p.add_argument("--gross-slowdown", type=float, default=2.0,
-                   help="with --timing warn, a slowdown beyond this ratio still fails (default 2.0)")
+    p.add_argument(
+        "--gross-slowdown",
+        type=float,
+        default=2.0,
+        help="with --timing warn, a slowdown beyond this ratio still fails (default 2.0)",
+    )
     p.add_argument("--alpha", type=float, default=0.01, help="significance level of the rank test")
-    p.add_argument("--quality-tolerance", type=float, default=0.01,
-                   help="worsening allowed: relative for losses, absolute for accuracy")
+    p.add_argument(
+        "--quality-tolerance",
+        type=float,
+        default=0.01,
+        help="worsening allowed: relative for losses, absolute for accuracy",
+    )
     p.add_argument("--allow-missing", action="store_true", help="a baseline run absent from CURRENT only warns")
     p.add_argument("-v", "--verbose", action="store_true", help="print unchanged figures too")
     a = p.parse_args(argv)
@@ -298,11 +354,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     for b, c, how in pairs:
         if how != "config hash":
             diff = records.config_diff(b, c)
-            rows.append(Row(run_name(b), "matched by", how, "", "", "changed", "; ".join(diff[:6]) or "no config change"))
+            rows.append(
+                Row(run_name(b), "matched by", how, "", "", "changed", "; ".join(diff[:6]) or "no config change")
+            )
         rows += comparer.pair(b, c)
     for b in missing:
-        rows.append(Row(run_name(b), "run", "present", "missing", "", "warn" if a.allow_missing else "FAIL",
-                        f"config {b.get('config_hash')} not in current"))
+        rows.append(
+            Row(
+                run_name(b),
+                "run",
+                "present",
+                "missing",
+                "",
+                "warn" if a.allow_missing else "FAIL",
+                f"config {b.get('config_hash')} not in current",
+            )
+        )
     for c in extra:
         rows.append(Row(run_name(c), "run", "absent", "new", "", "changed", "not in baseline"))
     shown = rows if a.verbose else [r for r in rows if r.verdict != "same"]
@@ -311,8 +378,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     fails = sum(r.verdict == "FAIL" for r in rows)
     warns = sum(r.verdict == "warn" for r in rows)
     status = "REGRESSION" if fails else "ok"
-    print(f"peftbench.compare: {len(pairs)} run(s) matched, {len(missing)} missing, {len(extra)} new; "
-          f"{sum(r.verdict == 'same' for r in rows)} figures unchanged, {fails} failing, {warns} warning(s): {status}")
+    print(
+        f"peftbench.compare: {len(pairs)} run(s) matched, {len(missing)} missing, {len(extra)} new; "
+        f"{sum(r.verdict == 'same' for r in rows)} figures unchanged, {fails} failing, {warns} warning(s): {status}"
+    )
     return EXIT_REGRESSION if fails else EXIT_OK
 
 

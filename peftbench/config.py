@@ -149,8 +149,12 @@ def resolve_device(name: str) -> Any:
             raise ConfigError(f"device={name}: CUDA is not available on this machine; allowed here: auto, cpu")
         index = torch.device(name).index
         count = torch.cuda.device_count()
-        require(index is None or index < count, "device", name,
-                f"this machine has {count} CUDA device(s); allowed: cuda, cuda:0..cuda:{count - 1}, cpu, auto")
+        require(
+            index is None or index < count,
+            "device",
+            name,
+            f"this machine has {count} CUDA device(s); allowed: cuda, cuda:0..cuda:{count - 1}, cpu, auto",
+        )
     return torch.device(name)
 
 
@@ -162,14 +166,22 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def check(cfg: Any) -> None:
     """Reject a composed config whose values cannot work (one-line ``ConfigError``)."""
-    require(cfg.method.name in methods.REGISTRY, "method", cfg.method.name,
-             f"allowed: {', '.join(sorted(methods.REGISTRY))}")
+    require(
+        cfg.method.name in methods.REGISTRY,
+        "method",
+        cfg.method.name,
+        f"allowed: {', '.join(sorted(methods.REGISTRY))}",
+    )
     method_cls = methods.REGISTRY[cfg.method.name]
     method_cls(cfg.method)  # each method checks its own keys
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
     require(lr is not None and lr > 0, "train.lr", lr, "must be > 0 (or set method.lr)")
-    require(cfg.device in DEVICES or re.fullmatch(r"cuda:\d+", str(cfg.device)) is not None, "device", cfg.device,
-             f"allowed: {', '.join(DEVICES)} or cuda:N")
+    require(
+        cfg.device in DEVICES or re.fullmatch(r"cuda:\d+", str(cfg.device)) is not None,
+        "device",
+        cfg.device,
+        f"allowed: {', '.join(DEVICES)} or cuda:N",
+    )
     resolve_device(cfg.device)
     check_numbers(cfg)
     require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
@@ -185,21 +197,38 @@ def check(cfg: Any) -> None:
     require(cfg.measure.latency_warmup >= 0, "measure.latency_warmup", cfg.measure.latency_warmup, "must be >= 0")
     for key in ("latency_grid_batches", "latency_grid_lengths"):
         values = list(cfg.measure[key])
-        require(bool(values) and all(v >= 1 for v in values), f"measure.{key}", values,
-                 "must be a non-empty list of integers >= 1")
-    require(cfg.measure.decode_tokens >= 0, "measure.decode_tokens", cfg.measure.decode_tokens,
-             "must be >= 0 (0 skips the decode measurement)")
+        require(
+            bool(values) and all(v >= 1 for v in values),
+            f"measure.{key}",
+            values,
+            "must be a non-empty list of integers >= 1",
+        )
+    require(
+        cfg.measure.decode_tokens >= 0,
+        "measure.decode_tokens",
+        cfg.measure.decode_tokens,
+        "must be >= 0 (0 skips the decode measurement)",
+    )
     require(cfg.measure.decode_repeats >= 1, "measure.decode_repeats", cfg.measure.decode_repeats, "must be >= 1")
     require(cfg.task.kind in TASK_KINDS, "task.kind", cfg.task.kind, f"allowed: {', '.join(TASK_KINDS)}")
     require(cfg.task.max_length >= 8, "task.max_length", cfg.task.max_length, "must be >= 8 tokens")
-    require(cfg.task.num_train is None or cfg.task.num_train >= 1, "task.num_train", cfg.task.num_train,
-             "must be >= 1 or null")
-    require(cfg.task.num_eval is None or cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval,
-             "must be >= 1 or null")
+    require(
+        cfg.task.num_train is None or cfg.task.num_train >= 1,
+        "task.num_train",
+        cfg.task.num_train,
+        "must be >= 1 or null",
+    )
+    require(
+        cfg.task.num_eval is None or cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval, "must be >= 1 or null"
+    )
     require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
     require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
-    require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
-             "a random-init model needs model.arch (or set model.name_or_path)")
+    require(
+        cfg.model.name_or_path is not None or bool(cfg.model.arch),
+        "model.arch",
+        "{}",
+        "a random-init model needs model.arch (or set model.name_or_path)",
+    )
 
 
 def check_numbers(cfg: Any) -> None:
@@ -235,8 +264,9 @@ def context_needs(cfg: Any) -> dict[str, int]:
 def check_context(cfg: Any, method: Any, model_config: Any) -> None:
     """Inputs plus the positions a method takes itself (prefix tuning's virtual tokens) must fit
     in the model's context; otherwise the run would fail half-way (``methods.check_context``)."""
-    methods.check_context(model_config, context_needs(cfg), getattr(method, "context_tokens", 0),
-                          f"method={cfg.method.name}")
+    methods.check_context(
+        model_config, context_needs(cfg), getattr(method, "context_tokens", 0), f"method={cfg.method.name}"
+    )
 
 
 def to_container(cfg: Any) -> dict[str, Any]:

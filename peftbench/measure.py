@@ -8,13 +8,13 @@ that neither instrument slows a timed one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from methods import ConfigError
 from peftbench.memory import TensorMemoryTracker
 from peftbench.timing import Stopwatch, repeat, stats, synchronize
 
@@ -22,13 +22,13 @@ from peftbench.timing import Stopwatch, repeat, stats, synchronize
 # the datasheets print at twice these values): (name fragment, bf16/fp16, tf32, fp32).
 # The first matching fragment wins, so specific names come before general ones.
 GPU_PEAK_TFLOPS: list[tuple[str, Optional[tuple[float, float, float]]]] = [
-    ("H100 NVL", None),                      # no per-GPU figure we trust: MFU left out
-    ("H100 PCIe", (756.0, 378.0, 51.0)),     # NVIDIA H100 Tensor Core GPU datasheet, PCIe column
-    ("H100", (989.4, 494.7, 66.9)),          # same datasheet, SXM5 column (H100 80GB HBM3)
-    ("H200", (989.4, 494.7, 66.9)),          # NVIDIA H200 Tensor Core GPU datasheet (SXM)
-    ("A100", (312.0, 156.0, 19.5)),          # NVIDIA A100 Tensor Core GPU datasheet
-    ("L40S", (362.1, 183.0, 91.6)),          # NVIDIA L40S datasheet
-    ("L4", (121.0, 60.0, 30.3)),             # NVIDIA L4 Tensor Core GPU datasheet
+    ("H100 NVL", None),  # no per-GPU figure we trust: MFU left out
+    ("H100 PCIe", (756.0, 378.0, 51.0)),  # NVIDIA H100 Tensor Core GPU datasheet, PCIe column
+    ("H100", (989.4, 494.7, 66.9)),  # same datasheet, SXM5 column (H100 80GB HBM3)
+    ("H200", (989.4, 494.7, 66.9)),  # NVIDIA H200 Tensor Core GPU datasheet (SXM)
+    ("A100", (312.0, 156.0, 19.5)),  # NVIDIA A100 Tensor Core GPU datasheet
+    ("L40S", (362.1, 183.0, 91.6)),  # NVIDIA L40S datasheet
+    ("L4", (121.0, 60.0, 30.3)),  # NVIDIA L4 Tensor Core GPU datasheet
 ]
 
 
@@ -65,8 +65,9 @@ def cuda_phase_stats(device: torch.device, phase: str, tracker: Optional[TensorM
     return out
 
 
-def phase_memory(model: nn.Module, device: torch.device, phase: str, fn: Callable[[], Any],
-                 extra: Iterable[torch.Tensor] = ()) -> dict[str, int]:
+def phase_memory(
+    model: nn.Module, device: torch.device, phase: str, fn: Callable[[], Any], extra: Iterable[torch.Tensor] = ()
+) -> dict[str, int]:
     """Run ``fn`` once under the tensor tracker (and the CUDA allocator's peak counters).
 
     Returns ``<phase>_peak_memory_bytes`` with its ``<phase>_memory_weights_bytes`` and
@@ -138,7 +139,9 @@ def latency_inputs(vocab_size: int, batch: int, length: int, device: torch.devic
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
-def forward_latency(model: nn.Module, inputs: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+def forward_latency(
+    model: nn.Module, inputs: dict, device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
     """Median and IQR (ms) of one no-grad forward pass (prefill) over ``inputs``."""
     model.eval()
     with torch.no_grad():
@@ -163,8 +166,9 @@ def latency_grid(model: nn.Module, vocab_size: int, device: torch.device, m: Any
     return out
 
 
-def decode_latency(model: nn.Module, vocab_size: int, pad_id: Optional[int], device: torch.device,
-                   m: Any) -> Optional[dict[str, float]]:
+def decode_latency(
+    model: nn.Module, vocab_size: int, pad_id: Optional[int], device: torch.device, m: Any
+) -> Optional[dict[str, float]]:
     """Milliseconds per generated token with the KV cache, greedy, prompt of the default point.
 
     Times ``generate`` for 1 and for N + 1 new tokens (N = ``decode_tokens``, EOS suppressed
@@ -204,8 +208,11 @@ def checkpoint_size(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().to("cpu").contiguous() for n in sorted(names)}
     size = len(save(tensors))
-    return {"checkpoint_bytes": size, "checkpoint_params": sum(t.numel() for t in tensors.values()),
-            "checkpoint_tensors": len(tensors)}
+    return {
+        "checkpoint_bytes": size,
+        "checkpoint_params": sum(t.numel() for t in tensors.values()),
+        "checkpoint_tensors": len(tensors),
+    }
 
 
 # ----------------------------------------------------------------- inference, all of it
@@ -222,8 +229,9 @@ def merged(method: Any, model: nn.Module) -> Iterator[bool]:
             method.unmerge(model)
 
 
-def inference(model: nn.Module, method: Any, vocab_size: int, pad_id: Optional[int], kind: str,
-              device: torch.device, m: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def inference(
+    model: nn.Module, method: Any, vocab_size: int, pad_id: Optional[int], kind: str, device: torch.device, m: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Everything measured on the finished model: flat metrics and the latency grid.
 
     Latency and decode are taken as trained first, then, for a method that merges, again
@@ -260,9 +268,13 @@ def inference(model: nn.Module, method: Any, vocab_size: int, pad_id: Optional[i
         metrics["decode_new_tokens"] = m.decode_tokens
     rows = []
     for b, n in grid_points(m):
-        row = {"batch": b, "length": n, "inference_latency_ms": grid[(b, n)]["median"],
-               "inference_latency_iqr_ms": grid[(b, n)]["iqr"],
-               "tokens_per_s": b * n / grid[(b, n)]["median"] * 1e3}
+        row = {
+            "batch": b,
+            "length": n,
+            "inference_latency_ms": grid[(b, n)]["median"],
+            "inference_latency_iqr_ms": grid[(b, n)]["iqr"],
+            "tokens_per_s": b * n / grid[(b, n)]["median"] * 1e3,
+        }
         if unmerged_grid is not None:
             row["inference_latency_unmerged_ms"] = unmerged_grid[(b, n)]["median"]
             row["inference_latency_unmerged_iqr_ms"] = unmerged_grid[(b, n)]["iqr"]

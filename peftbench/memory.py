@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Iterable
 from functools import partial
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,8 +49,13 @@ class TensorMemoryTracker(TorchDispatchMode):
     across all of them until ``reset_peak``. Call ``close`` when done (removes hooks).
     """
 
-    def __init__(self, model: Optional[torch.nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
-                 device: Any = "cpu", extra: Iterable[torch.Tensor] = ()):
+    def __init__(
+        self,
+        model: Optional[torch.nn.Module] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        device: Any = "cpu",
+        extra: Iterable[torch.Tensor] = (),
+    ):
         super().__init__()
         self.device_type = torch.device(device).type if not isinstance(device, torch.device) else device.type
         self.model = model

@@ -37,8 +37,15 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 # Files that a saved tokenizer leaves in its folder (any one of them is enough).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def has_tokenizer(name_or_path: str) -> bool:
@@ -59,15 +66,17 @@ def load_tokenizer(cfg: Any):
     try:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: "
-                          f"{' '.join(str(e).split())[:200]}") from None
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {' '.join(str(e).split())[:200]}"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
 
 
-def model_config(cfg: Any, kind: str, vocab_size: Optional[int], pad_token_id: Optional[int] = None,
-                 num_labels: int = 2) -> Any:
+def model_config(
+    cfg: Any, kind: str, vocab_size: Optional[int], pad_token_id: Optional[int] = None, num_labels: int = 2
+) -> Any:
     """The transformers config that both the real build and the meta-device build use, with
     every check a build makes, so that the dry run checks exactly what the run builds.
 
@@ -84,13 +93,17 @@ def model_config(cfg: Any, kind: str, vocab_size: Optional[int], pad_token_id: O
         model_type = arch.pop("model_type", None)
         rows = arch.pop("vocab_size", vocab_size)  # a preset may fix the real vocabulary
         if model_type is None:
-            raise ConfigError("model.arch.model_type=null: a random-init model needs a transformers model_type "
-                              "(llama, gpt2, bert, ...)")
+            raise ConfigError(
+                "model.arch.model_type=null: a random-init model needs a transformers model_type "
+                "(llama, gpt2, bert, ...)"
+            )
         if rows is None:
             raise ConfigError("model.arch.vocab_size=null: a random-init model needs a vocabulary size")
         if vocab_size is not None and rows < vocab_size:
-            raise ConfigError(f"model.arch.vocab_size={rows}: smaller than the tokenizer's {vocab_size} tokens; "
-                              f"allowed: >= {vocab_size}, or lower task.vocab_size")
+            raise ConfigError(
+                f"model.arch.vocab_size={rows}: smaller than the tokenizer's {vocab_size} tokens; "
+                f"allowed: >= {vocab_size}, or lower task.vocab_size"
+            )
         try:
             config = AutoConfig.for_model(model_type, **arch, vocab_size=rows, pad_token_id=pad_token_id, **extra)
         except ValueError as e:
@@ -173,10 +186,7 @@ def check_head(config: Any, kind: str, name: str) -> None:
 
 def head_names(model: nn.Module) -> set[str]:
     """Parameter names of a freshly created task head (sequence classification only)."""
-    return {
-        n for n, _ in model.named_parameters()
-        if any(part in HEAD_MODULES for part in n.split("."))
-    }
+    return {n for n, _ in model.named_parameters() if any(part in HEAD_MODULES for part in n.split("."))}
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -19,9 +19,10 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import matplotlib
 
@@ -51,9 +52,13 @@ TABLE = (
     ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.3f}"),
     ("quality", "quality", None, "{:.4f}"),
 )
-RATIOS = {"trainable_vs_full": "trainable_params", "memory_vs_full": "peak_bytes",
-          "throughput_vs_full": "train_tokens_per_s", "latency_vs_full": "inference_latency_ms",
-          "checkpoint_vs_full": "checkpoint_bytes"}
+RATIOS = {
+    "trainable_vs_full": "trainable_params",
+    "memory_vs_full": "peak_bytes",
+    "throughput_vs_full": "train_tokens_per_s",
+    "latency_vs_full": "inference_latency_ms",
+    "checkpoint_vs_full": "checkpoint_bytes",
+}
 
 
 class WriteError(Exception):
@@ -87,12 +92,21 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
     m = rec.get("metrics") or {}
     prov = rec.get("provenance") or {}
     out: dict[str, Any] = {
-        "run_id": rec.get("run_id"), "kind": rec.get("kind", "measured"), "status": rec.get("status"),
-        "error": rec.get("error"), "method": rec.get("method"), "model": rec.get("model"),
-        "task": rec.get("task"), "device": records.recorded_device(rec), "device_type": records.recorded_device_type(rec),
-        "config_hash": rec.get("config_hash"), "git_sha": (prov.get("git_sha") or "")[:10] or None,
-        "timestamp": prov.get("timestamp"), "parallel_launcher": records.launched_in_parallel(rec),
-        "train_steps": ((rec.get("config") or {}).get("train") or {}).get("steps"), "path": rec.get("_path"),
+        "run_id": rec.get("run_id"),
+        "kind": rec.get("kind", "measured"),
+        "status": rec.get("status"),
+        "error": rec.get("error"),
+        "method": rec.get("method"),
+        "model": rec.get("model"),
+        "task": rec.get("task"),
+        "device": records.recorded_device(rec),
+        "device_type": records.recorded_device_type(rec),
+        "config_hash": rec.get("config_hash"),
+        "git_sha": (prov.get("git_sha") or "")[:10] or None,
+        "timestamp": prov.get("timestamp"),
+        "parallel_launcher": records.launched_in_parallel(rec),
+        "train_steps": ((rec.get("config") or {}).get("train") or {}).get("steps"),
+        "path": rec.get("_path"),
     }
     out.update({f"method.{k}": v for k, v in records.method_settings(rec).items() if k != "name"})
     out.update({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None})
@@ -100,7 +114,10 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
     steps = rec.get("train_step_ms")
     if m.get("train_tokens_per_s") and m.get("train_tokens_per_s_iqr") is not None:
         half = m["train_tokens_per_s_iqr"] / 2
-        out["train_tokens_per_s_q25"], out["train_tokens_per_s_q75"] = m["train_tokens_per_s"] - half, m["train_tokens_per_s"] + half
+        out["train_tokens_per_s_q25"], out["train_tokens_per_s_q75"] = (
+            m["train_tokens_per_s"] - half,
+            m["train_tokens_per_s"] + half,
+        )
     elif isinstance(steps, list) and len(steps) >= 2 and m.get("train_tokens_per_s"):
         # throughput quartiles from the per-step times (tokens per step taken as constant)
         q = pd.Series(steps, dtype=float).quantile([0.25, 0.75])
@@ -125,7 +142,7 @@ def labels(df: pd.DataFrame, recs: list[dict[str, Any]]) -> pd.Series:
     """The method, plus the config keys that tell its runs apart within their (device, model,
     task) group (``lora rank=4``, ``adapter variant=pfeiffer``, ``full train.lr=0.001``)."""
     out = df["method"].astype(str).copy()
-    configs = [records.flat((r.get("config") or {})) for r in recs]
+    configs = [records.flat(r.get("config") or {}) for r in recs]
     ignore = ("results_dir", "force", "method.name")
     for _, g in df.groupby(["device", "model", "task", "method"], dropna=False):
         cfgs = {i: configs[i] for i in g.index}
@@ -210,8 +227,10 @@ def plot_group(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
         v = g["train_tokens_per_s"]
         err = None
         if "train_tokens_per_s_q25" in g:
-            err = [(v - g["train_tokens_per_s_q25"]).fillna(0).clip(lower=0),
-                   (g["train_tokens_per_s_q75"] - v).fillna(0).clip(lower=0)]
+            err = [
+                (v - g["train_tokens_per_s_q25"]).fillna(0).clip(lower=0),
+                (g["train_tokens_per_s_q75"] - v).fillna(0).clip(lower=0),
+            ]
         _bar(ax, lab, v.tolist(), yerr=err, capsize=4, color="tab:green")
         ax.set_ylabel("training tokens/s (median, IQR)")
         _save(fig, out, f"{slug}-throughput.png", made, "Training throughput")
@@ -222,8 +241,9 @@ def plot_latency(g: pd.DataFrame, recs: dict[str, dict], out: Path, slug: str) -
     """Latency against batch size and against length (deployed form solid, unmerged dashed),
     and merged against unmerged at the default point."""
     made: list[tuple[str, str]] = []
-    pts = pd.DataFrame([{**p, "label": r["label"]} for _, r in g.iterrows()
-                        for p in records.latency_points(recs[r["run_id"]])])
+    pts = pd.DataFrame(
+        [{**p, "label": r["label"]} for _, r in g.iterrows() for p in records.latency_points(recs[r["run_id"]])]
+    )
     if not pts.empty and (pts["batch"].nunique() > 1 or pts["length"].nunique() > 1):
         merging = set(pts.loc[pts["merged"], "label"])  # runs with a merged and an unmerged form
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -232,8 +252,15 @@ def plot_latency(g: pd.DataFrame, recs: dict[str, dict], out: Path, slug: str) -
             for (label, merged), s in pts[pts[fixed] == at].groupby(["label", "merged"]):
                 unmerged = label in merging and not merged
                 s = s.sort_values(x)
-                ax.errorbar(s[x], s["median_ms"], yerr=s["iqr_ms"].fillna(0) / 2, capsize=3, marker="o",
-                            linestyle="--" if unmerged else "-", label=label + (" (unmerged)" if unmerged else ""))
+                ax.errorbar(
+                    s[x],
+                    s["median_ms"],
+                    yerr=s["iqr_ms"].fillna(0) / 2,
+                    capsize=3,
+                    marker="o",
+                    linestyle="--" if unmerged else "-",
+                    label=label + (" (unmerged)" if unmerged else ""),
+                )
             ax.set_xscale("log", base=2)
             ax.set_xlabel(f"{x} ({fixed} = {at})")
             ax.set_ylabel("forward latency ms (median)")
@@ -244,9 +271,16 @@ def plot_latency(g: pd.DataFrame, recs: dict[str, dict], out: Path, slug: str) -
         fig, ax = plt.subplots(figsize=(6, 3.5))
         x = range(len(mg))
         iqr = lambda c: mg[c].fillna(0) / 2 if c in mg else None  # noqa: E731
-        ax.bar([i - 0.2 for i in x], mg["inference_latency_ms"], 0.4, yerr=iqr("inference_latency_iqr_ms"), label="merged")
-        ax.bar([i + 0.2 for i in x], mg["inference_latency_unmerged_ms"], 0.4,
-               yerr=iqr("inference_latency_unmerged_iqr_ms"), label="unmerged")
+        ax.bar(
+            [i - 0.2 for i in x], mg["inference_latency_ms"], 0.4, yerr=iqr("inference_latency_iqr_ms"), label="merged"
+        )
+        ax.bar(
+            [i + 0.2 for i in x],
+            mg["inference_latency_unmerged_ms"],
+            0.4,
+            yerr=iqr("inference_latency_unmerged_iqr_ms"),
+            label="unmerged",
+        )
         ax.set_xticks(list(x), mg["label"], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("forward latency ms (median, IQR)")
         ax.legend(fontsize=8)
@@ -263,10 +297,17 @@ def plot_ranks(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
         if s["method.rank"].nunique() < 2:
             continue
         s = s.sort_values("method.rank")
-        panels = [("trainable_params", "trainable parameters"), ("peak_bytes", "peak MiB"),
-                  ("quality", s["quality_metric"].dropna().iloc[0] if s.get("quality_metric") is not None
-                   and s["quality_metric"].notna().any() else "quality"),
-                  ("train_tokens_per_s", "training tokens/s")]
+        panels = [
+            ("trainable_params", "trainable parameters"),
+            ("peak_bytes", "peak MiB"),
+            (
+                "quality",
+                s["quality_metric"].dropna().iloc[0]
+                if s.get("quality_metric") is not None and s["quality_metric"].notna().any()
+                else "quality",
+            ),
+            ("train_tokens_per_s", "training tokens/s"),
+        ]
         fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
         for ax, (col, name) in zip(axes, panels):
             if col in s and s[col].notna().any():
@@ -282,8 +323,7 @@ def pareto(points: list[tuple[float, float]], higher_better: bool) -> list[int]:
     """Indices of the points (memory, quality) that no other point beats on both."""
     front = []
     for i, (m, q) in enumerate(points):
-        beaten = any((m2 <= m and (q2 >= q if higher_better else q2 <= q)) and (m2, q2) != (m, q)
-                     for m2, q2 in points)
+        beaten = any((m2 <= m and (q2 >= q if higher_better else q2 <= q)) and (m2, q2) != (m, q) for m2, q2 in points)
         if not beaten:
             front.append(i)
     return front
@@ -333,14 +373,20 @@ def slugify(*parts: Any) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")[:80]
 
 
-def render(df: pd.DataFrame, recs: list[dict[str, Any]], skipped: list[tuple[str, str]], out: Path,
-           sources: list[str]) -> str:
+def render(
+    df: pd.DataFrame, recs: list[dict[str, Any]], skipped: list[tuple[str, str]], out: Path, sources: list[str]
+) -> str:
     by_id = {r["run_id"]: r for r in recs}
-    lines = ["# peftbench report", "", f"Records from {', '.join(f'`{s}`' for s in sources)}: "
-             f"{len(df)} loaded, {len(skipped)} file(s) skipped.", "",
-             "Every figure is from the newest ok record of each config on each device. Ratios "
-             "(`vs full`) divide by the full fine-tuning run of the same device, model and task. "
-             "Times are medians; IQR in brackets or as error bars.", ""]
+    lines = [
+        "# peftbench report",
+        "",
+        f"Records from {', '.join(f'`{s}`' for s in sources)}: {len(df)} loaded, {len(skipped)} file(s) skipped.",
+        "",
+        "Every figure is from the newest ok record of each config on each device. Ratios "
+        "(`vs full`) divide by the full fine-tuning run of the same device, model and task. "
+        "Times are medians; IQR in brackets or as error bars.",
+        "",
+    ]
     if df.empty:
         return "\n".join(lines + ["No records."])
     measured = df[(df["kind"] == "measured") & (df["status"] == "ok")]
@@ -349,33 +395,53 @@ def render(df: pd.DataFrame, recs: list[dict[str, Any]], skipped: list[tuple[str
         slug = slugify(model, task, device)
         lines += [f"## {model} / {task} on {device}", ""]
         if g["parallel_launcher"].any():
-            lines += ["> Some of these timings were taken under a parallel launcher (jobs sharing the "
-                      "machine): compare them with care.", ""]
+            lines += [
+                "> Some of these timings were taken under a parallel launcher (jobs sharing the "
+                "machine): compare them with care.",
+                "",
+            ]
         g = ordered(g)
         lines += [md_table(g), ""]
         if "quality_metric" in g and g["quality_metric"].notna().any():
             lines += [f"quality: {', '.join(sorted(g['quality_metric'].dropna().unique()))}", ""]
-        plots = (plot_group(g, out, slug) + plot_latency(g, by_id, out, slug) + plot_ranks(g, out, slug)
-                 + plot_pareto(g, out, slug))
+        plots = (
+            plot_group(g, out, slug)
+            + plot_latency(g, by_id, out, slug)
+            + plot_ranks(g, out, slug)
+            + plot_pareto(g, out, slug)
+        )
         for title, name in plots:
             lines += [f"### {title}", "", f"![{title}]({name})", ""]
     failed = df[df["status"] != "ok"]
     if not failed.empty:
-        lines += ["## Failed runs (not plotted)", "", "| run | model | task | device | error |", "|---|---|---|---|---|"]
-        lines += [f"| {r['run_id']} | {r['model']} | {r['task']} | {r['device']} | "
-                  f"{str(r['error']).replace('|', '/')} |" for _, r in failed.iterrows()]
+        lines += [
+            "## Failed runs (not plotted)",
+            "",
+            "| run | model | task | device | error |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['run_id']} | {r['model']} | {r['task']} | {r['device']} | {str(r['error']).replace('|', '/')} |"
+            for _, r in failed.iterrows()
+        ]
         lines.append("")
     est = df[(df["kind"] == "estimate") & (df["status"] == "ok")]
     if not est.empty:
-        cols = ("label", "model") + tuple(c for c in (
-            ("trainable_params", "trainable params", None, "{:,.0f}"),
-            ("peak_memory_bytes", "estimated peak GiB", 2**30, "{:,.2f}"),
-            ("memory_weights_bytes", "weights GiB", 2**30, "{:,.2f}"),
-            ("memory_optimizer_bytes", "optimizer GiB", 2**30, "{:,.2f}"),
-            ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.2f}"),
-            ("train_flops_per_step", "train FLOP/step", None, "{:.3g}")))
-        cols = tuple(("model", "model", None, "{}") if c == "model" else ("label", "method", None, "{}") if c == "label"
-                     else c for c in cols)
+        cols = ("label", "model") + tuple(
+            c
+            for c in (
+                ("trainable_params", "trainable params", None, "{:,.0f}"),
+                ("peak_memory_bytes", "estimated peak GiB", 2**30, "{:,.2f}"),
+                ("memory_weights_bytes", "weights GiB", 2**30, "{:,.2f}"),
+                ("memory_optimizer_bytes", "optimizer GiB", 2**30, "{:,.2f}"),
+                ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.2f}"),
+                ("train_flops_per_step", "train FLOP/step", None, "{:.3g}"),
+            )
+        )
+        cols = tuple(
+            ("model", "model", None, "{}") if c == "model" else ("label", "method", None, "{}") if c == "label" else c
+            for c in cols
+        )
         lines += ["## Estimates (computed, not measured)", "", md_table(newest_per_config(est), cols), ""]
     if skipped:
         lines += ["## Skipped files", ""] + [f"- `{p}`: {why}" for p, why in skipped] + [""]
@@ -393,8 +459,18 @@ def build(sources: list[str], out: str | Path) -> Path:
     df = frame(loaded.records)
     with writing(out / "records.csv") as path:
         df.to_csv(path, index=False)
-    grid = [{"run_id": r["run_id"], "method": r["method"], "model": r["model"], "task": r["task"],
-             "device": records.recorded_device(r), **p} for r in loaded.records for p in records.latency_points(r)]
+    grid = [
+        {
+            "run_id": r["run_id"],
+            "method": r["method"],
+            "model": r["model"],
+            "task": r["task"],
+            "device": records.recorded_device(r),
+            **p,
+        }
+        for r in loaded.records
+        for p in records.latency_points(r)
+    ]
     with writing(out / "latency.csv") as path:
         pd.DataFrame(grid).to_csv(path, index=False)
     text = render(df, loaded.records, loaded.skipped, out, [str(s) for s in sources])

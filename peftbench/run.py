@@ -45,7 +45,9 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     kind = cfg.task.kind
     raw = tasks.load(cfg.task)
     if kind == "classification" and raw.num_labels < 2:
-        raise ConfigError(f"task.label_column={cfg.task.label_column}: needs at least 2 classes, found {raw.num_labels}")
+        raise ConfigError(
+            f"task.label_column={cfg.task.label_column}: needs at least 2 classes, found {raw.num_labels}"
+        )
     tokenizer = models.load_tokenizer(cfg.model) or tasks.word_tokenizer(raw.train_text, cfg.task.vocab_size)
     model = models.build(cfg.model, kind, len(tokenizer), tokenizer.pad_token_id, raw.num_labels)
     base_config = model.config
@@ -102,11 +104,14 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
             import evaluate as hf_evaluate
 
             acc = hf_evaluate.load(str(ACCURACY_METRIC))
-            metrics["eval_accuracy"] = acc.compute(predictions=ev["predictions"], references=ev["references"])["accuracy"]
+            metrics["eval_accuracy"] = acc.compute(predictions=ev["predictions"], references=ev["references"])[
+                "accuracy"
+            ]
 
     # ---- inference: memory, FLOPs, latency grid, decode (merged where the method merges)
-    inf, grid = measure.inference(model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device,
-                                  cfg.measure)
+    inf, grid = measure.inference(
+        model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device, cfg.measure
+    )
     metrics.update(inf)
     rec["latency_grid"] = grid
     metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))

@@ -26,15 +26,19 @@ def _pm(median: Any, iqr: Any, unit: str, digits: int = 1) -> str:
 def _memory(m: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     if m.get("peak_memory_bytes") is not None:
-        parts = ", ".join(f"{c[0].upper()} {_fmt(m.get(f'memory_{c}_bytes'), '', MIB)}"
-                          for c in ("weights", "gradients", "optimizer", "activations"))
+        parts = ", ".join(
+            f"{c[0].upper()} {_fmt(m.get(f'memory_{c}_bytes'), '', MIB)}"
+            for c in ("weights", "gradients", "optimizer", "activations")
+        )
         out.append(("peak memory, train step", f"{_fmt(m['peak_memory_bytes'], ' MiB', MIB)}  ({parts} MiB)"))
     phases = [(p, m.get(f"{p}_peak_memory_bytes")) for p in ("eval", "inference")]
     text = ", ".join(f"{p} {_fmt(v, ' MiB', MIB)}" for p, v in phases if v is not None)
     if text:
         out.append(("peak memory, no grad", text))
-    cuda = [(p, m.get(f"cuda_{p}_max_allocated_bytes"), m.get(f"cuda_{p}_max_reserved_bytes"))
-            for p in ("train", "eval", "inference")]
+    cuda = [
+        (p, m.get(f"cuda_{p}_max_allocated_bytes"), m.get(f"cuda_{p}_max_reserved_bytes"))
+        for p in ("train", "eval", "inference")
+    ]
     text = ", ".join(f"{p} {_fmt(a, '', MIB)}/{_fmt(r, '', MIB)}" for p, a, r in cuda if a is not None)
     if text:
         out.append(("CUDA allocated/reserved", text + " MiB"))
@@ -45,10 +49,16 @@ def _throughput(m: dict[str, Any]) -> list[tuple[str, str]]:
     if m.get("train_step_ms_median") is None:
         return []
     out = [
-        ("train step", f"{_pm(m.get('train_step_ms_median'), m.get('train_step_ms_iqr'), ' ms')} "
-                       f"over {m.get('train_timed_steps')} steps"),
-        ("train throughput", f"{_pm(m.get('train_tokens_per_s'), m.get('train_tokens_per_s_iqr'), ' tok/s', 0)}, "
-                             f"{_fmt(m.get('train_samples_per_s'), ' samples/s', digits=1)}"),
+        (
+            "train step",
+            f"{_pm(m.get('train_step_ms_median'), m.get('train_step_ms_iqr'), ' ms')} "
+            f"over {m.get('train_timed_steps')} steps",
+        ),
+        (
+            "train throughput",
+            f"{_pm(m.get('train_tokens_per_s'), m.get('train_tokens_per_s_iqr'), ' tok/s', 0)}, "
+            f"{_fmt(m.get('train_samples_per_s'), ' samples/s', digits=1)}",
+        ),
     ]
     if m.get("train_mfu") is not None:
         out.append(("train MFU", _fmt(100 * m["train_mfu"], "%", digits=1)))
@@ -70,12 +80,20 @@ def _latency(rec: dict[str, Any], m: dict[str, Any]) -> list[tuple[str, str]]:
     out = [("prefill latency", text)]
     if m.get("inference_latency_unmerged_ms") is not None:
         out[0] = ("prefill latency, merged", text)
-        out.append(("  unmerged", _pm(m["inference_latency_unmerged_ms"], m.get("inference_latency_unmerged_iqr_ms"),
-                                      " ms", 2)))
+        out.append(
+            (
+                "  unmerged",
+                _pm(m["inference_latency_unmerged_ms"], m.get("inference_latency_unmerged_iqr_ms"), " ms", 2),
+            )
+        )
     grid = rec.get("latency_grid") or []
     if grid:
-        out.append(("  grid (b x len: ms)", "  ".join(
-            f"{g['batch']}x{g['length']}: {_fmt(g['inference_latency_ms'], digits=1)}" for g in grid)))
+        out.append(
+            (
+                "  grid (b x len: ms)",
+                "  ".join(f"{g['batch']}x{g['length']}: {_fmt(g['inference_latency_ms'], digits=1)}" for g in grid),
+            )
+        )
     if m.get("decode_ms_per_token") is not None:
         text = _pm(m["decode_ms_per_token"], m.get("decode_ms_per_token_iqr"), " ms/token", 2)
         if m.get("decode_unmerged_ms_per_token") is not None:
@@ -88,8 +106,11 @@ def rows(rec: dict[str, Any]) -> list[tuple[str, str]]:
     m = rec.get("metrics", {})
     out = [
         ("run", f"{rec['method']} / {rec['model']} / {rec['task']}  [{rec['status']}]"),
-        ("trainable params", f"{_fmt(m.get('trainable_params'))} of {_fmt(m.get('total_params'))}"
-                             f" ({_fmt(m.get('trainable_percent'), '%', digits=3)})"),
+        (
+            "trainable params",
+            f"{_fmt(m.get('trainable_params'))} of {_fmt(m.get('total_params'))}"
+            f" ({_fmt(m.get('trainable_percent'), '%', digits=3)})",
+        ),
     ]
     out += _memory(m) + _flops(m) + _throughput(m)
     if m.get("inference_latency_ms") is not None:
@@ -97,7 +118,9 @@ def rows(rec: dict[str, Any]) -> list[tuple[str, str]]:
     if m.get("checkpoint_bytes") is not None:
         out.append(("checkpoint (safetensors)", _fmt(m["checkpoint_bytes"], " MiB", MIB, digits=3)))
     if m.get("eval_loss") is not None:
-        out.append(("eval loss", f"{_fmt(m.get('eval_loss_initial'), digits=3)} -> {_fmt(m.get('eval_loss'), digits=3)}"))
+        out.append(
+            ("eval loss", f"{_fmt(m.get('eval_loss_initial'), digits=3)} -> {_fmt(m.get('eval_loss'), digits=3)}")
+        )
     if m.get("eval_accuracy") is not None:
         out.append(("eval accuracy", _fmt(m.get("eval_accuracy"), digits=3)))
     if rec.get("wall_s") is not None:

@@ -12,8 +12,9 @@ gradients) is one Stopwatch region: CUDA events on a GPU, wall clock on CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -61,8 +62,15 @@ class StepRecorder:
         }
 
 
-def train(model: nn.Module, batches: Iterator[dict], steps: int, lr: float, train_cfg: Any,
-          memory_steps: int, device: torch.device) -> dict[str, Any]:
+def train(
+    model: nn.Module,
+    batches: Iterator[dict],
+    steps: int,
+    lr: float,
+    train_cfg: Any,
+    memory_steps: int,
+    device: torch.device,
+) -> dict[str, Any]:
     """Train for ``steps`` steps; returns metrics (timing, memory, FLOPs) and the per-step
     losses and times."""
     from torch.utils.flop_counter import FlopCounterMode

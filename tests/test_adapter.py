@@ -14,6 +14,7 @@ from torch import nn
 import methods
 from methods import ConfigError
 from methods.adapter import INSERTION_POINTS, AdapterConfig, AdapterLayer
+
 from conftest import REPO
 
 D, LAYERS, VOCAB = 48, 2, 97
@@ -24,13 +25,28 @@ def tiny_config(arch: str):
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     if arch == "llama":
-        return LlamaConfig(hidden_size=D, intermediate_size=80, num_hidden_layers=LAYERS, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+        return LlamaConfig(
+            hidden_size=D,
+            intermediate_size=80,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        )
     if arch == "gpt2":
-        return GPT2Config(n_embd=D, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=64,
-                          bos_token_id=0, eos_token_id=0)
-    return BertConfig(hidden_size=D, intermediate_size=80, num_hidden_layers=LAYERS, num_attention_heads=4,
-                      vocab_size=VOCAB, max_position_embeddings=64, num_labels=2)
+        return GPT2Config(
+            n_embd=D, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    return BertConfig(
+        hidden_size=D,
+        intermediate_size=80,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
 
 
 def tiny_model(arch: str, meta: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -74,7 +90,9 @@ def test_trainable_count_is_closed_form(arch, variant, size):
     m = size.get("bottleneck") or D // size["reduction_factor"]
     method, model = apply(tiny_model(arch), variant=variant, **size)
     assert methods.trainable_parameters(model) == closed_form(variant, m)
-    assert sum(p.numel() for n, p in model.named_parameters() if n in method.adapter_names(model)) == closed_form(variant, m)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in method.adapter_names(model)) == closed_form(
+        variant, m
+    )
     info = method.describe(model)
     assert (info["bottleneck"], info["hidden_size"], info["num_insertions"]) == (m, D, LAYERS * INSERTIONS[variant])
     # meta device: same structure, same count, no weights
@@ -110,8 +128,17 @@ def test_every_table_entry_finds_two_insertions_per_layer(model_type):
     elif model_type == "gpt2":
         kw = dict(n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
     elif model_type == "opt":
-        kw = dict(hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
-                  word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+        kw = dict(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            word_embed_proj_dim=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     elif not encoder:
         kw.update(num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     config = AutoConfig.for_model(model_type, **kw)
@@ -200,16 +227,19 @@ def test_unknown_architecture_needs_module_patterns():
     assert method.describe(model)["insertion_modules"] == ["mix", "out"]
 
 
-@pytest.mark.parametrize("kw, key", [
-    ({"variant": "nope"}, "method.variant=nope"),
-    ({"reduction_factor": 0}, "method.reduction_factor=0"),
-    ({"bottleneck": 0}, "method.bottleneck=0"),
-    ({"activation": "softmax"}, "method.activation=softmax"),
-    ({"attn_modules": []}, "method.attn_modules=[]"),
-    ({"ffn_modules": []}, "method.ffn_modules=[]"),
-    ({"variant": "pfeiffer", "attn_modules": ["o_proj"]}, "method.attn_modules="),
-    ({"lr": 0.0}, "method.lr=0.0"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        ({"variant": "nope"}, "method.variant=nope"),
+        ({"reduction_factor": 0}, "method.reduction_factor=0"),
+        ({"bottleneck": 0}, "method.bottleneck=0"),
+        ({"activation": "softmax"}, "method.activation=softmax"),
+        ({"attn_modules": []}, "method.attn_modules=[]"),
+        ({"ffn_modules": []}, "method.ffn_modules=[]"),
+        ({"variant": "pfeiffer", "attn_modules": ["o_proj"]}, "method.attn_modules="),
+        ({"lr": 0.0}, "method.lr=0.0"),
+    ],
+)
 def test_bad_values_raise_config_error(kw, key):
     with pytest.raises(ConfigError) as e:
         methods.build(AdapterConfig(**kw))
@@ -246,8 +276,13 @@ def test_end_to_end_tiny_llama(tiny_run, variant):
 
 
 def test_cli_rejects_bad_variant_in_one_line():
-    proc = subprocess.run([sys.executable, "-m", "peftbench", "method=adapter", "method.variant=nope"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftbench", "method=adapter", "method.variant=nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "method.variant=nope" in lines[0] and "houlsby" in lines[0]

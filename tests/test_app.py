@@ -18,16 +18,27 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from methods import ConfigError
 from peftbench import app, cli, models
 from peftbench.estimate import app as estimate_app
 from peftbench.records import writer
-from methods import ConfigError
+
+from conftest import REPO
 
 # Tiny runs: a few steps on a few short examples, one latency point, no decode measurement.
-TINY = ["train.batch_size=2", "train.timing_warmup=2", "task.num_train=16", "task.num_eval=4",
-        "task.max_length=32", "measure.latency_repeats=2", "measure.latency_warmup=1", "measure.latency_length=16",
-        "measure.latency_grid_batches=[1]", "measure.latency_grid_lengths=[16]", "measure.decode_tokens=0"]
+TINY = [
+    "train.batch_size=2",
+    "train.timing_warmup=2",
+    "task.num_train=16",
+    "task.num_eval=4",
+    "task.max_length=32",
+    "measure.latency_repeats=2",
+    "measure.latency_warmup=1",
+    "measure.latency_length=16",
+    "measure.latency_grid_batches=[1]",
+    "measure.latency_grid_lengths=[16]",
+    "measure.decode_tokens=0",
+]
 ESTIMATE_TINY = ["model=tiny-llama", "batch_size=2", "seq_length=16", "precision=fp32"]
 
 
@@ -42,24 +53,27 @@ def json_files(folder: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------- bad values
-@pytest.mark.parametrize("args,expected", [
-    (["+foo=1"], "foo=1: no such key in the config"),
-    (["++foo=1"], "foo=1: no such key in the config"),
-    (["+train.bogus=3"], "train.bogus=3: no such key in the config"),
-    (["device=cuda"], "device=cuda: CUDA is not available on this machine"),
-    (["device=cuda:7"], "device=cuda:7: CUDA is not available on this machine"),
-    (["device=gpu"], "device=gpu: allowed: auto, cpu, cuda or cuda:N"),
-    (["train.steps=3", "train.batch_size=64"], "train.batch_size=64: larger than the 16 training examples"),
-    (["seed=18446744073709551616"], "seed=18446744073709551616: must be an integer from 0 to 9223372036854775807"),
-    (["seed=-1"], "seed=-1: must be an integer from 0"),
-    (["model.init_seed=99999999999999999999"], "model.init_seed=99999999999999999999: must be an integer"),
-    (["task.vocab_size=0"], "task.vocab_size=0:"),
-    (["train.lr=inf"], "train.lr=inf: must be a finite number"),
-    (["train.weight_decay=nan"], "train.weight_decay=nan: must be a finite number"),
-    (["train.batch_size=4", "train.batch_size=abc"], "train.batch_size=abc: Value 'abc'"),
-    (["train.lr=${nope}"], "train.lr=${nope}: Interpolation key 'nope' not found"),
-    (['method.target_modules=["q_pr[oj"]'], "method.target_modules=q_pr[oj: not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["+foo=1"], "foo=1: no such key in the config"),
+        (["++foo=1"], "foo=1: no such key in the config"),
+        (["+train.bogus=3"], "train.bogus=3: no such key in the config"),
+        (["device=cuda"], "device=cuda: CUDA is not available on this machine"),
+        (["device=cuda:7"], "device=cuda:7: CUDA is not available on this machine"),
+        (["device=gpu"], "device=gpu: allowed: auto, cpu, cuda or cuda:N"),
+        (["train.steps=3", "train.batch_size=64"], "train.batch_size=64: larger than the 16 training examples"),
+        (["seed=18446744073709551616"], "seed=18446744073709551616: must be an integer from 0 to 9223372036854775807"),
+        (["seed=-1"], "seed=-1: must be an integer from 0"),
+        (["model.init_seed=99999999999999999999"], "model.init_seed=99999999999999999999: must be an integer"),
+        (["task.vocab_size=0"], "task.vocab_size=0:"),
+        (["train.lr=inf"], "train.lr=inf: must be a finite number"),
+        (["train.weight_decay=nan"], "train.weight_decay=nan: must be a finite number"),
+        (["train.batch_size=4", "train.batch_size=abc"], "train.batch_size=abc: Value 'abc'"),
+        (["train.lr=${nope}"], "train.lr=${nope}: Interpolation key 'nope' not found"),
+        (['method.target_modules=["q_pr[oj"]'], "method.target_modules=q_pr[oj: not a valid regular expression"),
+    ],
+)
 def test_bad_values_are_one_line_exit_2_and_no_record(args, expected, tmp_path, capsys):
     assert cli.main([*TINY, *args, f"results_dir={tmp_path}"]) == app.EXIT_CONFIG
     assert expected in one_error_line(capsys)
@@ -79,11 +93,14 @@ def test_cuda_index_beyond_the_visible_devices(monkeypatch, tmp_path, capsys):
     assert "device=cuda:7: this machine has 2 CUDA device(s); allowed: cuda, cuda:0..cuda:1" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["batch_size=100000000000000000"], "batch_size=100000000000000000: batch_size x seq_length must be <="),
-    (["+foo=1"], "foo=1: no such key in the config"),
-    (["seq_length=4096", "model=gpt3-175b"], "seq_length=4096: 4096 tokens exceed the model's context of 2048"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["batch_size=100000000000000000"], "batch_size=100000000000000000: batch_size x seq_length must be <="),
+        (["+foo=1"], "foo=1: no such key in the config"),
+        (["seq_length=4096", "model=gpt3-175b"], "seq_length=4096: 4096 tokens exceed the model's context of 2048"),
+    ],
+)
 def test_estimator_bad_values(args, expected, tmp_path, capsys):
     assert estimate_app.main([*args, f"results_dir={tmp_path}"]) == app.EXIT_CONFIG
     assert expected in one_error_line(capsys, "peftbench.estimate")
@@ -103,6 +120,7 @@ def test_results_dir_that_is_a_file(main, prog, tmp_path, capsys):
 
 def test_results_dir_that_cannot_be_written(tmp_path, monkeypatch, capsys):
     """A read-only location (as root, permissions do not stop a write: the probe is made to fail)."""
+
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
@@ -147,32 +165,63 @@ def test_a_sweep_whose_records_cannot_be_written_still_prints_its_summary(tmp_pa
 
 # -------------------------------------------------------------------- one config builder
 def model_cfg(**kw):
-    base = {"name": "m", "name_or_path": None, "arch": {"model_type": "llama", "hidden_size": 32,
-            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}, "init_seed": 0,
-            "dtype": "float32"}
+    base = {
+        "name": "m",
+        "name_or_path": None,
+        "arch": {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        "init_seed": 0,
+        "dtype": "float32",
+    }
     return OmegaConf.create({**base, **kw})
 
 
 def pretrained_folder(tmp_path: Path, vocab: int) -> str:
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(tmp_path)
     return str(tmp_path)
 
 
 BUILD_CHECKS = {
-    "vocabulary smaller than the tokenizer": (lambda p: model_cfg(arch={"model_type": "llama", "vocab_size": 10}),
-                                              "causal-lm", 100, "model.arch.vocab_size=10: smaller than"),
+    "vocabulary smaller than the tokenizer": (
+        lambda p: model_cfg(arch={"model_type": "llama", "vocab_size": 10}),
+        "causal-lm",
+        100,
+        "model.arch.vocab_size=10: smaller than",
+    ),
     "no model_type": (lambda p: model_cfg(arch={"hidden_size": 32}), "causal-lm", 100, "model.arch.model_type=null"),
-    "unknown model_type": (lambda p: model_cfg(arch={"model_type": "nope"}), "causal-lm", 100,
-                           "model.arch.model_type=nope"),
-    "encoder for a causal LM": (lambda p: model_cfg(arch={"model_type": "bert"}), "causal-lm", 100,
-                                "a bert encoder cannot run a causal-lm task"),
-    "no config.json": (lambda p: model_cfg(name_or_path=str(p / "none")), "causal-lm", 100,
-                       "cannot load its config.json"),
-    "embedding smaller than the tokenizer": (lambda p: model_cfg(name_or_path=pretrained_folder(p, 50)), "causal-lm",
-                                             100, "its embedding has 50 rows but the tokenizer has 100 tokens"),
+    "unknown model_type": (
+        lambda p: model_cfg(arch={"model_type": "nope"}),
+        "causal-lm",
+        100,
+        "model.arch.model_type=nope",
+    ),
+    "encoder for a causal LM": (
+        lambda p: model_cfg(arch={"model_type": "bert"}),
+        "causal-lm",
+        100,
+        "a bert encoder cannot run a causal-lm task",
+    ),
+    "no config.json": (
+        lambda p: model_cfg(name_or_path=str(p / "none")),
+        "causal-lm",
+        100,
+        "cannot load its config.json",
+    ),
+    "embedding smaller than the tokenizer": (
+        lambda p: model_cfg(name_or_path=pretrained_folder(p, 50)),
+        "causal-lm",
+        100,
+        "its embedding has 50 rows but the tokenizer has 100 tokens",
+    ),
 }
 
 
@@ -199,9 +248,14 @@ def test_the_dry_run_uses_the_word_tokenizer_size_for_a_checkpoint_without_one(t
 # ---------------------------------------------------------------------- launchers (slow)
 def launch(module: str, tmp_path: Path, *argv: str, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", module, "-m", *argv, f"results_dir={tmp_path}",
-                             f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, "-m", *argv, f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -217,10 +271,20 @@ def test_estimate_sweep_under_joblib_with_a_failing_job(tmp_path):
         "    if cfg.model.name == 'tiny-gpt2':\n"
         "        raise RuntimeError('planted failure')\n"
         "    return real(model, cfg)\n"
-        "cost.trace_model = planted\n")
+        "cost.trace_model = planted\n"
+    )
     env = {"PYTHONPATH": os.pathsep.join([str(plant), str(REPO)])}
-    proc = launch("peftbench.estimate", tmp_path / "out", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                  "model=tiny-llama,tiny-gpt2", "method=lora", "batch_size=2", "seq_length=16", env=env)
+    proc = launch(
+        "peftbench.estimate",
+        tmp_path / "out",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model=tiny-llama,tiny-gpt2",
+        "method=lora",
+        "batch_size=2",
+        "seq_length=16",
+        env=env,
+    )
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-3000:]
     recs = {r["model"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json"))}
@@ -253,8 +317,9 @@ def test_a_killed_job_does_not_take_the_sweep_down(launcher, tmp_path):
     names the lost job as missing, the others recorded, exit status 1, no traceback."""
     results = tmp_path / "out"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    proc = launch("peftbench", results, f"hydra/launcher={launcher}", *extra, "method=lora", "rank=2,4,8",
-                  "train.steps=40", *TINY)
+    proc = launch(
+        "peftbench", results, f"hydra/launcher={launcher}", *extra, "method=lora", "rank=2,4,8", "train.steps=40", *TINY
+    )
     killed = kill_first_job(results, proc)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 1, err[-3000:]

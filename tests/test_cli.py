@@ -14,14 +14,23 @@ from peftbench import cli
 
 from conftest import REPO, compose_config
 
-TINY = ["train.steps=6", "train.batch_size=2", "train.timing_warmup=2", "task.num_train=32", "task.num_eval=8",
-        "task.max_length=32", "measure.latency_repeats=3", "measure.latency_length=16"]
+TINY = [
+    "train.steps=6",
+    "train.batch_size=2",
+    "train.timing_warmup=2",
+    "task.num_train=32",
+    "task.num_eval=8",
+    "task.max_length=32",
+    "measure.latency_repeats=3",
+    "measure.latency_length=16",
+]
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "peftbench", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "peftbench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def records(folder) -> list[dict]:
@@ -33,8 +42,20 @@ def test_main_command_writes_a_complete_ok_record(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (rec,) = records(tmp_path)
     assert not list(tmp_path.glob(".tmp-*")), "temporary file left behind"
-    for key in ("schema_version", "run_id", "status", "error", "method", "model", "task", "config",
-                "model_config", "method_config", "provenance", "metrics"):
+    for key in (
+        "schema_version",
+        "run_id",
+        "status",
+        "error",
+        "method",
+        "model",
+        "task",
+        "config",
+        "model_config",
+        "method_config",
+        "provenance",
+        "metrics",
+    ):
         assert key in rec, key
     assert rec["status"] == "ok" and rec["error"] is None
     assert (rec["method"], rec["model"], rec["task"]) == ("lora", "tiny-llama", "synthetic-lm")
@@ -44,8 +65,15 @@ def test_main_command_writes_a_complete_ok_record(tmp_path):
     for key in ("git_sha", "git_dirty", "packages", "device_name", "torch_threads", "timestamp"):
         assert key in rec["provenance"], key
     m = rec["metrics"]
-    for key in ("trainable_params", "total_params", "peak_memory_bytes", "train_tokens_per_s",
-                "train_samples_per_s", "inference_latency_ms", "eval_loss"):
+    for key in (
+        "trainable_params",
+        "total_params",
+        "peak_memory_bytes",
+        "train_tokens_per_s",
+        "train_samples_per_s",
+        "inference_latency_ms",
+        "eval_loss",
+    ):
         assert isinstance(m[key], (int, float)) and m[key] > 0, key
     assert "trainable params" in proc.stdout and rec["run_id"] in proc.stdout
 
@@ -58,10 +86,14 @@ def test_lora_trainable_count_equals_peft_for_the_recorded_model(tiny_run):
 
     rec, _ = tiny_run("method=lora", "rank=8")
     cfg = dict(rec["model_config"])
-    config = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "transformers_version"})
+    config = AutoConfig.for_model(
+        cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "transformers_version"}
+    )
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config)
-    ref = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=rec["method_config"]["target_modules"]))
+    ref = peft.get_peft_model(
+        base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=rec["method_config"]["target_modules"])
+    )
     trainable, total = ref.get_nb_trainable_parameters()
     assert rec["metrics"]["trainable_params"] == trainable
     assert rec["metrics"]["total_params"] == total
@@ -100,7 +132,7 @@ def test_bad_input_is_one_line_naming_key_and_value(args, named, tmp_path, capsy
     assert code == 2
     assert len(err.splitlines()) == 1, err
     assert err.startswith("peftbench: error: ") and named in err, err
-    assert ("allowed" in err or "must be" in err or "converted" in err), err
+    assert "allowed" in err or "must be" in err or "converted" in err, err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 

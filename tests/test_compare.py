@@ -17,41 +17,90 @@ CPU = "AMD EPYC"
 FULL_PARAMS = 3_043_584
 
 
-def make_record(method: str = "lora", *, rank: int = 8, device: str = CPU, device_type: str = "cpu",
-                step_ms: float = 100.0, seed: int = 0, chash: str | None = None, status: str = "ok",
-                kind: str = "measured", model: str = "tiny-llama", task: str = "synthetic-lm",
-                quality: float = 5.0, extra_config: dict | None = None, parallel: bool = False) -> dict:
+def make_record(
+    method: str = "lora",
+    *,
+    rank: int = 8,
+    device: str = CPU,
+    device_type: str = "cpu",
+    step_ms: float = 100.0,
+    seed: int = 0,
+    chash: str | None = None,
+    status: str = "ok",
+    kind: str = "measured",
+    model: str = "tiny-llama",
+    task: str = "synthetic-lm",
+    quality: float = 5.0,
+    extra_config: dict | None = None,
+    parallel: bool = False,
+) -> dict:
     """A record in peftbench's format with plausible, internally consistent numbers."""
     trainable = FULL_PARAMS if method == "full" else 3584 * rank
     rng = random.Random(seed)
     steps = [step_ms * (1 + 0.02 * rng.uniform(-1, 1)) for _ in range(25)]
     med = sorted(steps)[12]
-    config = {"method": {"name": method, **({"rank": rank} if method == "lora" else {})},
-              "model": {"name": model}, "task": {"name": task}, "train": {"steps": 30}, "seed": 0,
-              "results_dir": "results/runs", **(extra_config or {})}
+    config = {
+        "method": {"name": method, **({"rank": rank} if method == "lora" else {})},
+        "model": {"name": model},
+        "task": {"name": task},
+        "train": {"steps": 30},
+        "seed": 0,
+        "results_dir": "results/runs",
+        **(extra_config or {}),
+    }
     chash = chash or f"{abs(hash(json.dumps(config, sort_keys=True))) % 16**10:010x}"
     rec = {
-        "schema_version": 1, "run_id": f"20260101T000000{seed:06d}-{method}-{model}-{task}-{chash}",
-        "kind": kind, "status": status, "error": None if status == "ok" else "FloatingPointError: nan",
-        "method": method, "model": model, "task": task, "config_hash": chash, "config": config,
-        "provenance": {"git_sha": "a" * 40, "git_dirty": False, "device_type": device_type,
-                       "device_name": device, "launcher": {"name": "BasicLauncher", "parallel": parallel}},
+        "schema_version": 1,
+        "run_id": f"20260101T000000{seed:06d}-{method}-{model}-{task}-{chash}",
+        "kind": kind,
+        "status": status,
+        "error": None if status == "ok" else "FloatingPointError: nan",
+        "method": method,
+        "model": model,
+        "task": task,
+        "config_hash": chash,
+        "config": config,
+        "provenance": {
+            "git_sha": "a" * 40,
+            "git_dirty": False,
+            "device_type": device_type,
+            "device_name": device,
+            "launcher": {"name": "BasicLauncher", "parallel": parallel},
+        },
         "base_weights_sha256": "b" * 64,
         "metrics": {
-            "trainable_params": trainable, "total_params": FULL_PARAMS + (0 if method == "full" else trainable),
+            "trainable_params": trainable,
+            "total_params": FULL_PARAMS + (0 if method == "full" else trainable),
             "trainable_percent": 100.0 * trainable / FULL_PARAMS,
             "peak_memory_bytes": 50_000_000 if method == "full" else 16_000_000,
-            "memory_weights_bytes": 12_000_000, "memory_gradients_bytes": 12_000_000 if method == "full" else 100_000,
+            "memory_weights_bytes": 12_000_000,
+            "memory_gradients_bytes": 12_000_000 if method == "full" else 100_000,
             "memory_optimizer_bytes": 24_000_000 if method == "full" else 200_000,
-            "memory_activations_bytes": 2_000_000, "train_flops_per_step": 1_140_719_616,
-            "inference_flops": 95_059_968, "checkpoint_bytes": 4 * trainable + 1000,
-            "train_step_ms_median": med, "train_step_ms_iqr": 2.0, "train_tokens_per_s": 6400 / med * 1e3,
-            "train_tokens_per_s_iqr": 100.0, "inference_latency_ms": 10.0, "inference_latency_iqr_ms": 0.5,
-            "eval_loss": quality, "train_loss_final": quality,
+            "memory_activations_bytes": 2_000_000,
+            "train_flops_per_step": 1_140_719_616,
+            "inference_flops": 95_059_968,
+            "checkpoint_bytes": 4 * trainable + 1000,
+            "train_step_ms_median": med,
+            "train_step_ms_iqr": 2.0,
+            "train_tokens_per_s": 6400 / med * 1e3,
+            "train_tokens_per_s_iqr": 100.0,
+            "inference_latency_ms": 10.0,
+            "inference_latency_iqr_ms": 0.5,
+            "eval_loss": quality,
+            "train_loss_final": quality,
         },
         "train_step_ms": steps,
-        "latency_grid": [{"batch": b, "length": n, "inference_latency_ms": 0.05 * b * n,
-                          "inference_latency_iqr_ms": 0.1, "tokens_per_s": 1.0} for b in (1, 8) for n in (32, 128)],
+        "latency_grid": [
+            {
+                "batch": b,
+                "length": n,
+                "inference_latency_ms": 0.05 * b * n,
+                "inference_latency_iqr_ms": 0.1,
+                "tokens_per_s": 1.0,
+            }
+            for b in (1, 8)
+            for n in (32, 128)
+        ],
     }
     if status != "ok":
         rec["metrics"] = {k: rec["metrics"][k] for k in ("trainable_params", "total_params")}
@@ -128,8 +177,17 @@ def test_slowdown_without_significance_is_not_a_regression(tmp_path):
 
 
 def test_timings_are_compared_only_on_the_same_device(tmp_path, baseline, capsys):
-    cur = [make_record(r["method"], rank=r["config"]["method"].get("rank", 8), seed=9, step_ms=400.0,
-                       device="Intel Xeon", chash=r["config_hash"]) for r in baseline]
+    cur = [
+        make_record(
+            r["method"],
+            rank=r["config"]["method"].get("rank", 8),
+            seed=9,
+            step_ms=400.0,
+            device="Intel Xeon",
+            chash=r["config_hash"],
+        )
+        for r in baseline
+    ]
     assert run_compare(tmp_path, baseline, cur) == 0
     assert "different devices: timings not compared" in capsys.readouterr().out
 
@@ -150,8 +208,12 @@ def test_failed_or_missing_run_fails(tmp_path, baseline):
 
 
 def test_falls_back_to_method_settings_when_the_config_gained_a_key(tmp_path, baseline, capsys):
-    cur = [make_record(r["method"], rank=r["config"]["method"].get("rank", 8), seed=i,
-                       extra_config={"measure": {"new_key": 1}}) for i, r in enumerate(baseline, 1)]
+    cur = [
+        make_record(
+            r["method"], rank=r["config"]["method"].get("rank", 8), seed=i, extra_config={"measure": {"new_key": 1}}
+        )
+        for i, r in enumerate(baseline, 1)
+    ]
     assert {r["config_hash"] for r in cur}.isdisjoint(r["config_hash"] for r in baseline)
     assert run_compare(tmp_path, baseline, cur) == 0
     out = capsys.readouterr().out
@@ -177,8 +239,9 @@ def test_unusable_input_exits_2_with_one_line(tmp_path, baseline, bad):
         target.write_text(json.dumps({"name": "x", "version": "1"}))
     elif bad == "empty":
         target.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "peftbench.compare", str(good), str(target)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftbench.compare", str(good), str(target)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("peftbench.compare: error:"), proc.stderr
@@ -192,12 +255,18 @@ def test_foreign_file_inside_a_folder_is_skipped(tmp_path, baseline, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
-BAD_OPTIONS = [("--time-tolerance", "nan", "a finite number >= 0"), ("--time-tolerance", "-1", "a finite number >= 0"),
-               ("--time-tolerance", "inf", "a finite number >= 0"), ("--gross-slowdown", "nan", "a finite number >= 1"),
-               ("--gross-slowdown", "0.5", "a finite number >= 1"), ("--alpha", "0", "a number in (0, 1]"),
-               ("--alpha", "1.5", "a number in (0, 1]"), ("--alpha", "nan", "a number in (0, 1]"),
-               ("--quality-tolerance", "-0.1", "a finite number >= 0"),
-               ("--quality-tolerance", "inf", "a finite number >= 0")]
+BAD_OPTIONS = [
+    ("--time-tolerance", "nan", "a finite number >= 0"),
+    ("--time-tolerance", "-1", "a finite number >= 0"),
+    ("--time-tolerance", "inf", "a finite number >= 0"),
+    ("--gross-slowdown", "nan", "a finite number >= 1"),
+    ("--gross-slowdown", "0.5", "a finite number >= 1"),
+    ("--alpha", "0", "a number in (0, 1]"),
+    ("--alpha", "1.5", "a number in (0, 1]"),
+    ("--alpha", "nan", "a number in (0, 1]"),
+    ("--quality-tolerance", "-0.1", "a finite number >= 0"),
+    ("--quality-tolerance", "inf", "a finite number >= 0"),
+]
 
 
 @pytest.mark.parametrize("option, value, allowed", BAD_OPTIONS)
@@ -214,8 +283,12 @@ def test_a_numeric_option_that_cannot_work_is_refused(tmp_path, baseline, capsys
 def test_a_bad_option_from_the_shell_is_one_line_and_exit_2(tmp_path, baseline):
     folder = write(tmp_path / "b", *baseline)
     for args in (["--time-tolerance", "nan"], ["--time-tolerance=-1"], ["--alpha", "abc"]):
-        proc = subprocess.run([sys.executable, "-m", "peftbench.compare", str(folder), str(folder), *args],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "peftbench.compare", str(folder), str(folder), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("peftbench.compare: error: "), proc.stderr

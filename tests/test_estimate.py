@@ -101,8 +101,11 @@ def test_flops_lora_closed_form():
     m = E.estimate(cfg)["metrics"]
     c = model.config
     h, kv, r, layers = c.hidden_size, c.num_key_value_heads * c.head_dim, 8, c.num_hidden_layers
-    base = sum(mod.weight.numel() for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and not name.endswith(("lora_A", "lora_B")))
+    base = sum(
+        mod.weight.numel()
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and not name.endswith(("lora_A", "lora_B"))
+    )
     first_qkv = h * h + 2 * h * kv
     a_sizes, b_sizes = r * h + r * h, r * h + r * kv  # A_q, A_v; B_q, B_v
     lora = layers * (3 * 2 * (a_sizes + b_sizes)) - 2 * a_sizes  # fwd + wgrad + dgrad; no dgrad of A in layer 0
@@ -140,8 +143,14 @@ def test_preset_estimates_take_seconds_and_no_weight_memory(model, params, tmp_p
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "peftbench.estimate", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "peftbench.estimate", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_hydra_sweep_over_presets_and_methods(tmp_path):
@@ -149,23 +158,36 @@ def test_hydra_sweep_over_presets_and_methods(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert sorted((r["model"], r["method"]) for r in recs) == sorted(
-        (m, meth) for m in ("llama3.2-3b", "gpt3-175b") for meth in METHODS)
+        (m, meth) for m in ("llama3.2-3b", "gpt3-175b") for meth in METHODS
+    )
     for r in recs:
         assert r["status"] == "ok" and r["kind"] == "estimate"
-        for key in ("trainable_params", "total_params", "checkpoint_bytes", "memory_weights_bytes",
-                    "memory_gradients_bytes", "memory_optimizer_bytes", "memory_activations_bytes",
-                    "peak_memory_bytes", "train_flops_per_token", "train_flops_per_step"):
+        for key in (
+            "trainable_params",
+            "total_params",
+            "checkpoint_bytes",
+            "memory_weights_bytes",
+            "memory_gradients_bytes",
+            "memory_optimizer_bytes",
+            "memory_activations_bytes",
+            "peak_memory_bytes",
+            "train_flops_per_token",
+            "train_flops_per_step",
+        ):
             assert r["metrics"][key] > 0, key
     assert "ESTIMATES" in proc.stdout and "gpt3-175b" in proc.stdout
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["precision=fp16"], "precision=fp16: allowed: fp32, mixed, bf16"),
-    (["method=lora", "rank=0"], "method.rank=0"),
-    (["model=gpt3-175b", "seq_length=4096"], "seq_length=4096: 4096 tokens exceed the model's context of 2048"),
-    (["model=gpt3-175b", "method=prefix", "seq_length=2048"], "allowed: at most 2028"),
-    (["model=nope"], "model=nope: no such option"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["precision=fp16"], "precision=fp16: allowed: fp32, mixed, bf16"),
+        (["method=lora", "rank=0"], "method.rank=0"),
+        (["model=gpt3-175b", "seq_length=4096"], "seq_length=4096: 4096 tokens exceed the model's context of 2048"),
+        (["model=gpt3-175b", "method=prefix", "seq_length=2048"], "allowed: at most 2028"),
+        (["model=nope"], "model=nope: no such option"),
+    ],
+)
 def test_bad_values_are_one_line_and_exit_2(args, expected, tmp_path, capsys):
     """In-process (the same ``main`` the module runs): the check phase stops before Hydra."""
     assert EA.main([*args, f"results_dir={tmp_path}"]) == 2

@@ -12,10 +12,20 @@ from tests.conftest import compose_config
 
 F32 = 4
 TINY = (
-    "train.steps=4", "train.batch_size=2", "train.timing_warmup=2", "task.num_train=16", "task.num_eval=4",
-    "task.max_length=32", "measure.latency_repeats=2", "measure.latency_warmup=1", "measure.latency_batch=1",
-    "measure.latency_length=16", "measure.latency_grid_batches=[1,2]", "measure.latency_grid_lengths=[8,16]",
-    "measure.decode_tokens=4", "measure.decode_repeats=1",
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.timing_warmup=2",
+    "task.num_train=16",
+    "task.num_eval=4",
+    "task.max_length=32",
+    "measure.latency_repeats=2",
+    "measure.latency_warmup=1",
+    "measure.latency_batch=1",
+    "measure.latency_length=16",
+    "measure.latency_grid_batches=[1,2]",
+    "measure.latency_grid_lengths=[8,16]",
+    "measure.decode_tokens=4",
+    "measure.decode_repeats=1",
 )
 
 

@@ -28,11 +28,11 @@ def test_one_adamw_step_peak_is_in_the_optimizer_and_matches_hand_count():
     summary = tracker.summary()
     tracker.close()
 
-    w = 32 * 64 * F32             # weight (32, 64): 8,192
-    x_bytes = 64 * F32            # input (1, 64): 256
-    loss_bytes = F32              # the scalar loss, still referenced
-    grad = w                      # .grad of the weight
-    adam = 2 * w + F32            # exp_avg, exp_avg_sq (like the weight) and the 0-d float32 step
+    w = 32 * 64 * F32  # weight (32, 64): 8,192
+    x_bytes = 64 * F32  # input (1, 64): 256
+    loss_bytes = F32  # the scalar loss, still referenced
+    grad = w  # .grad of the weight
+    adam = 2 * w + F32  # exp_avg, exp_avg_sq (like the weight) and the 0-d float32 step
     # AdamW's single-tensor update computes denom = (exp_avg_sq.sqrt() / c).add_(eps): at the
     # division both the sqrt temporary and the quotient are live, two weight-sized tensors.
     temporaries = 2 * w
@@ -55,10 +55,10 @@ def test_gradient_just_computed_at_the_peak_counts_as_gradient():
     s = tracker.summary()
     tracker.close()
 
-    w1, w2 = 8 * 64 * F32, 4 * 8 * F32          # 2,048 and 128
-    x_bytes = 2 * 64 * F32                       # 512
-    loss, seed = F32, F32                        # the scalar loss (held by the graph) and its ones-like grad
-    grad_h = 2 * 8 * F32                         # grad of the first layer's output after ReLU backward: 64
+    w1, w2 = 8 * 64 * F32, 4 * 8 * F32  # 2,048 and 128
+    x_bytes = 2 * 64 * F32  # 512
+    loss, seed = F32, F32  # the scalar loss (held by the graph) and its ones-like grad
+    grad_h = 2 * 8 * F32  # grad of the first layer's output after ReLU backward: 64
     # Order of backward: last layer's weight grad (stored), grad wrt ReLU output, ReLU backward
     # (grad_h; the ReLU's saved output and its incoming grad are then freed), then the first
     # layer's weight grad (2,048): the peak, since 2,048 > the freed 2 x (2, 8) tensors.
@@ -71,16 +71,16 @@ def test_gradient_just_computed_at_the_peak_counts_as_gradient():
 def test_views_and_inplace_ops_add_nothing_and_frees_are_seen_outside_the_mode():
     tracker = TensorMemoryTracker(device="cpu")
     with tracker:
-        a = torch.zeros(1000)                   # 4,000 bytes
-        v = a[10:].view(-1, 10)                 # view: same storage
+        a = torch.zeros(1000)  # 4,000 bytes
+        v = a[10:].view(-1, 10)  # view: same storage
         a.add_(1)
         v.mul_(2)
-        b = a.clone()                           # 4,000 more
+        b = a.clone()  # 4,000 more
         assert tracker.current == 8_000
-    del a, v                                     # freed while the mode is not active
+    del a, v  # freed while the mode is not active
     assert tracker.current == 4_000
     with tracker:
-        c = b * 2                                # 4,000 more: the peak stays 8,000
+        c = b * 2  # 4,000 more: the peak stays 8,000
     assert tracker.peak == 8_000 and tracker.current == 8_000
     del b, c
     tracker.close()
@@ -88,13 +88,13 @@ def test_views_and_inplace_ops_add_nothing_and_frees_are_seen_outside_the_mode()
 
 def test_tensors_made_outside_the_mode_count_from_first_use_and_resize_counts():
     tracker = TensorMemoryTracker(device="cpu")
-    outside = torch.ones(250)                    # 1,000 bytes, not yet seen
+    outside = torch.ones(250)  # 1,000 bytes, not yet seen
     assert tracker.current == 0
     with tracker:
         grown = torch.empty(0)
-        outside.add_(1)                          # seen as an op input
+        outside.add_(1)  # seen as an op input
         assert tracker.current == 1_000
-        grown.resize_(100)                       # storage grows in place: 400 bytes
+        grown.resize_(100)  # storage grows in place: 400 bytes
         assert tracker.current == 1_400
     tracker.close()
 

@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose_config
 from omegaconf import OmegaConf
 
 from methods import ConfigError
 from peftbench import models, tasks
 from peftbench.tasks import synthetic
+
+from conftest import compose_config
 
 
 def task_cfg(**kw):
@@ -67,7 +68,9 @@ def test_word_tokenizer_round_trip():
 
 
 def test_text_classification_from_csv_folder(tmp_path):
-    write_csv(tmp_path / "train.csv", [(f"good {i}", "pos") for i in range(6)] + [(f"bad {i}", "neg") for i in range(4)])
+    write_csv(
+        tmp_path / "train.csv", [(f"good {i}", "pos") for i in range(6)] + [(f"bad {i}", "neg") for i in range(4)]
+    )
     write_csv(tmp_path / "validation.csv", [("fine, really", "pos"), ("awful", "neg"), ("ok", "pos")])
     raw = tasks.load(task_cfg(path=str(tmp_path)))
     assert raw.label_names == ["neg", "pos"] and raw.num_labels == 2
@@ -172,11 +175,27 @@ def saved_checkpoints(tmp_path_factory):
     texts = synthetic.sentiment_text(200, 0)[0] + synthetic.markov_text(50, 64, 1234, 1)
     tok = tasks.word_tokenizer(texts, 600)
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         pad_token_id=0))
-    bert = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                                    num_hidden_layers=2, num_attention_heads=4, num_labels=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        )
+    )
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_labels=2,
+        )
+    )
     for name, model, with_tok in (("llama", llama, True), ("bert", bert, True), ("llama-notok", llama, False)):
         model.save_pretrained(root / name)
         if with_tok:

@@ -28,6 +28,7 @@ import methods
 from methods import ConfigError, trainable_parameters
 from methods.prefix import PrefixConfig, PrefixModel
 from peftbench.models import head_names
+
 from conftest import compose_config
 
 # peft 0.21 reads a property that transformers 5.23 deprecates; not ours to fix.
@@ -45,9 +46,19 @@ HIDDEN = 24  # projection width in the unit tests (differs from every model widt
 
 def tiny_llama(cls=LlamaForCausalLM, **extra):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=0, **extra)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        **extra,
+    )
     return cls(cfg).eval()
 
 
@@ -57,16 +68,34 @@ def tiny_llama_cls():
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=None,
-                     eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_bert():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=64, num_labels=3,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -90,8 +119,9 @@ def ours(model, projection: bool, n: int = N):
 
 def peft_twin(model, task: str, projection: bool, wrapped: PrefixModel):
     """peft's prefix model on a copy of ``model``, with our prefix weights copied in."""
-    cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=N, prefix_projection=projection,
-                             encoder_hidden_size=HIDDEN)
+    cfg = PrefixTuningConfig(
+        task_type=task, num_virtual_tokens=N, prefix_projection=projection, encoder_hidden_size=HIDDEN
+    )
     pm = get_peft_model(copy.deepcopy(model), cfg).eval()
     pm.prompt_encoder.default.load_state_dict(wrapped.prefix_encoder.state_dict())  # strict: same names/shapes
     return pm
@@ -229,8 +259,9 @@ def test_greedy_generation_matches_manual_loop_and_peft(family):
     wrapped.eval()
     prompt = batch(task)["input_ids"][[0, 2]]
     steps = 6
-    out = wrapped.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                           do_sample=False)
+    out = wrapped.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False
+    )
     # manual greedy decoding with our forward, recomputing the whole sequence (no KV cache)
     seq = prompt
     with torch.no_grad():
@@ -240,21 +271,28 @@ def test_greedy_generation_matches_manual_loop_and_peft(family):
     assert out.shape == (2, prompt.shape[1] + steps)
     assert torch.equal(out, seq)
     pm = peft_twin(model, task, True, wrapped)
-    ref = pm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                      do_sample=False)
+    ref = pm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False)
     assert torch.equal(out, ref)
     # without the prefix the continuation differs (the cache really carries the prefix)
-    plain = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                           do_sample=False)
+    plain = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False
+    )
     assert not torch.equal(out, plain)
 
 
 # --------------------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize("key,value", [
-    ("num_virtual_tokens", 0), ("num_virtual_tokens", -3), ("projection_hidden", 0), ("lr", -1.0), ("lr", 0.0),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("num_virtual_tokens", 0),
+        ("num_virtual_tokens", -3),
+        ("projection_hidden", 0),
+        ("lr", -1.0),
+        ("lr", 0.0),
+    ],
+)
 def test_bad_values_are_config_errors(key, value):
     with pytest.raises(ConfigError, match=f"method.{key}={value}"):
         methods.build(prefix_cfg(**{key: value}))
@@ -275,20 +313,23 @@ def test_input_past_the_context_is_a_clear_error(family):
     _, wrapped = ours(build(), projection=False)
     with torch.no_grad():
         wrapped(input_ids=torch.ones(1, 59, dtype=torch.long))
-        with pytest.raises(ValueError, match="input length=60: 60 tokens plus the 5 positions that "
-                                             "method.num_virtual_tokens takes exceed the model's context of 64; "
-                                             "allowed: at most 59"):
+        with pytest.raises(
+            ValueError,
+            match="input length=60: 60 tokens plus the 5 positions that "
+            "method.num_virtual_tokens takes exceed the model's context of 64; "
+            "allowed: at most 59",
+        ):
             wrapped(input_ids=torch.ones(1, 60, dtype=torch.long))
 
 
 def test_unsupported_architectures_are_config_errors():
     method = methods.build(prefix_cfg())
-    distil = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=1, n_heads=4))
+    distil = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=1, n_heads=4)
+    )
     with pytest.raises(ConfigError, match="does not accept past_key_values"):
         method.apply(distil)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=1,
-                                             num_heads=4))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4))
     with pytest.raises(ConfigError, match="encoder-decoder"):
         method.apply(t5)
 
@@ -298,9 +339,18 @@ def test_describe_and_no_merge():
     wrapped = method.apply(tiny_llama())
     d = method.describe(wrapped)
     assert d == {
-        "name": "prefix", "num_virtual_tokens": 8, "projection": True, "projection_hidden": HIDDEN,
-        "kv_dim": 16, "kv_heads": 2, "head_dim": 8, "layers": 3, "context_length": 64,
-        "context_fraction": 8 / 64, "prefix_params": closed_form(3, 16, True, n=8), "lr": 1e-2,
+        "name": "prefix",
+        "num_virtual_tokens": 8,
+        "projection": True,
+        "projection_hidden": HIDDEN,
+        "kv_dim": 16,
+        "kv_heads": 2,
+        "head_dim": 8,
+        "layers": 3,
+        "context_length": 64,
+        "context_fraction": 8 / 64,
+        "prefix_params": closed_form(3, 16, True, n=8),
+        "lr": 1e-2,
     }
     assert method.merge(wrapped) is False and method.unmerge(wrapped) is False
 
@@ -317,10 +367,13 @@ def test_cli_checks_prefix_on_the_meta_model(capsys):
 
 
 # tiny-llama: 4 layers, 4 kv heads x head_dim 32 -> kv_dim 128, 512 positions
-@pytest.mark.parametrize("override,expected", [
-    ("method.projection=false", 20 * 4 * 2 * 128),
-    ("method.projection=true", 20 * 128 + (128 * 512 + 512) + (512 * 1024 + 1024)),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("method.projection=false", 20 * 4 * 2 * 128),
+        ("method.projection=true", 20 * 128 + (128 * 512 + 512) + (512 * 1024 + 1024)),
+    ],
+)
 def test_tiny_run(tiny_run, override, expected):
     rec, _ = tiny_run("method=prefix", override)
     assert rec["status"] == "ok", rec.get("error")

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from test_compare import make_record, write
 
 from peftbench import compare, report
 from peftbench.records import reader, writer
+
+from conftest import REPO
 
 
 def as_text(rec: dict) -> str:
@@ -72,8 +73,10 @@ WRONG_TYPES = {
     "latency_grid a string": (changed("latency_grid", "abc"), "latency_grid"),
     "latency row a list": (changed("latency_grid.0", [1, 32]), "latency_grid[0]"),
     "latency batch a list": (changed("latency_grid.0.batch", [1]), "latency_grid[0].batch"),
-    "latency ms a string": (changed("latency_grid.1.inference_latency_ms", "x"),
-                            "latency_grid[1].inference_latency_ms"),
+    "latency ms a string": (
+        changed("latency_grid.1.inference_latency_ms", "x"),
+        "latency_grid[1].inference_latency_ms",
+    ),
     "nested 200,000 deep": (deep, "nested too deeply"),
 }
 
@@ -144,10 +147,22 @@ def test_every_committed_record_validates():
 def test_latency_points_read_the_grid_the_writer_writes():
     """A merging method's row holds the deployed (merged) figure and the as-trained one; any
     other method's row holds one figure. Rows of another format are no latency points."""
-    merging = {"batch": 2, "length": 16, "inference_latency_ms": 1.5, "inference_latency_iqr_ms": 0.1,
-               "inference_latency_unmerged_ms": 2.5, "inference_latency_unmerged_iqr_ms": 0.2, "tokens_per_s": 1.0}
-    plain = {"batch": 1, "length": 8, "inference_latency_ms": 0.5, "inference_latency_iqr_ms": None,
-             "tokens_per_s": 1.0}
+    merging = {
+        "batch": 2,
+        "length": 16,
+        "inference_latency_ms": 1.5,
+        "inference_latency_iqr_ms": 0.1,
+        "inference_latency_unmerged_ms": 2.5,
+        "inference_latency_unmerged_iqr_ms": 0.2,
+        "tokens_per_s": 1.0,
+    }
+    plain = {
+        "batch": 1,
+        "length": 8,
+        "inference_latency_ms": 0.5,
+        "inference_latency_iqr_ms": None,
+        "tokens_per_s": 1.0,
+    }
     unmeasured = {**plain, "inference_latency_ms": None}
     assert reader.latency_points({"latency_grid": [merging, plain, unmeasured]}) == [
         {"batch": 2, "length": 16, "merged": True, "median_ms": 1.5, "iqr_ms": 0.1},
@@ -225,12 +240,15 @@ def foreign(tmp_path, good):
     return folder
 
 
-FOREIGN = {"loop.json": "cannot read (Too many levels of symbolic links)",
-           "dangling.json": "cannot read (No such file or directory)",
-           "fifo.json": "not a regular file (a FIFO)", "zero.json": "not a regular file (a character device)",
-           "latin1.json": "not UTF-8 text (byte 0xe9 at offset 5)",
-           "huge-int.json": "not JSON (Exceeds the limit (4300 digits) for integer string conversion",
-           "locked": "cannot list the folder (Permission denied)"}
+FOREIGN = {
+    "loop.json": "cannot read (Too many levels of symbolic links)",
+    "dangling.json": "cannot read (No such file or directory)",
+    "fifo.json": "not a regular file (a FIFO)",
+    "zero.json": "not a regular file (a character device)",
+    "latin1.json": "not UTF-8 text (byte 0xe9 at offset 5)",
+    "huge-int.json": "not JSON (Exceeds the limit (4300 digits) for integer string conversion",
+    "locked": "cannot list the folder (Permission denied)",
+}
 
 
 @pytest.fixture
@@ -269,7 +287,11 @@ def test_report_and_compare_survive_foreign_files(foreign, locked, tmp_path, goo
 @pytest.mark.parametrize("name", ["fifo.json", "zero.json", "loop.json"])
 def test_a_foreign_file_named_on_the_command_line_is_one_line_exit_2(foreign, tmp_path, good, name):
     base = write(tmp_path / "base", good)
-    proc = subprocess.run([sys.executable, "-m", "peftbench.compare", str(base), str(foreign / name)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftbench.compare", str(base), str(foreign / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr == f"peftbench.compare: error: current {foreign / name}: {FOREIGN[name]}\n"

@@ -8,24 +8,31 @@ import os
 
 import pandas as pd
 import pytest
-from conftest import REPO
 from test_compare import FULL_PARAMS, make_record, write
 
 from peftbench import report
+
+from conftest import REPO
 
 GPU = "NVIDIA H100 80GB HBM3"
 
 
 @pytest.fixture
 def results(tmp_path):
-    cpu = [make_record("full", seed=1), make_record("lora", rank=4, seed=2), make_record("lora", rank=8, seed=3),
-           make_record("lora", rank=16, seed=4)]
+    cpu = [
+        make_record("full", seed=1),
+        make_record("lora", rank=4, seed=2),
+        make_record("lora", rank=8, seed=3),
+        make_record("lora", rank=16, seed=4),
+    ]
     adapter = make_record("adapter", seed=5)
     adapter["config"]["method"]["variant"] = "houlsby"
     failed = make_record("lora", rank=32, seed=6, status="failed")
     estimate = make_record("lora", seed=7, kind="estimate", model="llama2-7b", task=None, chash="e" * 10)
-    gpu = [make_record("full", seed=8, device=GPU, device_type="cuda", step_ms=5.0),
-           make_record("lora", seed=9, device=GPU, device_type="cuda", step_ms=3.0)]
+    gpu = [
+        make_record("full", seed=8, device=GPU, device_type="cuda", step_ms=5.0),
+        make_record("lora", seed=9, device=GPU, device_type="cuda", step_ms=3.0),
+    ]
     folder = write(tmp_path / "runs", *cpu, adapter, failed, estimate, *gpu)
     (folder / "bad.json").write_text("{truncated")
     (folder / "foreign.json").write_text(json.dumps({"name": "not a record"}))
@@ -90,9 +97,11 @@ def test_report_of_the_committed_default_results_is_unchanged(tmp_path, monkeypa
 def test_an_out_path_that_cannot_be_written_is_refused_first(results, tmp_path, capsys, monkeypatch, where):
     target = tmp_path / "taken"
     target.write_text("keep me")
-    out, why = {"a file": (target, "exists and is not a folder"),
-                "under a file": (target / "report", f"cannot be created: {target} is not a folder"),
-                "read-only": (tmp_path / "new", f"cannot be written: no permission to write in {tmp_path}")}[where]
+    out, why = {
+        "a file": (target, "exists and is not a folder"),
+        "under a file": (target / "report", f"cannot be created: {target} is not a folder"),
+        "read-only": (tmp_path / "new", f"cannot be written: no permission to write in {tmp_path}"),
+    }[where]
     if where == "read-only":  # as root, permissions would not stop the write: the check is what is tested
         monkeypatch.setattr(report.os, "access", lambda path, mode: False)
     before = sorted(tmp_path.rglob("*"))
@@ -116,7 +125,10 @@ def test_a_write_that_fails_at_the_end_is_one_line_and_exit_1(results, tmp_path,
 def test_valid_records_without_the_usual_metrics_make_a_report(tmp_path):
     """The schema requires no particular metric: a record with none is a row, not a crash."""
     bare = {"schema_version": 1, "kind": "measured", "status": "ok", "model": "m", "task": None, "metrics": {}}
-    folder = write(tmp_path / "runs", {**bare, "run_id": "1-full", "method": "full"},
-                   {**bare, "run_id": "2-lora", "method": "lora", "metrics": {"eval_loss": 2.0}})
+    folder = write(
+        tmp_path / "runs",
+        {**bare, "run_id": "1-full", "method": "full"},
+        {**bare, "run_id": "2-lora", "method": "lora", "metrics": {"eval_loss": 2.0}},
+    )
     assert report.main(["--results", str(folder), "--out", str(tmp_path / "report")]) == 0
     assert len(pd.read_csv(tmp_path / "report" / "records.csv")) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+
 from conftest import REPO, RT_POLARITY
 
 pytestmark = pytest.mark.slow

@@ -11,18 +11,31 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from peftbench import app, cli
-from peftbench.records import reader as records
 from peftbench.config import MeasureConfig
+from peftbench.records import reader as records
+
+from conftest import REPO
 
 # Tiny runs: a few steps on a few short examples, one latency point, no decode measurement.
-TINY = ["train.steps=3", "train.batch_size=2", "train.timing_warmup=2", "task.num_train=16", "task.num_eval=4",
-        "task.max_length=32", "measure.latency_repeats=2", "measure.latency_warmup=1", "measure.latency_length=16"]
+TINY = [
+    "train.steps=3",
+    "train.batch_size=2",
+    "train.timing_warmup=2",
+    "task.num_train=16",
+    "task.num_eval=4",
+    "task.max_length=32",
+    "measure.latency_repeats=2",
+    "measure.latency_warmup=1",
+    "measure.latency_length=16",
+]
 _MEASURE = {f.name for f in dataclasses.fields(MeasureConfig)}
-TINY += [o for o in ("measure.latency_grid_batches=[1]", "measure.latency_grid_lengths=[16]", "measure.decode_tokens=0")
-         if o.split("=")[0].split(".")[1] in _MEASURE]
+TINY += [
+    o
+    for o in ("measure.latency_grid_batches=[1]", "measure.latency_grid_lengths=[16]", "measure.decode_tokens=0")
+    if o.split("=")[0].split(".")[1] in _MEASURE
+]
 # lr 1e30: the first updates blow the LoRA weights up, the loss is NaN at step 2 (run time,
 # after the config check passed): the planted failure.
 NAN_LR = "1e30"
@@ -151,9 +164,23 @@ def test_bad_sweep_value_is_one_line_before_anything_runs(tmp_path, capsys):
 
 def launch(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "peftbench", "-m", *argv, *TINY, f"results_dir={tmp_path}",
-                           f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftbench",
+            "-m",
+            *argv,
+            *TINY,
+            f"results_dir={tmp_path}",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -173,5 +200,6 @@ def test_joblib_launcher_marks_parallel_timings(tmp_path):
     assert "2 ran ok" in proc.stderr
     recs = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
     assert len(recs) == 2
-    assert all(r["provenance"]["launcher"] == {"name": "JoblibLauncher", "parallel": True, "sweep_jobs": 2}
-               for r in recs)
+    assert all(
+        r["provenance"]["launcher"] == {"name": "JoblibLauncher", "parallel": True, "sweep_jobs": 2} for r in recs
+    )

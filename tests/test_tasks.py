@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
 from methods import ConfigError
 from peftbench import tasks
 from peftbench.tasks import data
+
+from conftest import REPO, compose_config
 
 
 def task_cfg(path, **kw):
@@ -63,7 +64,8 @@ def test_a_task_is_one_registered_class(monkeypatch):
     assert tasks.load(cfg).train_text == ["a b", "a b"] and tasks.num_train_examples(cfg) == 2
     assert one_line_error(tasks.check, OmegaConf.merge(cfg, {"num_train": 4})).startswith("task.num_train=4: echo")
     assert one_line_error(tasks.check, OmegaConf.merge(cfg, {"kind": "classification"})) == (
-        "task.kind=classification: task echo is causal-lm; allowed: causal-lm")
+        "task.kind=classification: task echo is causal-lm; allowed: causal-lm"
+    )
     with pytest.raises(RuntimeError, match="'echo' registered twice"):
         tasks.register(Echo)
 
@@ -101,7 +103,8 @@ def test_vocab_size_must_leave_room_for_a_word():
         cfg = compose_config("task=synthetic-lm", f"task.vocab_size={value}").task
         assert one_line_error(tasks.check, cfg) == (
             f"task.vocab_size={value}: the word-level tokenizer needs its 4 special tokens "
-            f"([PAD], [UNK], [BOS], [EOS]) and at least one word; allowed: an integer >= 5")
+            f"([PAD], [UNK], [BOS], [EOS]) and at least one word; allowed: an integer >= 5"
+        )
     tasks.check(compose_config("task=synthetic-lm", "task.vocab_size=5").task)
 
 
@@ -115,14 +118,16 @@ def test_non_utf8_file_names_the_file_and_line(tmp_path):
     folder = split_folder(tmp_path, b'text,label\n"ok",1\n"\xff\xfe bad",0\n')
     assert one_line_error(tasks.check, task_cfg(folder)) == (
         f"task.path={folder}: train.csv line 3: not UTF-8 text (byte 0xff); "
-        f"allowed: UTF-8 encoded .csv/.json/.jsonl files")
+        f"allowed: UTF-8 encoded .csv/.json/.jsonl files"
+    )
 
 
 def test_malformed_json_line_names_the_file_and_line(tmp_path):
     lines = [b'{"text": "a", "label": 0}', b"", b'{"text": "c" "label": 1}']
     folder = split_folder(tmp_path, b"\n".join(lines), "train.jsonl")
     assert one_line_error(tasks.check, task_cfg(folder)) == (
-        f"task.path={folder}: train.jsonl line 3: not a JSON object (Expecting ',' delimiter at column 14)")
+        f"task.path={folder}: train.jsonl line 3: not a JSON object (Expecting ',' delimiter at column 14)"
+    )
     (folder / "train.jsonl").write_text('{"text": "a", "label": 0}\n["b", 1]\n')
     assert one_line_error(tasks.check, task_cfg(folder)).endswith('train.jsonl line 2: not a JSON object: ["b", 1]')
     (folder / "train.jsonl").write_text('{\n  "text": "a",\n  "label": 0\n}\n{"text": "b", "label": 1}\n')
@@ -132,14 +137,16 @@ def test_malformed_json_line_names_the_file_and_line(tmp_path):
     (folder / "train.json").write_text('[\n{"text": "a", "label": 0},\n{"text": "b", label: 1}\n]\n')
     assert one_line_error(tasks.check, task_cfg(folder)).endswith(
         "train.json line 3: not a JSON array of objects "
-        "(Expecting property name enclosed in double quotes at column 15)")
+        "(Expecting property name enclosed in double quotes at column 15)"
+    )
 
 
 def test_ragged_csv_names_the_file_and_line(tmp_path):
     folder = split_folder(tmp_path, b'text,label\n"a",0\n"b, quoted",1\n\nb,1,extra\n')
     assert one_line_error(tasks.check, task_cfg(folder)) == (
         f"task.path={folder}: train.csv line 5: 3 fields but the header has 2; "
-        f"allowed: at most 2 (quote a text that contains a comma)")
+        f"allowed: at most 2 (quote a text that contains a comma)"
+    )
 
 
 def test_a_file_datasets_cannot_read_is_one_line_naming_it(tmp_path):

@@ -18,7 +18,8 @@ meta device (shapes only: no weight memory, no download), applies the REAL metho
   score/value products added in closed form.
 
 Modules: ``cost`` (the cost model), ``app`` (config, record, table: the command's glue),
-``calibrate`` (estimates beside tracked real steps). Records have the measured-run format (``kind: "estimate"``) and go to ``results_dir``.
+``calibrate`` (estimates beside tracked real steps). Records have the measured-run format
+(``kind: "estimate"``) and go to ``results_dir``.
 ``python -m peftbench.estimate calibrate`` puts each estimated part beside the tensor-memory
 tracker's measurement of a real fp32 training step on the small built-in models.
 """

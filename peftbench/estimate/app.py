@@ -21,6 +21,7 @@ from peftbench.estimate.cost import ATTENTION, PRECISIONS, build, estimate
 PROG = "peftbench.estimate"
 MAX_TOKENS = 2**32  # per step: keeps every meta tensor's element count far below 2**63
 
+
 @dataclass
 class EstimateConfig:
     """Settings of one estimate.
@@ -52,19 +53,32 @@ ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
 
 def check(cfg: Any) -> None:
     """Reject values that cannot work (one-line ``ConfigError``)."""
-    require(cfg.method.name in methods.REGISTRY, "method", cfg.method.name,
-             f"allowed: {', '.join(sorted(methods.REGISTRY))}")
+    require(
+        cfg.method.name in methods.REGISTRY,
+        "method",
+        cfg.method.name,
+        f"allowed: {', '.join(sorted(methods.REGISTRY))}",
+    )
     methods.REGISTRY[cfg.method.name](cfg.method)  # each method checks its own keys
     require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"allowed: {', '.join(PRECISIONS)}")
     require(cfg.attention in ATTENTION, "attention", cfg.attention, f"allowed: {', '.join(ATTENTION)}")
     require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
     require(cfg.seq_length >= 1, "seq_length", cfg.seq_length, "must be >= 1 token")
-    require(cfg.batch_size * cfg.seq_length <= MAX_TOKENS, "batch_size", cfg.batch_size,
-            f"batch_size x seq_length must be <= {MAX_TOKENS:,} tokens per step")
+    require(
+        cfg.batch_size * cfg.seq_length <= MAX_TOKENS,
+        "batch_size",
+        cfg.batch_size,
+        f"batch_size x seq_length must be <= {MAX_TOKENS:,} tokens per step",
+    )
     require(cfg.vocab_size >= 1, "vocab_size", cfg.vocab_size, "must be >= 1")
     require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
-    require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}",
-             "needs model.arch (or set model.name_or_path to a folder with a config.json)")
+    require(
+        cfg.model.name_or_path is not None or bool(cfg.model.arch),
+        "model.arch",
+        "{}",
+        "needs model.arch (or set model.name_or_path to a folder with a config.json)",
+    )
+
 
 def new_record(cfg: Any) -> dict[str, Any]:
     """A record in the measured run's format, ``kind: "estimate"``; ``task`` is null."""
@@ -72,10 +86,16 @@ def new_record(cfg: Any) -> dict[str, Any]:
 
     return {
         **writer.new_record(cfg, kind="estimate", task=None),
-        "assumptions": {"precision": cfg.precision, "optimizer": "AdamW", "batch_size": cfg.batch_size,
-                        "seq_length": cfg.seq_length, "attention": cfg.attention,
-                        "flops_attention": cfg.flops_attention, "recomputation": False,
-                        "peak": "weights + gradients + optimizer + activations, all live at once"},
+        "assumptions": {
+            "precision": cfg.precision,
+            "optimizer": "AdamW",
+            "batch_size": cfg.batch_size,
+            "seq_length": cfg.seq_length,
+            "attention": cfg.attention,
+            "flops_attention": cfg.flops_attention,
+            "recomputation": False,
+            "peak": "weights + gradients + optimizer + activations, all live at once",
+        },
     }
 
 
@@ -101,16 +121,26 @@ def human(n: Optional[float], unit: str = "B") -> str:
     return str(n)
 
 
-COLUMNS = (("model", None), ("method", None), ("precision", None), ("trainable", "trainable_params"), ("total", "total_params"),
-           ("ckpt", "checkpoint_bytes"), ("weights", "memory_weights_bytes"), ("grads", "memory_gradients_bytes"),
-           ("optim", "memory_optimizer_bytes"), ("activ*", "memory_activations_bytes"),
-           ("peak*", "peak_memory_bytes"), ("FLOP/token", "train_flops_per_token"))
+COLUMNS = (
+    ("model", None),
+    ("method", None),
+    ("precision", None),
+    ("trainable", "trainable_params"),
+    ("total", "total_params"),
+    ("ckpt", "checkpoint_bytes"),
+    ("weights", "memory_weights_bytes"),
+    ("grads", "memory_gradients_bytes"),
+    ("optim", "memory_optimizer_bytes"),
+    ("activ*", "memory_activations_bytes"),
+    ("peak*", "peak_memory_bytes"),
+    ("FLOP/token", "train_flops_per_token"),
+)
 
 
 def table_row(rec: dict[str, Any]) -> list[str]:
     m = rec["metrics"]
     out = [rec["model"], rec["method"], rec["config"]["precision"]]
-    for name, key in COLUMNS[3:]:
+    for _, key in COLUMNS[3:]:
         unit = "" if key.endswith("params") or key.startswith("train_flops") else "B"
         out.append(human(m.get(key), unit).strip() if rec["status"] == "ok" else "-")
     return out
@@ -134,8 +164,10 @@ def report(recs: list[dict[str, Any]]) -> None:
     if not recs:
         return
     a = recs[0]["config"]
-    print(f"\nESTIMATES (AdamW, batch {a['batch_size']} x {a['seq_length']} tokens, "
-          f"{a['attention']} attention; * activations and peak are estimates, see docs/ESTIMATES.md)")
+    print(
+        f"\nESTIMATES (AdamW, batch {a['batch_size']} x {a['seq_length']} tokens, "
+        f"{a['attention']} attention; * activations and peak are estimates, see docs/ESTIMATES.md)"
+    )
     print_table(recs)
 
 
@@ -145,8 +177,15 @@ def dry_run(cfg: Any) -> None:
     build(cfg, keep=True)
 
 
-APP = app.App(prog=PROG, config_name="estimate", check=dry_run, new_record=new_record, execute=execute,
-              print_record=print_record, report=report)
+APP = app.App(
+    prog=PROG,
+    config_name="estimate",
+    check=dry_run,
+    new_record=new_record,
+    execute=execute,
+    print_record=print_record,
+    report=report,
+)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

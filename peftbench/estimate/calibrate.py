@@ -61,8 +61,14 @@ def tracked_step(cfg: Any) -> dict[str, int]:
 
 def calibration_rows(model: str, method: str, batch: int, seq: int) -> list[tuple[str, str, str, int, int]]:
     """(model, method, part, estimated bytes, measured bytes) for one model and method."""
-    cfg = app.compose(f"model={model}", f"method={method}", "precision=fp32", f"batch_size={batch}",
-                      f"seq_length={seq}", config_name="estimate")
+    cfg = app.compose(
+        f"model={model}",
+        f"method={method}",
+        "precision=fp32",
+        f"batch_size={batch}",
+        f"seq_length={seq}",
+        config_name="estimate",
+    )
     est = estimate(cfg)["metrics"]
     got = tracked_step(cfg)
     rows = [(model, method, c, est[f"memory_{c}_bytes"], got[f"memory_{c}_bytes"]) for c in PARTS]
@@ -75,8 +81,10 @@ def calibrate(argv: list[str]) -> int:
     measured bytes per part for every method on the small built-in models (fp32, CPU)."""
     opts = dict(a.split("=", 1) for a in argv if "=" in a)
     batch, seq = int(opts.get("batch_size", 4)), int(opts.get("seq_length", 128))
-    print(f"CALIBRATION: estimate (precision=fp32) vs tensor-memory tracker, one real AdamW step on CPU, "
-          f"batch {batch} x {seq} tokens")
+    print(
+        f"CALIBRATION: estimate (precision=fp32) vs tensor-memory tracker, one real AdamW step on CPU, "
+        f"batch {batch} x {seq} tokens"
+    )
     print(f"{'model':<11} {'method':<8} {'part':<12} {'estimated':>12} {'measured':>12} {'error':>8}")
     worst = 0.0
     for model in CALIBRATE_MODELS:

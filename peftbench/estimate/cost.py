@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -28,6 +29,8 @@ from peftbench import config as config_mod
 PRECISIONS = {"fp32": (torch.float32, 8), "mixed": (torch.bfloat16, 12), "bf16": (torch.bfloat16, 4)}
 ATTENTION = ("flash", "eager")
 STEP_BYTES = 4  # torch AdamW keeps one float32 step counter per trained tensor
+
+
 def model_spec(cfg: Any) -> tuple[Any, int]:
     """The model config to build (dtype from ``precision``, ``arch.vocab_size`` taken out) and
     the vocabulary size: the preset's own ``arch.vocab_size`` when it has one, else
@@ -65,8 +68,9 @@ def build(cfg: Any, keep: bool = False) -> tuple[torch.nn.Module, Any]:
     meta = models.build_meta(spec, "causal-lm", vocab, 0)
     method = methods.build(cfg.method)
     built = method.apply(meta), method
-    methods.check_context(meta.config, {"seq_length": cfg.seq_length}, getattr(method, "context_tokens", 0),
-                          f"method={cfg.method.name}")
+    methods.check_context(
+        meta.config, {"seq_length": cfg.seq_length}, getattr(method, "context_tokens", 0), f"method={cfg.method.name}"
+    )
     if keep:
         BUILT[key] = built
     return built
@@ -124,8 +128,7 @@ class AttentionCounter:
         self.flops = 0
         self.eager_bytes = 0
 
-    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                 enable_gqa=False):
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         b, a, s_q, d = query.shape
         s_kv = key.shape[-2]
         grad = any(t.requires_grad for t in (query, key, value))
@@ -134,7 +137,8 @@ class AttentionCounter:
             e = query.element_size()
             self.eager_bytes += b * a * s_q * s_kv * (4 + (e if e < 4 else 0) + (1 if dropout_p > 0 else 0))
         out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p, is_causal and attn_mask is None, attn_mask=attn_mask, scale=scale)
+            query, key, value, dropout_p, is_causal and attn_mask is None, attn_mask=attn_mask, scale=scale
+        )
         return out
 
     @contextlib.contextmanager
@@ -251,6 +255,7 @@ def korthikanti_bytes(config: Any, batch: int, seq: int, eager: bool) -> Optiona
 
 # ------------------------------------------------------------------------ estimate
 
+
 def estimate(cfg: Any) -> dict[str, Any]:
     """The estimate's metrics (flat, the measured run's key names) and method description."""
     model, method = build(cfg)
@@ -267,14 +272,18 @@ def estimate(cfg: Any) -> dict[str, Any]:
         **states,
         "memory_activations_bytes": traced["activations"],
     }
-    metrics["peak_memory_bytes"] = sum(metrics[f"memory_{c}_bytes"] for c in ("weights", "gradients", "optimizer",
-                                                                              "activations"))
-    metrics.update({
-        "memory_activations_korthikanti_bytes": korthikanti_bytes(model.config, cfg.batch_size, cfg.seq_length,
-                                                                  cfg.attention == "eager"),
-        "train_flops_per_token": flops / tokens,
-        "train_flops_per_step": flops,
-        "train_attention_flops_per_token": traced["attention_flops"] / tokens,
-        "train_tokens_per_step": tokens,
-    })
+    metrics["peak_memory_bytes"] = sum(
+        metrics[f"memory_{c}_bytes"] for c in ("weights", "gradients", "optimizer", "activations")
+    )
+    metrics.update(
+        {
+            "memory_activations_korthikanti_bytes": korthikanti_bytes(
+                model.config, cfg.batch_size, cfg.seq_length, cfg.attention == "eager"
+            ),
+            "train_flops_per_token": flops / tokens,
+            "train_flops_per_step": flops,
+            "train_attention_flops_per_token": traced["attention_flops"] / tokens,
+            "train_tokens_per_step": tokens,
+        }
+    )
     return {"metrics": metrics, "method_config": method.describe(model), "model_config": model.config.to_dict()}

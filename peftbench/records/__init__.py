@@ -28,5 +28,4 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def git(*args: str, timeout: float = 20) -> bytes:
     """``git -C REPO <args>``'s standard output; raises OSError or SubprocessError."""
-    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=timeout,
-                          check=True).stdout
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, timeout=timeout, check=True).stdout

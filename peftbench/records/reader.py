@@ -13,9 +13,10 @@ import json
 import os
 import stat
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from peftbench.records import REPO, git, schema
 
@@ -23,8 +24,13 @@ from peftbench.records import REPO, git, schema
 # results) does not make an old record stale.
 CODE_PATHS = ("peftbench", "methods", "conf", "pyproject.toml")
 # what a file that is not a regular file is, for the reason it is skipped
-KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-         stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 class RecordError(ValueError):
@@ -53,8 +59,12 @@ class Loaded:
         def unlisted(e: OSError) -> None:
             self.skipped.append((str(e.filename), f"cannot list the folder ({e.strerror or e})"))
 
-        found = [Path(root, name) for root, _, names in os.walk(folder, onerror=unlisted)
-                 for name in names if name.endswith(".json") and not name.startswith(".tmp-")]
+        found = [
+            Path(root, name)
+            for root, _, names in os.walk(folder, onerror=unlisted)
+            for name in names
+            if name.endswith(".json") and not name.startswith(".tmp-")
+        ]
         for f in sorted(found):
             self.add(f)
 
@@ -238,8 +248,9 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = 
 def loose_key(rec: dict[str, Any]) -> str:
     """Method, model, task and the method's settings: what identifies a run when config hashes
     differ because the config gained or lost a key elsewhere."""
-    return json.dumps([rec.get("method"), rec.get("model"), rec.get("task"), method_settings(rec)],
-                      sort_keys=True, default=str)
+    return json.dumps(
+        [rec.get("method"), rec.get("model"), rec.get("task"), method_settings(rec)], sort_keys=True, default=str
+    )
 
 
 def latency_points(rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -254,8 +265,16 @@ def latency_points(rec: dict[str, Any]) -> list[dict[str, Any]]:
         forms = [(merges, "inference_latency_ms", "inference_latency_iqr_ms")]
         if merges:
             forms.append((False, "inference_latency_unmerged_ms", "inference_latency_unmerged_iqr_ms"))
-        out += [{"batch": row["batch"], "length": row["length"], "merged": merged, "median_ms": row.get(median),
-                 "iqr_ms": row.get(iqr)} for merged, median, iqr in forms]
+        out += [
+            {
+                "batch": row["batch"],
+                "length": row["length"],
+                "merged": merged,
+                "median_ms": row.get(median),
+                "iqr_ms": row.get(iqr),
+            }
+            for merged, median, iqr in forms
+        ]
     return [p for p in out if p["median_ms"] is not None]
 
 

@@ -28,15 +28,28 @@ from peftbench.records import SCHEMA_VERSION, config_hash, git  # noqa: F401 (re
 # write, so a concurrent job's temp file is always younger. Age, not the writer's pid: the jobs
 # of a sweep may run on other hosts of a shared file system, where a pid means nothing.
 STALE_TMP_S = 3600
-PACKAGES = ("peftbench", "torch", "transformers", "datasets", "evaluate", "hydra-core", "omegaconf",
-            "safetensors", "pandas", "numpy", "peft")
+PACKAGES = (
+    "peftbench",
+    "torch",
+    "transformers",
+    "datasets",
+    "evaluate",
+    "hydra-core",
+    "omegaconf",
+    "safetensors",
+    "pandas",
+    "numpy",
+    "peft",
+)
 
 
 def git_state() -> dict[str, Any]:
     """Commit of the peftbench checkout and whether it has uncommitted changes."""
     try:
-        return {"git_sha": git("rev-parse", "HEAD", timeout=10).decode().strip(),
-                "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", timeout=10).strip())}
+        return {
+            "git_sha": git("rev-parse", "HEAD", timeout=10).decode().strip(),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", timeout=10).strip()),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "git_dirty": None}
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 from methods import ConfigError
-from peftbench.tasks.batching import (  # noqa: F401  (re-exported: the harness calls tasks.tokenize)
-    SPECIALS, Split, collate, eval_batches, tokenize, train_batches, word_tokenizer)
+from peftbench.tasks.batching import SPECIALS, Split, collate, eval_batches, tokenize, train_batches, word_tokenizer  # noqa: F401  (re-exported: the harness calls tasks.tokenize)
 
 
 @dataclass
@@ -74,9 +73,11 @@ def check(cfg: Any) -> None:
     if cfg.kind != task.kind:
         raise ConfigError(f"task.kind={cfg.kind}: task {cfg.name} is {task.kind}; allowed: {task.kind}")
     if cfg.vocab_size < len(SPECIALS) + 1:
-        raise ConfigError(f"task.vocab_size={cfg.vocab_size}: the word-level tokenizer needs its {len(SPECIALS)} "
-                          f"special tokens ({', '.join(SPECIALS)}) and at least one word; "
-                          f"allowed: an integer >= {len(SPECIALS) + 1}")
+        raise ConfigError(
+            f"task.vocab_size={cfg.vocab_size}: the word-level tokenizer needs its {len(SPECIALS)} "
+            f"special tokens ({', '.join(SPECIALS)}) and at least one word; "
+            f"allowed: an integer >= {len(SPECIALS) + 1}"
+        )
     task.check(cfg)
 
 

@@ -30,16 +30,19 @@ def is_local(path: str) -> bool:
 
 def require_path(cfg: Any) -> None:
     if not cfg.path:
-        raise ConfigError(f"task.path=null: {cfg.name} needs a folder of train/validation "
-                          ".csv/.json/.jsonl files or a hub dataset id")
+        raise ConfigError(
+            f"task.path=null: {cfg.name} needs a folder of train/validation .csv/.json/.jsonl files or a hub dataset id"
+        )
 
 
 def split_files(cfg: Any) -> dict[str, Path]:
     """The train and evaluation files of a local ``task.path`` folder, by split name."""
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"task.path={cfg.path}: no such folder (allowed: a folder of train/{cfg.eval_split} "
-                          f".csv/.json/.jsonl files, or a hub dataset id)")
+        raise ConfigError(
+            f"task.path={cfg.path}: no such folder (allowed: a folder of train/{cfg.eval_split} "
+            f".csv/.json/.jsonl files, or a hub dataset id)"
+        )
     files = {}
     for split in dict.fromkeys(("train", cfg.eval_split)):
         found = [folder / f"{split}.{ext}" for ext in DATA_EXTENSIONS if (folder / f"{split}.{ext}").is_file()]
@@ -47,8 +50,9 @@ def split_files(cfg: Any) -> dict[str, Path]:
             present = sorted(p.name for p in folder.iterdir() if p.suffix[1:] in DATA_EXTENSIONS)
             key = "task.path" if split == "train" else "task.eval_split"
             value = cfg.path if split == "train" else split
-            raise ConfigError(f"{key}={value}: no {split}.csv/.json/.jsonl in {cfg.path}; "
-                              f"files there: {', '.join(present) or 'none'}")
+            raise ConfigError(
+                f"{key}={value}: no {split}.csv/.json/.jsonl in {cfg.path}; files there: {', '.join(present) or 'none'}"
+            )
         files[split] = found[0]
     return files
 
@@ -71,8 +75,9 @@ def scan(cfg: Any, f: Path) -> tuple[list[str], int]:
         text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise _error(cfg, f, f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x}); "
-                                             f"allowed: {ALLOWED_FILES}") from None
+        raise _error(
+            cfg, f, f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x}); allowed: {ALLOWED_FILES}"
+        ) from None
     if f.suffix == ".csv":
         return _scan_csv(cfg, f, text)
     if text.startswith("["):  # what datasets reads as one JSON array; anything else as JSON Lines
@@ -87,9 +92,13 @@ def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
     try:
         for row in reader:
             if len(row) > len(header):
-                raise _error(cfg, f, f"line {line + 1}",
-                             f"{len(row)} fields but the header has {len(header)}; "
-                             f"allowed: at most {len(header)} (quote a text that contains a comma)")
+                raise _error(
+                    cfg,
+                    f,
+                    f"line {line + 1}",
+                    f"{len(row)} fields but the header has {len(header)}; "
+                    f"allowed: at most {len(header)} (quote a text that contains a comma)",
+                )
             rows += bool(row)  # a blank line is no example
             line = reader.line_num
     except csv.Error as e:
@@ -143,8 +152,9 @@ def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:
             if col not in columns:
                 raise ConfigError(f"task.{key}={col}: no such column in {f.name}; allowed: {', '.join(columns)}")
         if not rows:
-            raise ConfigError(f"task.path={cfg.path}: {f.name} holds no examples; allowed: {ALLOWED_FILES} "
-                              f"with at least one row")
+            raise ConfigError(
+                f"task.path={cfg.path}: {f.name} holds no examples; allowed: {ALLOWED_FILES} with at least one row"
+            )
 
 
 def num_local_train(cfg: Any) -> Optional[int]:
@@ -173,22 +183,27 @@ def load_splits(cfg: Any) -> dict[str, Any]:
         splits = {}
         for split, f in split_files(cfg).items():
             try:
-                splits[split] = datasets.load_dataset(DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)},
-                                                      split=split)
+                splits[split] = datasets.load_dataset(
+                    DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)}, split=split
+                )
             except Exception as e:  # DatasetGenerationError says nothing; its cause names the line
-                raise ConfigError(f"task.path={cfg.path}: {f.name}: datasets cannot read it "
-                                  f"({_one_line(e.__cause__ or e)})") from None
+                raise ConfigError(
+                    f"task.path={cfg.path}: {f.name}: datasets cannot read it ({_one_line(e.__cause__ or e)})"
+                ) from None
         return splits
     try:
         ds = datasets.load_dataset(str(cfg.path))
     except Exception as e:  # offline, unknown id, gated: all end the run the same way
-        raise ConfigError(f"task.path={cfg.path}: not a local folder, and loading it as a hub dataset "
-                          f"failed ({_one_line(e)})") from None
+        raise ConfigError(
+            f"task.path={cfg.path}: not a local folder, and loading it as a hub dataset failed ({_one_line(e)})"
+        ) from None
     for split in ("train", cfg.eval_split):
         if split not in ds:
             key = "task.path" if split == "train" else "task.eval_split"
-            raise ConfigError(f"{key}={cfg.path if split == 'train' else split}: the dataset has no "
-                              f"{split!r} split; allowed: {', '.join(ds.keys())}")
+            raise ConfigError(
+                f"{key}={cfg.path if split == 'train' else split}: the dataset has no "
+                f"{split!r} split; allowed: {', '.join(ds.keys())}"
+            )
     return {"train": ds["train"], cfg.eval_split: ds[cfg.eval_split]}
 
 
@@ -198,8 +213,9 @@ def check_columns(cfg: Any, splits: dict[str, Any], column_keys: tuple[str, ...]
         for key in column_keys:
             col = getattr(cfg, key)
             if col not in ds.column_names:
-                raise ConfigError(f"task.{key}={col}: no such column in the {split} split; "
-                                  f"allowed: {', '.join(ds.column_names)}")
+                raise ConfigError(
+                    f"task.{key}={col}: no such column in the {split} split; allowed: {', '.join(ds.column_names)}"
+                )
 
 
 def subset(ds: Any, n: Optional[int], seed: int) -> Any:
@@ -209,8 +225,9 @@ def subset(ds: Any, n: Optional[int], seed: int) -> Any:
     return ds.shuffle(seed=seed).select(range(n))
 
 
-def encode_labels(cfg: Any, train: Any, raw_train: list[Any],
-                  raw_eval: list[Any]) -> tuple[list[str], list[int], list[int]]:
+def encode_labels(
+    cfg: Any, train: Any, raw_train: list[Any], raw_eval: list[Any]
+) -> tuple[list[str], list[int], list[int]]:
     """Class names, and the train and eval labels as class ids 0..K-1.
 
     The dataset's ``ClassLabel`` names when it has them; else integer labels (``1``, ``1.0``,
@@ -232,5 +249,7 @@ def encode_labels(cfg: Any, train: Any, raw_train: list[Any],
         index = {v: i for i, v in enumerate(names)}
         return names, [index[v] for v in raw_train], [index[v] for v in raw_eval]
     kinds = sorted({type(v).__name__ for v in values})
-    raise ConfigError(f"task.label_column={cfg.label_column}: labels must be class ids (integers) or class "
-                      f"names (strings); found {', '.join(kinds)} values")
+    raise ConfigError(
+        f"task.label_column={cfg.label_column}: labels must be class ids (integers) or class "
+        f"names (strings); found {', '.join(kinds)} values"
+    )

@@ -59,13 +59,74 @@ def markov_text(n: int, n_tokens: int, lang_seed: int, sample_seed: int) -> list
 
 # -------------------------------------------------------------------- synthetic classification
 
-POSITIVE = ["good", "great", "excellent", "wonderful", "delightful", "brilliant", "charming",
-             "moving", "funny", "beautiful", "superb", "clever", "enjoyable", "fresh", "touching"]
-NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "tedious", "clumsy", "weak", "ugly",
-             "stupid", "painful", "bland", "messy", "lazy", "tiresome"]
-NEUTRAL = ["the", "film", "movie", "story", "actor", "plot", "scene", "director", "script", "music",
-            "is", "was", "and", "but", "with", "very", "quite", "rather", "its", "a", "this", "that",
-            "ending", "cast", "camera", "dialogue", "pace", "at", "times", "often", "really", "feels"]
+POSITIVE = [
+    "good",
+    "great",
+    "excellent",
+    "wonderful",
+    "delightful",
+    "brilliant",
+    "charming",
+    "moving",
+    "funny",
+    "beautiful",
+    "superb",
+    "clever",
+    "enjoyable",
+    "fresh",
+    "touching",
+]
+NEGATIVE = [
+    "bad",
+    "awful",
+    "terrible",
+    "boring",
+    "dull",
+    "tedious",
+    "clumsy",
+    "weak",
+    "ugly",
+    "stupid",
+    "painful",
+    "bland",
+    "messy",
+    "lazy",
+    "tiresome",
+]
+NEUTRAL = [
+    "the",
+    "film",
+    "movie",
+    "story",
+    "actor",
+    "plot",
+    "scene",
+    "director",
+    "script",
+    "music",
+    "is",
+    "was",
+    "and",
+    "but",
+    "with",
+    "very",
+    "quite",
+    "rather",
+    "its",
+    "a",
+    "this",
+    "that",
+    "ending",
+    "cast",
+    "camera",
+    "dialogue",
+    "pace",
+    "at",
+    "times",
+    "often",
+    "really",
+    "feels",
+]
 
 
 def sentiment_text(n: int, seed: int) -> tuple[list[str], list[int]]:
@@ -83,4 +144,3 @@ def sentiment_text(n: int, seed: int) -> tuple[list[str], list[int]]:
         texts.append(" ".join(toks))
         labels.append(int(n_pos > n_neg))
     return texts, labels
-

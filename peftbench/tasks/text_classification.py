@@ -28,8 +28,9 @@ class TextClassification:
         data.check_columns(cfg, splits, COLUMNS)
         train = data.subset(splits["train"], cfg.num_train, cfg.data_seed)
         ev = data.subset(splits[cfg.eval_split], cfg.num_eval, cfg.data_seed + 1)
-        names, train_ids, eval_ids = data.encode_labels(cfg, train, list(train[cfg.label_column]),
-                                                        list(ev[cfg.label_column]))
+        names, train_ids, eval_ids = data.encode_labels(
+            cfg, train, list(train[cfg.label_column]), list(ev[cfg.label_column])
+        )
 
         def text(values: list[Any]) -> list[str]:
             return ["" if t is None else str(t) for t in values]
