@@ -28,7 +28,16 @@ from peftbench.tasks.batching import SPECIALS, Split, collate, eval_batches, tok
 
 @dataclass
 class RawTask:
-    """Untokenized splits. ``labels`` are class ids (classification) or None (causal LM)."""
+    """Untokenized splits. ``labels`` are class ids (classification) or None (causal LM).
+
+    Instruction tasks (supervised fine-tuning) also set ``train_prompts`` / ``eval_prompts``: per
+    example, the chat messages before the response (a list of ``{"role", "content"}`` dicts);
+    ``train_text`` / ``eval_text`` are then the responses, the only tokens the loss is taken on.
+    ``eval_answers``: the reference answer of each eval example for accuracy by generation
+    (None: no generation accuracy); ``choices``: the fixed set of answers, for accuracy by
+    scoring each choice's log-likelihood (None: open answers). ``pack``: concatenate the texts
+    and cut them into blocks of ``max_length`` tokens (plain-text language modelling).
+    """
 
     train_text: list[str]
     eval_text: list[str]
@@ -36,6 +45,11 @@ class RawTask:
     eval_labels: Optional[list[int]]
     num_labels: int = 0
     label_names: Optional[list[str]] = None
+    train_prompts: Optional[list[list[dict[str, str]]]] = None
+    eval_prompts: Optional[list[list[dict[str, str]]]] = None
+    eval_answers: Optional[list[str]] = None
+    choices: Optional[list[str]] = None
+    pack: bool = False
 
 
 class Task(Protocol):

@@ -35,10 +35,13 @@ def word_tokenizer(texts: list[str], vocab_size: int):
 
 @dataclass
 class Split:
-    """Tokenized examples: ``ids`` lists of token ids, ``labels`` class ids or None."""
+    """Tokenized examples: ``ids`` lists of token ids, ``labels`` class ids or None.
+    ``prompt_lengths``: per example, the leading tokens that are prompt, not response (the
+    loss skips them); None when every token is trained on."""
 
     ids: list[list[int]]
     labels: Optional[list[int]]
+    prompt_lengths: Optional[list[int]] = None
 
 
 def tokenize(raw: RawTask, tokenizer: Any, max_length: int) -> tuple[Split, Split]:
@@ -53,7 +56,8 @@ def tokenize(raw: RawTask, tokenizer: Any, max_length: int) -> tuple[Split, Spli
 def collate(split: Split, index: list[int], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
     """Pad the examples at ``index`` to the longest among them (right padding).
 
-    Causal LM: ``labels`` are the input ids with padding set to -100 (the model shifts them).
+    Causal LM: ``labels`` are the input ids with padding (and the prompt of an instruction
+    example) set to -100 (the model shifts them).
     Classification: ``labels`` are the class ids.
     """
     rows = [split.ids[i] for i in index]
@@ -65,6 +69,9 @@ def collate(split: Split, index: list[int], pad_id: int, kind: str) -> dict[str,
         mask[j, : len(r)] = 1
     if kind == "causal-lm":
         labels = ids.masked_fill(mask == 0, -100)
+        for j, i in enumerate(index if split.prompt_lengths is not None else ()):
+            labels[j, : split.prompt_lengths[i]] = -100  # the prompt: no loss
+
     else:
         labels = torch.tensor([split.labels[i] for i in index], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
