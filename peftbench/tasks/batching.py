@@ -45,12 +45,37 @@ class Split:
 
 
 def tokenize(raw: RawTask, tokenizer: Any, max_length: int) -> tuple[Split, Split]:
-    """The train and eval splits as token ids, each text truncated to ``max_length`` tokens."""
+    """The train and eval splits as token ids, each text truncated to ``max_length`` tokens
+    (packed into blocks of ``max_length`` tokens instead when ``raw.pack``: ``pack_split``)."""
+    if raw.pack:
+        train = pack_split(raw.train_text, tokenizer, max_length, "train")
+        return train, pack_split(raw.eval_text, tokenizer, max_length, "eval")
 
     def enc(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
     return Split(enc(raw.train_text), raw.train_labels), Split(enc(raw.eval_text), raw.eval_labels)
+
+
+def pack_split(texts: list[str], tokenizer: Any, max_length: int, name: str) -> Split:
+    """The texts as one stream of token ids, cut into blocks of exactly ``max_length`` tokens,
+    each block one example.
+
+    Each text is tokenized whole (no truncation, no special tokens); the tokenizer's EOS id (if
+    it has one) goes between consecutive texts. The incomplete last block (fewer than
+    ``max_length`` tokens) is dropped. ``name``: the split, for the error when the stream is
+    shorter than one block.
+    """
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    stream: list[int] = []
+    for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        stream += (eos if i else []) + ids
+    if len(stream) < max_length:
+        raise ConfigError(
+            f"task.max_length={max_length}: the {name} split packs into {len(stream)} tokens, "
+            f"fewer than one block; allowed: at most {len(stream)}"
+        )
+    return Split([stream[i : i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)], None)
 
 
 def collate(split: Split, index: list[int], pad_id: int, kind: str) -> dict[str, torch.Tensor]:

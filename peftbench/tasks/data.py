@@ -35,23 +35,25 @@ def require_path(cfg: Any) -> None:
         )
 
 
-def split_files(cfg: Any) -> dict[str, Path]:
-    """The train and evaluation files of a local ``task.path`` folder, by split name."""
+def split_files(cfg: Any, extensions: tuple[str, ...] = tuple(DATA_EXTENSIONS)) -> dict[str, Path]:
+    """The train and evaluation files of a local ``task.path`` folder, by split name; the first
+    of ``extensions`` (file suffixes without the dot) present wins."""
     folder = Path(cfg.path).expanduser()
+    suffixes = "/.".join(extensions)
     if not folder.is_dir():
         raise ConfigError(
             f"task.path={cfg.path}: no such folder (allowed: a folder of train/{cfg.eval_split} "
-            f".csv/.json/.jsonl files, or a hub dataset id)"
+            f".{suffixes} files, or a hub dataset id)"
         )
     files = {}
     for split in dict.fromkeys(("train", cfg.eval_split)):
-        found = [folder / f"{split}.{ext}" for ext in DATA_EXTENSIONS if (folder / f"{split}.{ext}").is_file()]
+        found = [folder / f"{split}.{ext}" for ext in extensions if (folder / f"{split}.{ext}").is_file()]
         if not found:
-            present = sorted(p.name for p in folder.iterdir() if p.suffix[1:] in DATA_EXTENSIONS)
+            present = sorted(p.name for p in folder.iterdir() if p.suffix[1:] in extensions)
             key = "task.path" if split == "train" else "task.eval_split"
             value = cfg.path if split == "train" else split
             raise ConfigError(
-                f"{key}={value}: no {split}.csv/.json/.jsonl in {cfg.path}; files there: {', '.join(present) or 'none'}"
+                f"{key}={value}: no {split}.{suffixes} in {cfg.path}; files there: {', '.join(present) or 'none'}"
             )
         files[split] = found[0]
     return files
@@ -64,20 +66,25 @@ def _error(cfg: Any, f: Path, where: str, what: str) -> ConfigError:
     return ConfigError(f"task.path={cfg.path}: {f.name} {where}: {what}")
 
 
+def decode(cfg: Any, f: Path, allowed: str = ALLOWED_FILES) -> str:
+    """The text of a local file (a leading BOM dropped); a one-line ConfigError naming the file
+    and the line (1-based) where the bytes are not UTF-8, then ``allowed``."""
+    raw = f.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        what = f"not UTF-8 text (byte 0x{raw[e.start]:02x}); allowed: {allowed}"
+        raise _error(cfg, f, f"line {line}", what) from None
+
+
 def scan(cfg: Any, f: Path) -> tuple[list[str], int]:
     """The column names and the number of examples of a local split file, read in full.
 
     Raises a one-line ConfigError naming the file and the line (1-based) where the bytes are not
     UTF-8, a JSON line is not an object, or a CSV row has more fields than its header.
     """
-    raw = f.read_bytes()
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise _error(
-            cfg, f, f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x}); allowed: {ALLOWED_FILES}"
-        ) from None
+    text = decode(cfg, f)
     if f.suffix == ".csv":
         return _scan_csv(cfg, f, text)
     if text.startswith("["):  # what datasets reads as one JSON array; anything else as JSON Lines
@@ -146,15 +153,21 @@ def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:
     if not is_local(str(cfg.path)):
         return
     for f in split_files(cfg).values():
-        columns, rows = scan(cfg, f)
-        for key in column_keys:
-            col = getattr(cfg, key)
-            if col not in columns:
-                raise ConfigError(f"task.{key}={col}: no such column in {f.name}; allowed: {', '.join(columns)}")
-        if not rows:
-            raise ConfigError(
-                f"task.path={cfg.path}: {f.name} holds no examples; allowed: {ALLOWED_FILES} with at least one row"
-            )
+        check_file(cfg, f, column_keys)
+
+
+def check_file(cfg: Any, f: Path, column_keys: tuple[str, ...]) -> None:
+    """One local .csv/.json/.jsonl split file parses line by line, holds examples and has the
+    columns the keys in ``column_keys`` name."""
+    columns, rows = scan(cfg, f)
+    for key in column_keys:
+        col = getattr(cfg, key)
+        if col not in columns:
+            raise ConfigError(f"task.{key}={col}: no such column in {f.name}; allowed: {', '.join(columns)}")
+    if not rows:
+        raise ConfigError(
+            f"task.path={cfg.path}: {f.name} holds no examples; allowed: {ALLOWED_FILES} with at least one row"
+        )
 
 
 def num_local_train(cfg: Any) -> Optional[int]:
@@ -174,23 +187,25 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
+def load_file(cfg: Any, split: str, f: Path) -> Any:
+    """One local .csv/.json/.jsonl split file as a Dataset."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)}, split=split)
+    except Exception as e:  # DatasetGenerationError says nothing; its cause names the line
+        raise ConfigError(
+            f"task.path={cfg.path}: {f.name}: datasets cannot read it ({_one_line(e.__cause__ or e)})"
+        ) from None
+
+
 def load_splits(cfg: Any) -> dict[str, Any]:
     """``{"train": Dataset, eval_split: Dataset}`` from a local folder or the hub."""
     import datasets
 
     require_path(cfg)
     if is_local(str(cfg.path)):
-        splits = {}
-        for split, f in split_files(cfg).items():
-            try:
-                splits[split] = datasets.load_dataset(
-                    DATA_EXTENSIONS[f.suffix[1:]], data_files={split: str(f)}, split=split
-                )
-            except Exception as e:  # DatasetGenerationError says nothing; its cause names the line
-                raise ConfigError(
-                    f"task.path={cfg.path}: {f.name}: datasets cannot read it ({_one_line(e.__cause__ or e)})"
-                ) from None
-        return splits
+        return {split: load_file(cfg, split, f) for split, f in split_files(cfg).items()}
     try:
         ds = datasets.load_dataset(str(cfg.path))
     except Exception as e:  # offline, unknown id, gated: all end the run the same way
