@@ -3,15 +3,20 @@
     python -m peftbench.compare BASELINE CURRENT [--timing fail|warn|off] [--time-tolerance 0.10]
 
 BASELINE and CURRENT are each a folder of records (searched recursively) or one record file.
-Runs are matched by config hash; a baseline run left unmatched is then matched by method,
-model, task and method settings (config hashes change when the config gains a key), and the
-config keys that differ are printed.
+Runs that differ only in seed form a group. Groups are matched by their config without the
+seed; a baseline group left unmatched is then matched by method, model, task and method
+settings (config hashes change when the config gains a key), and the config keys that differ
+are printed. Within matched groups, runs are paired by seed (then the rest in seed order).
 
 - exact: parameter counts, FLOPs, checkpoint bytes and the base weights' checksum must be equal;
   so must every tensor-byte figure (peak and breakdown) when both runs are on CPU, where the
   tracker's figure is reproducible to the byte.
-- quality: eval loss / accuracy / final train loss may not get worse by more than
-  ``--quality-tolerance`` (relative for losses, absolute for accuracy).
+- quality (``quality_direction``: eval loss, final train loss, ``*_accuracy``,
+  ``*_perplexity``, ``forgetting_*``) may not get worse by more than ``--quality-tolerance``
+  (relative where lower is better, absolute for accuracy). Runs that differ only in seed are
+  one group (``records.seed_groups``); where both sides have n >= 2 values of a metric, its
+  group means are compared and the margin is the larger of that tolerance and 2 standard
+  errors of the difference (``Spread``); each seed's other figures are compared as usual.
 - timing (only between runs on the same device name): a median that is slower by more than
   ``--time-tolerance`` is a slowdown if it is also significant: a one-sided Mann-Whitney U test
   (p < ``--alpha``) where both records store per-step samples (``train_step_ms``), else a gap
@@ -37,6 +42,9 @@ from peftbench.records import reader as records
 EXIT_OK, EXIT_REGRESSION, EXIT_INPUT = 0, 1, 2
 EXACT_KEYS = ("trainable_params", "total_params", "checkpoint_bytes", "checkpoint_params", "checkpoint_tensors")
 QUALITY = {"eval_loss": "lower", "train_loss_final": "lower", "eval_accuracy": "higher"}
+# quality beyond QUALITY, by name: (suffix or prefix, direction)
+QUALITY_SUFFIXES = (("_accuracy", "higher"), ("_perplexity", "lower"))
+QUALITY_PREFIXES = (("forgetting_", "lower"),)
 MIN_SAMPLES = 5  # per side, for the rank test
 # numeric options: what is allowed, and the test (infinities and NaN are never allowed)
 LIMITS = {
@@ -68,6 +76,61 @@ def is_exact(key: str, both_cpu: bool) -> bool:
     return both_cpu and key.endswith("_bytes") and not key.startswith("cuda_")
 
 
+def quality_direction(key: str) -> Optional[str]:
+    """``"higher"`` or ``"lower"`` (which is better) if metric ``key`` measures task quality,
+    else None. The one definition of a quality metric, for the gate and the report: the keys
+    in ``QUALITY``, names ending ``_accuracy`` (higher) or ``_perplexity`` (lower), and names
+    starting ``forgetting_`` (lower). Not every ``eval_*`` name: ``eval_peak_memory_bytes`` is
+    a cost and ``eval_loss_initial`` is measured before training."""
+    if key in QUALITY:
+        return QUALITY[key]
+    for suffix, direction in QUALITY_SUFFIXES:
+        if key.endswith(suffix):
+            return direction
+    for prefix, direction in QUALITY_PREFIXES:
+        if key.startswith(prefix):
+            return direction
+    return None
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A quality metric over the runs of one group (records that differ only in seed): mean,
+    sample standard deviation (ddof=1; NaN for one value) and the number of values."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        n = len(values)
+        mean = math.fsum(values) / n
+        std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n >= 2 else math.nan
+        return cls(mean, std, n)
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean over seeds, std / sqrt(n) (NaN for n = 1)."""
+        return self.std / math.sqrt(self.n) if self.n >= 2 else math.nan
+
+    def text(self) -> str:
+        return f"{self.mean:.4g} ± {self.std:.2g} (n={self.n})" if self.n >= 2 else f"{self.mean:.4g} (n=1)"
+
+
+def binomial_se(accuracy: float, examples: Any) -> Optional[float]:
+    """Standard error of one accuracy (a fraction) measured on ``examples`` eval examples,
+    sqrt(p (1 - p) / N), or None when N is not a positive number or p is not in [0, 1]."""
+    if not (_num(examples) and examples > 0 and _num(accuracy) and 0 <= accuracy <= 1):
+        return None
+    return math.sqrt(accuracy * (1 - accuracy) / examples)
+
+
+def combined_se(se1: float, se2: float) -> float:
+    """Standard error of the difference of two independent means: sqrt(se1^2 + se2^2)."""
+    return math.hypot(se1, se2)
+
+
 def is_timing(key: str) -> bool:
     return "iqr" not in key and key.endswith(("_ms", "_ms_median", "_ms_per_token"))
 
@@ -96,26 +159,53 @@ def index(recs: list[dict[str, Any]], key: Any) -> dict[str, dict[str, Any]]:
     return {k: pick(v) for k, v in groups.items()}
 
 
-def match(base: list[dict], cur: list[dict]) -> tuple[list[tuple[dict, dict, str]], list[dict], list[dict]]:
-    """Pairs (baseline, current, how), the unmatched baseline runs and the unmatched current runs."""
-    b_hash, c_hash = index(base, lambda r: r.get("config_hash")), index(cur, lambda r: r.get("config_hash"))
-    pairs = [(b_hash[h], c_hash[h], "config hash") for h in b_hash if h in c_hash]
-    rest_b = [r for h, r in b_hash.items() if h not in c_hash]
-    loose: dict[str, list[dict]] = {}
-    for h, r in c_hash.items():
-        if h not in b_hash:
-            loose.setdefault(records.loose_key(r), []).append(r)
+Group = list[dict[str, Any]]  # the runs of one experiment, one per seed, ordered by seed
+
+
+def groups(recs: list[dict[str, Any]]) -> dict[str, Group]:
+    """The runs (newest ok record of each config hash), grouped by everything but the seed."""
+    return records.seed_groups(index(recs, lambda r: r.get("config_hash")).values(), choose=pick)
+
+
+def match(base: list[dict], cur: list[dict]) -> tuple[list[tuple[Group, Group, str]], list[Group], list[Group]]:
+    """Pairs of groups (baseline, current, how), the unmatched baseline groups and the
+    unmatched current groups. Groups are matched by their config without the seed, else by
+    method, model, task and method settings (the config gained or lost a key)."""
+    b_groups, c_groups = groups(base), groups(cur)
+    pairs = [(b_groups[k], c_groups[k], "config") for k in b_groups if k in c_groups]
+    loose: dict[str, list[Group]] = {}
+    for k, g in c_groups.items():
+        if k not in b_groups:
+            loose.setdefault(records.loose_key(g[0]), []).append(g)
     missing = []
-    for b in rest_b:
-        candidates = loose.get(records.loose_key(b)) or []
+    for k, b in b_groups.items():
+        if k in c_groups:
+            continue
+        candidates = loose.get(records.loose_key(b[0])) or []
         if not candidates:
             missing.append(b)
             continue
         # of several, the one whose config differs from the baseline's in the fewest keys
-        c = min(candidates, key=lambda r: len(records.config_diff(b, r)))
+        c = min(candidates, key=lambda g: len(records.config_diff(b[0], g[0], records.NOT_THE_EXPERIMENT)))
         candidates.remove(c)
         pairs.append((b, c, "method/model/task/method settings"))
-    return pairs, missing, [r for rs in loose.values() for r in rs]
+    return pairs, missing, [g for gs in loose.values() for g in gs]
+
+
+def pair_seeds(b: Group, c: Group) -> tuple[list[tuple[dict, dict]], Group, Group]:
+    """The runs of two matched groups paired: the same seed first, then the rest in seed order;
+    the baseline runs left without a partner and the current runs left over."""
+    c_by_seed = {repr(records.run_seed(r)): r for r in c}
+    pairs, rest_b = [], []
+    for r in b:
+        partner = c_by_seed.pop(repr(records.run_seed(r)), None)
+        if partner is None:
+            rest_b.append(r)
+        else:
+            pairs.append((r, partner))
+    rest_c = [r for r in c if repr(records.run_seed(r)) in c_by_seed]
+    pairs += list(zip(rest_b, rest_c))
+    return pairs, rest_b[len(rest_c) :], rest_c[len(rest_b) :]
 
 
 def run_name(rec: dict[str, Any]) -> str:
@@ -125,6 +215,11 @@ def run_name(rec: dict[str, Any]) -> str:
         if k in ("rank", "variant", "num_virtual_tokens")
     )
     return f"{rec.get('method')}{' ' + extra if extra else ''}/{rec.get('model')}/{rec.get('task')}"
+
+
+def seed_name(rec: dict[str, Any], group_size: int) -> str:
+    """``run_name``, with the seed for a run of a group of several."""
+    return f"{run_name(rec)} seed={records.run_seed(rec)}" if group_size > 1 else run_name(rec)
 
 
 def mann_whitney_p(base: list[float], cur: list[float]) -> Optional[float]:
@@ -137,13 +232,56 @@ def mann_whitney_p(base: list[float], cur: list[float]) -> Optional[float]:
 
 
 class Comparer:
-    """Holds the thresholds; ``pair`` turns one matched pair into rows."""
+    """Holds the thresholds; ``groups`` turns two matched groups into rows, ``pair`` one
+    matched pair of runs."""
 
     def __init__(self, a: argparse.Namespace):
         self.a = a
 
-    def pair(self, b: dict[str, Any], c: dict[str, Any]) -> list[Row]:
-        name = run_name(b)
+    def groups(self, bg: Group, cg: Group, runs: list[tuple[dict, dict]], how: str) -> list[Row]:
+        """Rows for two matched groups: each paired run's figures (named by seed when a side
+        has several), with the quality metrics that both sides have n >= 2 values of compared
+        as groups (``spread_quality``) instead of run by run."""
+        name, size = run_name(bg[0]), max(len(bg), len(cg))
+        pooled = self.pooled_keys(bg, cg)
+        rows = [self.spread_quality(name, key, bg, cg) for key in pooled]
+        for b, c in runs:
+            run = seed_name(b, size)
+            if b.get("config_hash") != c.get("config_hash"):
+                diff = "; ".join(records.config_diff(b, c)[:6]) or "no config change"
+                via = how if how != "config" else "config but the seed"
+                rows.append(Row(run, "matched by", via, "", "", "changed", diff))
+            rows += self.pair(b, c, run, skip=pooled)
+        return rows
+
+    @staticmethod
+    def values(g: Group, key: str) -> list[float]:
+        return [r["metrics"][key] for r in g if r.get("status") == "ok" and _num(r["metrics"].get(key))]
+
+    def pooled_keys(self, bg: Group, cg: Group) -> list[str]:
+        """Quality metrics with at least two values on each side."""
+        keys = {k for r in bg + cg if r.get("status") == "ok" for k in r["metrics"] if quality_direction(k)}
+        return sorted(k for k in keys if len(self.values(bg, k)) >= 2 and len(self.values(cg, k)) >= 2)
+
+    def spread_quality(self, name: str, key: str, bg: Group, cg: Group) -> Row:
+        """Current mean against baseline mean: worse by more than the margin, the larger of the
+        tolerance (relative to the baseline mean where lower is better, absolute otherwise) and
+        2 standard errors of the difference, is a regression."""
+        b, c = Spread.of(self.values(bg, key)), Spread.of(self.values(cg, key))
+        lower = quality_direction(key) == "lower"
+        worse = c.mean - b.mean if lower else b.mean - c.mean
+        # as today's rule: a loss relative to the baseline (never failing on a zero baseline)
+        tol = (self.a.quality_tolerance * abs(b.mean) if b.mean else math.inf) if lower else self.a.quality_tolerance
+        two_se = 2 * combined_se(b.se, c.se)
+        margin = max(tol, two_se)
+        verdict = "FAIL" if worse > margin else "better" if worse < -margin else "same" if worse == 0 else "changed"
+        note = f"margin {margin:.3g} = max(tolerance {tol:.3g}, 2 SE {two_se:.3g})"
+        return Row(name, key, b.text(), c.text(), f"{c.mean - b.mean:+.4g}", verdict, note)
+
+    def pair(self, b: dict[str, Any], c: dict[str, Any], name: str = "", skip: Any = ()) -> list[Row]:
+        """Rows for one baseline run and its current run; quality metrics in ``skip`` are left
+        to ``spread_quality``."""
+        name = name or run_name(b)
         if c.get("status") != "ok":
             return [
                 Row(
@@ -177,7 +315,7 @@ class Comparer:
         for key in sorted(set(bm) | set(cm)):
             if is_exact(key, both_cpu):
                 rows += self.exact(name, key, bm.get(key), cm.get(key))
-            elif key in QUALITY:
+            elif quality_direction(key) and key not in skip:
                 rows += self.quality(name, key, bm.get(key), cm.get(key))
         same_device = records.recorded_device(b) == records.recorded_device(c)
         if not same_device:
@@ -215,8 +353,8 @@ class Comparer:
     def quality(self, name: str, key: str, bv: Any, cv: Any) -> list[Row]:
         if not (_num(bv) and _num(cv)):
             return [] if bv is None and cv is None else [Row(name, key, bv, cv, "", "warn", "not comparable")]
-        tol = self.a.quality_tolerance
-        worse = (cv - bv) / abs(bv) if QUALITY[key] == "lower" and bv else bv - cv if QUALITY[key] == "higher" else 0.0
+        tol, direction = self.a.quality_tolerance, quality_direction(key)
+        worse = (cv - bv) / abs(bv) if direction == "lower" and bv else bv - cv if direction == "higher" else 0.0
         verdict = "FAIL" if worse > tol else "better" if worse < -tol else "same" if bv == cv else "changed"
         return [Row(name, key, round(bv, 6), round(cv, 6), f"{cv - bv:+.4g}", verdict)]
 
@@ -348,20 +486,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     except records.RecordError as e:
         print(f"peftbench.compare: error: {e}", file=sys.stderr)
         return EXIT_INPUT
-    pairs, missing, extra = match(base, cur)
+    pairs, missing_groups, extra_groups = match(base, cur)
     comparer = Comparer(a)
     rows: list[Row] = []
-    for b, c, how in pairs:
-        if how != "config hash":
-            diff = records.config_diff(b, c)
-            rows.append(
-                Row(run_name(b), "matched by", how, "", "", "changed", "; ".join(diff[:6]) or "no config change")
-            )
-        rows += comparer.pair(b, c)
-    for b in missing:
+    # runs without a partner, with their group's size (a run of several is named by its seed)
+    missing = [(r, len(g)) for g in missing_groups for r in g]
+    extra = [(r, len(g)) for g in extra_groups for r in g]
+    matched = 0
+    for bg, cg, how in pairs:
+        runs, lost, new = pair_seeds(bg, cg)
+        rows += comparer.groups(bg, cg, runs, how)
+        matched += len(runs)
+        missing += [(r, len(bg)) for r in lost]
+        extra += [(r, len(cg)) for r in new]
+    for b, size in missing:
         rows.append(
             Row(
-                run_name(b),
+                seed_name(b, size),
                 "run",
                 "present",
                 "missing",
@@ -370,8 +511,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"config {b.get('config_hash')} not in current",
             )
         )
-    for c in extra:
-        rows.append(Row(run_name(c), "run", "absent", "new", "", "changed", "not in baseline"))
+    for c, size in extra:
+        rows.append(Row(seed_name(c, size), "run", "absent", "new", "", "changed", "not in baseline"))
     shown = rows if a.verbose else [r for r in rows if r.verdict != "same"]
     if shown:
         print_table(shown)
@@ -379,7 +520,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warns = sum(r.verdict == "warn" for r in rows)
     status = "REGRESSION" if fails else "ok"
     print(
-        f"peftbench.compare: {len(pairs)} run(s) matched, {len(missing)} missing, {len(extra)} new; "
+        f"peftbench.compare: {matched} run(s) matched, {len(missing)} missing, {len(extra)} new; "
         f"{sum(r.verdict == 'same' for r in rows)} figures unchanged, {fails} failing, {warns} warning(s): {status}"
     )
     return EXIT_REGRESSION if fails else EXIT_OK

@@ -7,7 +7,11 @@ grids, long form), ``report.md`` and PNG plots. Runs are grouped by (device, mod
 numbers of different devices or models never share a chart, and ratios against full
 fine-tuning are taken within a group. Failed runs are listed, not plotted; estimates
 (``kind: estimate``) get their own table. A file that is not a record is reported and skipped.
-For several records of one config on one device, the newest ok one is shown.
+For several records of one config on one device, the newest ok one is shown. Records that
+differ only in seed are one row of the Markdown tables (``pool_seeds``): the mean of every
+figure, quality as mean ± sample standard deviation with n, and a sentence under the quality
+table for two rows whose quality differs by less than the noise (``within_noise``);
+``records.csv`` keeps one row per record.
 
 Exit status: 0 written; 1 a write failed (the path and the OS reason, in one line); 2 unusable
 input (a results path missing, or an ``--out`` that cannot be written, checked before any work).
@@ -16,6 +20,7 @@ input (a results path missing, or an ``--out`` that cannot be written, checked b
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -30,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from peftbench.compare import Spread, binomial_se, combined_se, quality_direction  # noqa: E402
 from peftbench.records import reader as records  # noqa: E402
 
 MiB = 2**20
@@ -138,12 +144,13 @@ def frame(recs: list[dict[str, Any]]) -> pd.DataFrame:
     return add_ratios(df)
 
 
-def labels(df: pd.DataFrame, recs: list[dict[str, Any]]) -> pd.Series:
+def labels(df: pd.DataFrame, recs: list[dict[str, Any]], ignore: tuple[str, ...] = ()) -> pd.Series:
     """The method, plus the config keys that tell its runs apart within their (device, model,
-    task) group (``lora rank=4``, ``adapter variant=pfeiffer``, ``full train.lr=0.001``)."""
+    task) group (``lora rank=4``, ``adapter variant=pfeiffer``, ``full train.lr=0.001``);
+    ``recs[i]`` is the record of row ``i``, and keys starting with ``ignore`` are left out."""
     out = df["method"].astype(str).copy()
     configs = [records.flat(r.get("config") or {}) for r in recs]
-    ignore = ("results_dir", "force", "method.name")
+    ignore = ("results_dir", "force", "method.name", *ignore)
     for _, g in df.groupby(["device", "model", "task", "method"], dropna=False):
         cfgs = {i: configs[i] for i in g.index}
         keys = sorted({k for c in cfgs.values() for k in c if not k.startswith(ignore)})
@@ -175,6 +182,110 @@ def add_ratios(df: pd.DataFrame) -> pd.DataFrame:
 
 def newest_per_config(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("run_id").drop_duplicates(["config_hash", "device"], keep="last")
+
+
+# ------------------------------------------------------------------------ seeds and noise
+def pool_seeds(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The rows of one (device, model, task) group with the runs that differ only in seed
+    (``records.seed_free_key``) pooled into one row each (``pooled``); labels, ratios and the
+    order are then taken again, without the seed. A group where no two runs differ only in
+    seed is returned as it is."""
+    keys = g["run_id"].map(lambda i: records.seed_free_key(by_id[i]))
+    if keys.nunique() == len(g):
+        return g
+    parts = [pooled(s, by_id) for _, s in g.groupby(keys, sort=False)]
+    out = pd.concat(parts, ignore_index=True)
+    out["label"] = labels(out, [by_id[i] for i in out["run_id"]], ignore=("seed",))
+    return ordered(add_ratios(out))
+
+
+def pooled(s: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row for the runs in ``s`` (one per seed, the newest if a seed has several): the
+    newest run's identity (its run id names the row; the latency plots show its grid), the
+    mean of every numeric column, ``seeds`` (the seeds, in order), ``n_seeds``, and ``spread``:
+    {quality metric: ``Spread``} over the runs that have it."""
+    s = s.assign(_seed=s["run_id"].map(lambda i: repr(records.run_seed(by_id[i]))))
+    s = s.sort_values("run_id").drop_duplicates("_seed", keep="last").drop(columns="_seed")
+    out = s.iloc[[-1]].copy()
+    if len(s) == 1:
+        return out.assign(seeds=str(records.run_seed(by_id[out["run_id"].iloc[0]])), n_seeds=1)
+    for col in s.columns:
+        if pd.api.types.is_numeric_dtype(s[col]) and not pd.api.types.is_bool_dtype(s[col]):
+            out[col] = s[col].mean()
+    out["parallel_launcher"] = bool(s["parallel_launcher"].any())
+    runs = records.seed_groups(by_id[i] for i in s["run_id"])
+    seeds = [records.run_seed(r) for rs in runs.values() for r in rs]
+    out["seeds"] = ", ".join(str(x) for x in seeds)
+    out["n_seeds"] = len(s)
+    metrics = sorted({k for i in s["run_id"] for k in by_id[i].get("metrics") or {} if quality_direction(k)})
+    spread = {k: Spread.of(s[k].dropna().tolist()) for k in metrics if k in s and s[k].notna().any()}
+    out["spread"] = pd.Series([spread], index=out.index, dtype=object)
+    return out
+
+
+def quality_key(r: pd.Series) -> Optional[str]:
+    """The metric behind the row's ``quality`` column (``eval_accuracy`` or ``eval_loss``)."""
+    q = r.get("quality_metric")
+    return q.split()[0] if isinstance(q, str) else None
+
+
+def quality_spread(r: pd.Series) -> Optional[Spread]:
+    """The spread of the row's quality over seeds, for a pooled row."""
+    spread = r.get("spread")
+    return spread.get(quality_key(r)) if isinstance(spread, dict) else None
+
+
+def standard_error(r: pd.Series) -> Optional[float]:
+    """The standard error of the row's quality: std / sqrt(n) over n >= 2 seeds; for a single
+    accuracy with a known number of eval examples (metric ``eval_examples``), the binomial
+    sqrt(p (1 - p) / N); else None (unknown)."""
+    spread = quality_spread(r)
+    if spread is not None and spread.n >= 2:
+        return spread.se
+    key = quality_key(r)
+    if key and key.endswith("_accuracy") and pd.notna(r.get("quality")):
+        return binomial_se(float(r["quality"]), r.get("eval_examples"))
+    return None
+
+
+def within_noise(g: pd.DataFrame) -> list[str]:
+    """One sentence for each two rows whose quality (same metric) differs by less than the
+    noise: both rows' standard errors combined, sqrt(se1^2 + se2^2). Rows whose standard
+    error is unknown are not judged."""
+    rows = [(r, standard_error(r)) for _, r in g.iterrows()]
+    rows = [(r, se) for r, se in rows if se is not None and math.isfinite(se) and pd.notna(r.get("quality"))]
+    out = []
+    for i, (a, se_a) in enumerate(rows):
+        for b, se_b in rows[i + 1 :]:
+            if quality_key(a) != quality_key(b):
+                continue
+            diff, noise = abs(float(a["quality"]) - float(b["quality"])), combined_se(se_a, se_b)
+            if diff < noise:
+                out.append(
+                    f"Within noise: {a['label']} and {b['label']} differ in {quality_key(a)} by {diff:.4f}, "
+                    f"less than the noise {noise:.4f} (their standard errors combined), "
+                    "so this comparison cannot tell them apart."
+                )
+    return out
+
+
+def seeds_table(g: pd.DataFrame) -> str:
+    """Every quality metric of the rows as mean ± sample std over seeds (a single run: its
+    value), with the number of seeds and which."""
+    metrics = sorted(c for c in g.columns if quality_direction(c) and g[c].notna().any())
+    lines = ["| run | n | seeds | " + " | ".join(metrics) + " |", "|" + "---|" * (3 + len(metrics))]
+    for _, r in g.iterrows():
+        spread = r.get("spread") if isinstance(r.get("spread"), dict) else {}
+        n = int(r["n_seeds"]) if pd.notna(r.get("n_seeds")) else 1
+        cells = [str(r["label"]), str(n), str(r.get("seeds", "-"))]
+        for k in metrics:
+            sp = spread.get(k)
+            if sp is not None and sp.n >= 2:
+                cells.append(f"{sp.mean:.4f} ± {sp.std:.4f}" + (f" (n={sp.n})" if sp.n != n else ""))
+            else:
+                cells.append("-" if pd.isna(r.get(k)) else f"{r[k]:.4f}")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -364,6 +475,9 @@ def md_table(df: pd.DataFrame, cols: tuple = TABLE) -> str:
             text = fmt.format(v / scale if scale else v)
             if col == "train_step_ms_median" and pd.notna(r.get("train_step_ms_iqr")):
                 text += f" ({r['train_step_ms_iqr']:,.1f})"
+            spread = quality_spread(r) if col == "quality" else None
+            if spread is not None and spread.n >= 2:
+                text += f" ± {spread.std:.4f} (n={spread.n})"
             cells.append(text.replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -400,10 +514,21 @@ def render(
                 "machine): compare them with care.",
                 "",
             ]
-        g = ordered(g)
+        g = pool_seeds(ordered(g), by_id)
         lines += [md_table(g), ""]
         if "quality_metric" in g and g["quality_metric"].notna().any():
             lines += [f"quality: {', '.join(sorted(g['quality_metric'].dropna().unique()))}", ""]
+        if "spread" in g:
+            lines += [
+                "Runs that differ only in seed are one row: the mean of each figure over the seeds, "
+                "quality as mean ± sample standard deviation (n seeds).",
+                "",
+                seeds_table(g),
+                "",
+            ]
+        noise = within_noise(g)
+        if noise:
+            lines += noise + [""]
         plots = (
             plot_group(g, out, slug)
             + plot_latency(g, by_id, out, slug)

@@ -13,7 +13,7 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -251,6 +251,45 @@ def loose_key(rec: dict[str, Any]) -> str:
     return json.dumps(
         [rec.get("method"), rec.get("model"), rec.get("task"), method_settings(rec)], sort_keys=True, default=str
     )
+
+
+# Config keys that do not make two runs different experiments: the seed (what a repeat
+# changes), where the record is written, and whether it was forced.
+NOT_THE_EXPERIMENT = ("seed", "results_dir", "force")
+
+
+def run_seed(rec: dict[str, Any]) -> Any:
+    """The run's ``config.seed`` (None when the record has no config or no seed)."""
+    return (rec.get("config") or {}).get("seed")
+
+
+def seed_free_key(rec: dict[str, Any]) -> str:
+    """What identifies a run's experiment: its kind and resolved config without
+    ``NOT_THE_EXPERIMENT``. Records with equal keys differ only in seed: repeats of one
+    experiment. A record without a config is an experiment of its own (its config hash, else
+    its run id)."""
+    cfg = rec.get("config")
+    if not cfg:
+        return json.dumps(["no config", rec.get("config_hash") or rec.get("run_id")])
+    rest = {k: v for k, v in cfg.items() if k not in NOT_THE_EXPERIMENT}
+    return json.dumps([rec.get("kind"), rest], sort_keys=True, default=str)
+
+
+def _seed_order(rec: dict[str, Any]) -> tuple[bool, float, str]:
+    s = run_seed(rec)
+    numeric = isinstance(s, (int, float)) and not isinstance(s, bool)
+    return (not numeric, s if numeric else 0, str(s))
+
+
+def seed_groups(
+    recs: Iterable[dict[str, Any]], choose: Callable[[list[dict[str, Any]]], Any] = newest
+) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by ``seed_free_key`` (first appearance first), one record per seed
+    (``choose`` picks among several of one seed; default the newest), each group ordered by seed."""
+    by_seed: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in recs:
+        by_seed.setdefault(seed_free_key(r), {}).setdefault(repr(run_seed(r)), []).append(r)
+    return {k: sorted((choose(rs) for rs in seeds.values()), key=_seed_order) for k, seeds in by_seed.items()}
 
 
 def latency_points(rec: dict[str, Any]) -> list[dict[str, Any]]:
