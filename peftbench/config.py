@@ -27,8 +27,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ModelConfig:
     """The base model.
 
-    name: the preset's name, as it appears in results. name_or_path: a local directory or hub
-    id to load pretrained weights from; null builds ``arch`` with seeded random weights.
+    name: the preset's name, as it appears in results. name_or_path: a local directory, a hub
+    id, a ``.gguf`` file, or ``pkg://<package>/<file>`` (a file shipped in an installed package)
+    to load pretrained weights from (``peftbench.weights``); null builds ``arch`` with seeded
+    random weights. install: the command that installs a preset's weights (named in the error
+    when they are missing).
     arch: transformers config keys (``model_type`` first) for a random-init model.
     init_seed: seed of the random base weights and of a fresh task head, the same for every
     method so that every method starts from identical weights.
@@ -36,6 +39,7 @@ class ModelConfig:
 
     name: str = MISSING
     name_or_path: Optional[str] = None
+    install: Optional[str] = None
     arch: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     dtype: str = "float32"
@@ -51,6 +55,17 @@ class TaskConfig:
     null keeps all). vocab_size: size of the word-level tokenizer built from the training
     text when the model brings no tokenizer. data_seed: seed of generated data, fixed so that
     every run sees the same examples.
+
+    Instruction tasks (prompt -> response, loss on the response only): format: auto | alpaca |
+    messages (auto: ``messages`` when the files have a ``messages_column``). Alpaca layout:
+    ``prompt_column`` (the instruction), optional ``input_column``, ``response_column``; chat
+    layout: ``messages_column``, a list of {role, content}, the last assistant message being the
+    response. system_prompt: a system message put before every prompt (null: none). template:
+    auto (the tokenizer's chat template when it has one, else the plain one in
+    ``peftbench.tasks.chat``) | chat | plain. Accuracy by generation: greedy decoding of up to
+    ``max_new_tokens`` tokens, the answer taken by ``answer_rule`` (exact | first_word |
+    last_number | regex, with ``answer_regex``) on ``num_generate`` eval examples (null: all
+    kept). choices: the fixed set of answers, for accuracy by each choice's log-likelihood.
     """
 
     name: str = MISSING
@@ -64,6 +79,18 @@ class TaskConfig:
     num_eval: Optional[int] = 256
     vocab_size: int = 1024
     data_seed: int = 1234
+    format: str = "auto"
+    prompt_column: str = "instruction"
+    input_column: Optional[str] = "input"
+    response_column: str = "output"
+    messages_column: str = "messages"
+    system_prompt: Optional[str] = None
+    template: str = "auto"
+    answer_rule: str = "exact"
+    answer_regex: Optional[str] = None
+    max_new_tokens: int = 16
+    num_generate: Optional[int] = None
+    choices: Optional[list[str]] = None
 
 
 @dataclass
@@ -97,6 +124,9 @@ class MeasureConfig:
     latency_grid_batches x latency_grid_lengths: the prefill latency grid. latency_warmup /
     latency_repeats: untimed and timed forward passes per point. decode_tokens: new tokens N of
     the decode measurement (0 skips it); decode_repeats: timed generate calls per length.
+    forgetting: measure forgetting (``peftbench.quality.forgetting``) on pretrained causal LMs;
+    forgetting_tokens: length of the base model's reference responses (tokens); skill_examples:
+    addition questions of the general-skill accuracy.
     """
 
     memory_steps: int = 2
@@ -108,6 +138,9 @@ class MeasureConfig:
     latency_repeats: int = 20
     decode_tokens: int = 32
     decode_repeats: int = 5
+    forgetting: bool = True
+    forgetting_tokens: int = 24
+    skill_examples: int = 24
 
 
 @dataclass
@@ -124,6 +157,25 @@ class Config:
     rank: int = 8
     results_dir: str = "results/runs"
     force: bool = False
+
+
+def package_model_path(package: str) -> str:
+    """Directory of a model shipped inside a Python package (``get_model_path()``)."""
+    import importlib
+
+    return importlib.import_module(package).get_model_path()
+
+
+def repo_path(relative: str) -> str:
+    """A path inside the peftbench checkout (its shipped data, e.g. ``data/rt-polarity``), absolute."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent.parent / relative)
+
+
+for _name, _resolver in (("package_model_path", package_model_path), ("repo_path", repo_path)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 def register_configs() -> None:
@@ -209,6 +261,10 @@ def check(cfg: Any) -> None:
         cfg.measure.decode_tokens,
         "must be >= 0 (0 skips the decode measurement)",
     )
+    require(
+        cfg.measure.forgetting_tokens >= 1, "measure.forgetting_tokens", cfg.measure.forgetting_tokens, "must be >= 1"
+    )
+    require(cfg.measure.skill_examples >= 1, "measure.skill_examples", cfg.measure.skill_examples, "must be >= 1")
     require(cfg.measure.decode_repeats >= 1, "measure.decode_repeats", cfg.measure.decode_repeats, "must be >= 1")
     require(cfg.task.kind in TASK_KINDS, "task.kind", cfg.task.kind, f"allowed: {', '.join(TASK_KINDS)}")
     require(cfg.task.max_length >= 8, "task.max_length", cfg.task.max_length, "must be >= 8 tokens")

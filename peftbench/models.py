@@ -8,7 +8,6 @@ task ``AutoModelForSequenceClassification`` with a fresh, seeded head that every
 from __future__ import annotations
 
 import hashlib
-import importlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,19 +16,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from methods import ConfigError, context_length  # noqa: F401 (re-exported for the harness)
+from peftbench import weights
 
 # Modules that a classification head consists of; every method trains them.
 HEAD_MODULES = ("classifier", "score")
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta")
-
-
-def package_model_path(package: str) -> str:
-    """Directory of a model shipped inside a Python package (``get_model_path()``)."""
-    return importlib.import_module(package).get_model_path()
-
-
-if not OmegaConf.has_resolver("package_model_path"):
-    OmegaConf.register_new_resolver("package_model_path", package_model_path)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -56,15 +47,24 @@ def has_tokenizer(name_or_path: str) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
+def checkpoint(cfg: Any) -> Optional[str]:
+    """What ``from_pretrained`` reads for this model (a folder or a hub id; a GGUF file is
+    dequantized into a cache folder once), or None for a random-init model."""
+    if cfg.name_or_path is None:
+        return None
+    return weights.resolve(cfg.name_or_path, cfg.get("install"))
+
+
 def load_tokenizer(cfg: Any):
     """The pretrained model's own tokenizer; None for a random-init model or a local checkpoint
     saved without one (the task then fits a word-level tokenizer on its training text)."""
-    if cfg.name_or_path is None or not has_tokenizer(cfg.name_or_path):
+    path = checkpoint(cfg)
+    if path is None or not has_tokenizer(path):
         return None
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.name_or_path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"model.name_or_path={cfg.name_or_path}: cannot load its tokenizer: {' '.join(str(e).split())[:200]}"
@@ -109,7 +109,7 @@ def model_config(
         except ValueError as e:
             raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
     else:
-        config = pretrained_config(cfg.name_or_path, **extra)
+        config = pretrained_config(checkpoint(cfg), cfg.name_or_path, **extra)
         rows = getattr(config, "vocab_size", None)
         if vocab_size is not None and rows is not None and vocab_size > rows:
             raise ConfigError(
@@ -123,7 +123,7 @@ def model_config(
 def tokens_in_use(cfg: Any, word_vocab_size: int) -> Optional[int]:
     """The tokenizer size a run will have, known before anything loads: None for a checkpoint
     with its own tokenizer, else the word-level tokenizer's ``word_vocab_size``."""
-    if cfg.name_or_path is not None and has_tokenizer(cfg.name_or_path):
+    if cfg.name_or_path is not None and has_tokenizer(checkpoint(cfg)):
         return None
     return word_vocab_size
 
@@ -146,18 +146,19 @@ def build(cfg: Any, kind: str, vocab_size: int, pad_token_id: int, num_labels: i
         model.config.architectures = [type(model).__name__]  # from_config leaves it unset
         return model
     extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
-    model = auto_class(kind).from_pretrained(cfg.name_or_path, dtype=torch_dtype(cfg.dtype), **extra)
+    model = auto_class(kind).from_pretrained(checkpoint(cfg), dtype=torch_dtype(cfg.dtype), **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
 
 
-def pretrained_config(name_or_path: str, **kwargs: Any) -> Any:
-    """The ``config.json`` of a local folder or hub id, or a one-line ``ConfigError``."""
+def pretrained_config(path: str, name_or_path: str, **kwargs: Any) -> Any:
+    """The ``config.json`` of a local folder or hub id ``path`` (what ``name_or_path`` resolved
+    to), or a one-line ``ConfigError`` naming ``name_or_path``."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path, **kwargs)
+        return AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"model.name_or_path={name_or_path}: cannot load its config.json "

@@ -10,16 +10,19 @@ checkpoint size are still measured.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 import methods
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import measure, models, tasks
+from peftbench import measure, models, tasks, weights
+from peftbench.quality import answers, forgetting, generation
 from peftbench.records import writer as record
 from peftbench.train import evaluate, train
 
@@ -37,6 +40,13 @@ class Setup:
     base_config: Any
     head: set[str]
     device: torch.device
+    reference: Optional[forgetting.Reference] = None
+
+
+def measures_forgetting(cfg: Any) -> bool:
+    """Forgetting is measured for pretrained causal LMs (a random-init model has no general
+    ability to lose)."""
+    return bool(cfg.measure.forgetting) and cfg.model.name_or_path is not None and cfg.task.kind == "causal-lm"
 
 
 def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
@@ -52,7 +62,19 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     model = models.build(cfg.model, kind, len(tokenizer), tokenizer.pad_token_id, raw.num_labels)
     base_config = model.config
     rec["model_config"] = base_config.to_dict()
+    if cfg.model.name_or_path is not None:
+        rec["model_weights"] = weights.provenance(cfg.model.name_or_path, cfg.model.install)
     rec["base_weights_sha256"] = models.weights_sha256(model)
+    reference = None
+    if measures_forgetting(cfg):  # the base model's own responses, before the method changes it
+        reference = forgetting.reference(
+            model.to(device),
+            tokenizer,
+            cfg.task.template,
+            cfg.measure.forgetting_tokens,
+            device,
+            rec["base_weights_sha256"],
+        )
     method = methods.build(cfg.method)
     torch.manual_seed(cfg.seed)  # the method's own initialisation
     model = method.apply(model)
@@ -67,7 +89,7 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     metrics["trainable_params"] = methods.trainable_parameters(model)
     metrics["total_params"] = methods.total_parameters(model)
     metrics["trainable_percent"] = 100.0 * metrics["trainable_params"] / metrics["total_params"]
-    return Setup(model, method, tokenizer, raw, base_config, head, device)
+    return Setup(model, method, tokenizer, raw, base_config, head, device, reference)
 
 
 def execute(cfg: Any, rec: dict[str, Any]) -> None:
@@ -81,25 +103,46 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
     rec["train_lr"] = lr
 
-    if cfg.train.steps > 0:
-        train_split, eval_split = tasks.tokenize(s.raw, s.tokenizer, cfg.task.max_length)
+    instruction = s.raw.eval_prompts is not None
+    if cfg.train.steps > 0 or instruction:  # an instruction task is evaluated even untrained
+        train_split, eval_split = tasks.tokenize(s.raw, s.tokenizer, cfg.task.max_length, cfg.task.template)
         pad_id, bs = s.tokenizer.pad_token_id, cfg.train.batch_size
 
         def run_eval() -> dict[str, Any]:
             return evaluate(model, tasks.eval_batches(eval_split, bs, pad_id, kind), kind, device)
 
-        # ---- train
+        def quality(suffix: str) -> None:
+            """Accuracy and forgetting as the model is now (``_initial``: before training)."""
+            if instruction:
+                found, predictions = instruction_quality(cfg, s, eval_split)
+                metrics.update({f"eval_{k}{suffix}": v for k, v in found.items()})
+                rec.setdefault("predictions", {})[suffix.strip("_") or "final"] = predictions
+            if s.reference is not None:
+                found = {
+                    **forgetting.divergence(model, s.reference, device),
+                    **forgetting.skill(model, s.tokenizer, cfg.task.template, cfg.measure.skill_examples, device),
+                }
+                metrics.update({f"{k}{suffix}": v for k, v in found.items()})
+
+        # ---- before training: loss, accuracy (zero-shot for an instruction task), forgetting
         metrics["eval_loss_initial"] = run_eval()["eval_loss"]
-        batches = tasks.train_batches(train_split, bs, cfg.seed, pad_id, kind)
-        result = train(model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device)
-        metrics.update(result["metrics"])
-        rec["train_losses"] = result["train_losses"]
-        rec["train_step_ms"] = result["train_step_ms"]
+        quality("_initial")
+
+        # ---- train
+        if cfg.train.steps > 0:
+            batches = tasks.train_batches(train_split, bs, cfg.seed, pad_id, kind)
+            result = train(model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device)
+            metrics.update(result["metrics"])
+            rec["train_losses"] = result["train_losses"]
+            rec["train_step_ms"] = result["train_step_ms"]
 
         # ---- evaluate, under the memory tracker (untimed)
         ev: dict[str, Any] = {}
         metrics.update(measure.phase_memory(model, device, "eval", lambda: ev.update(run_eval())))
         metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_examples"] = len(eval_split.ids)
+        if kind == "causal-lm":
+            metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 700.0))
         if kind == "classification":
             import evaluate as hf_evaluate
 
@@ -107,6 +150,9 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
             metrics["eval_accuracy"] = acc.compute(predictions=ev["predictions"], references=ev["references"])[
                 "accuracy"
             ]
+        quality("")
+        if instruction:
+            rec["predictions_file"] = save_predictions(cfg, rec)
 
     # ---- inference: memory, FLOPs, latency grid, decode (merged where the method merges)
     inf, grid = measure.inference(
@@ -116,6 +162,47 @@ def execute(cfg: Any, rec: dict[str, Any]) -> None:
     rec["latency_grid"] = grid
     metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))
     metrics.update(measure.mfu(metrics, device, models.torch_dtype(cfg.model.dtype)))
+
+
+def instruction_quality(cfg: Any, s: Setup, eval_split: tasks.Split) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy by generation (and by choice) on the first ``task.num_generate`` eval examples,
+    and the per-example predictions."""
+    n = len(eval_split.ids) if cfg.task.num_generate is None else min(cfg.task.num_generate, len(eval_split.ids))
+    if n == 0:
+        return {}, []
+    prompts = [eval_split.ids[i][: eval_split.prompt_lengths[i]] for i in range(n)]
+    refs = s.raw.eval_answers[:n]
+    extract = answers.rule(cfg.task.answer_rule, cfg.task.answer_regex)
+    found, pred = generation.evaluate(
+        s.model, s.tokenizer, prompts, refs, extract, cfg.task.max_new_tokens, s.raw.choices, s.device
+    )
+    rows = [
+        {
+            "index": i,
+            "reference": refs[i],
+            "generated": pred.generated[i],
+            "answer": extract(pred.generated[i]),
+            "chosen": pred.chosen[i],
+        }
+        for i in range(n)
+    ]
+    return {**found, "generate_examples": n}, rows
+
+
+def save_predictions(cfg: Any, rec: dict[str, Any]) -> str:
+    """Write the per-example predictions beside the record (``<run_id>.predictions.jsonl``, one
+    line per eval example: before and after training); returns the file name."""
+    found = rec.pop("predictions", {})
+    before, after = found.get("initial", []), found.get("final", [])
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{rec['run_id']}.predictions.jsonl"
+    tmp = out / f".tmp-{name}"
+    with open(tmp, "w") as f:
+        for b, a in zip(before, after):
+            f.write(json.dumps({"index": a["index"], "reference": a["reference"], "initial": b, "final": a}) + "\n")
+    tmp.replace(out / name)
+    return name
 
 
 def new_record(cfg: Any) -> dict[str, Any]:

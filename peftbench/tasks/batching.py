@@ -44,9 +44,16 @@ class Split:
     prompt_lengths: Optional[list[int]] = None
 
 
-def tokenize(raw: RawTask, tokenizer: Any, max_length: int) -> tuple[Split, Split]:
+def tokenize(raw: RawTask, tokenizer: Any, max_length: int, template: str = "auto") -> tuple[Split, Split]:
     """The train and eval splits as token ids, each text truncated to ``max_length`` tokens
-    (packed into blocks of ``max_length`` tokens instead when ``raw.pack``: ``pack_split``)."""
+    (packed into blocks of ``max_length`` tokens instead when ``raw.pack``: ``pack_split``;
+    instruction examples as prompt plus response, rendered with ``template``: ``chat.encode``)."""
+    if raw.train_prompts is not None:
+        from peftbench.tasks import chat
+
+        train = chat.encode(tokenizer, raw.train_prompts, raw.train_text, max_length, template, "train")
+        ev = chat.encode(tokenizer, raw.eval_prompts, raw.eval_text, max_length, template, "eval")
+        return Split(train[0], None, train[1]), Split(ev[0], None, ev[1])
     if raw.pack:
         train = pack_split(raw.train_text, tokenizer, max_length, "train")
         return train, pack_split(raw.eval_text, tokenizer, max_length, "eval")

@@ -84,6 +84,13 @@ def scan(cfg: Any, f: Path) -> tuple[list[str], int]:
     Raises a one-line ConfigError naming the file and the line (1-based) where the bytes are not
     UTF-8, a JSON line is not an object, or a CSV row has more fields than its header.
     """
+    columns, rows = read_rows(cfg, f)
+    return columns, len(rows)
+
+
+def read_rows(cfg: Any, f: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The column names and the examples (one dict each) of a local split file, checked as
+    ``scan`` says; a CSV row shorter than its header has None in the missing columns."""
     text = decode(cfg, f)
     if f.suffix == ".csv":
         return _scan_csv(cfg, f, text)
@@ -92,10 +99,11 @@ def scan(cfg: Any, f: Path) -> tuple[list[str], int]:
     return _scan_json_lines(cfg, f, text)
 
 
-def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
+def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, [])
-    rows, line = 0, reader.line_num  # line: the last line read (a quoted field may span lines)
+    rows: list[dict[str, Any]] = []
+    line = reader.line_num  # the last line read (a quoted field may span lines)
     try:
         for row in reader:
             if len(row) > len(header):
@@ -106,18 +114,20 @@ def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
                     f"{len(row)} fields but the header has {len(header)}; "
                     f"allowed: at most {len(header)} (quote a text that contains a comma)",
                 )
-            rows += bool(row)  # a blank line is no example
+            if row:  # a blank line is no example
+                rows.append(dict(zip(header, row + [None] * (len(header) - len(row)))))
             line = reader.line_num
     except csv.Error as e:
         raise _error(cfg, f, f"line {reader.line_num}", f"not CSV ({e})") from None
     return header, rows
 
 
-def _scan_json_lines(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
+def _scan_json_lines(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
     """JSON Lines, or JSON objects one after another spread over lines (datasets reads both)."""
     decoder = json.JSONDecoder()
     columns: dict[str, None] = {}
-    rows, pos = 0, _JSON_SPACE.match(text).end()
+    rows: list[dict[str, Any]] = []
+    pos = _JSON_SPACE.match(text).end()
     while pos < len(text):
         try:
             row, end = decoder.raw_decode(text, pos)
@@ -127,12 +137,12 @@ def _scan_json_lines(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
             line = text.count("\n", 0, pos) + 1
             raise _error(cfg, f, f"line {line}", f"not a JSON object: {text[pos:end][:40]}")
         columns.update(dict.fromkeys(row))
-        rows += 1
+        rows.append(row)
         pos = _JSON_SPACE.match(text, end).end()
     return list(columns), rows
 
 
-def _scan_json_array(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
+def _scan_json_array(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
@@ -142,7 +152,7 @@ def _scan_json_array(cfg: Any, f: Path, text: str) -> tuple[list[str], int]:
         if not isinstance(row, dict):
             raise _error(cfg, f, f"item {i}", f"not a JSON object: {json.dumps(row)[:40]}")
         columns.update(dict.fromkeys(row))
-    return list(columns), len(rows)
+    return list(columns), rows
 
 
 def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:

@@ -1,0 +1,151 @@
+"""Forgetting: what fine-tuning costs a model's general abilities, on data the task never trains.
+
+Two figures, each taken on the model as the run starts (``*_initial``) and after training:
+
+- ``forgetting_kl``: the mean per-token KL divergence KL(base || model), in nats, of the
+  next-token distributions over a fixed set of general prompts (``GENERAL_PROMPTS``), each
+  followed by the base model's own greedy response of ``measure.forgetting_tokens`` tokens.
+  The base model's responses and distributions are computed once per base model, prompts and
+  length, and cached (greedy decoding needs no seed). A method that starts as the base model
+  (LoRA with B = 0, adapters with a zero up-projection) has exactly 0 at initialisation.
+  ``forgetting_ce_delta``: the same tokens' mean cross-entropy under the model minus under the
+  base model (nats per token), the cruder measure Hugging Face peft's method comparison uses.
+- ``skill_accuracy``: accuracy by generation on ``measure.skill_examples`` seeded one-digit
+  addition questions ("What is 7 + 5?"): the answer is the number after the first ``=`` of the
+  greedy answer (``7 + 5 = 12``), else its last number; a skill with exact answers that no task
+  here trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftbench.quality import answers, generation
+from peftbench.tasks import chat
+
+GENERAL_PROMPTS = (
+    "Explain in two sentences why the sky looks blue.",
+    "Write a short poem about the sea.",
+    "Give three tips for staying focused while studying.",
+    "What is the capital of France, and what is it known for?",
+    "Describe how a bicycle works.",
+    "Summarise the plot of a fairy tale you know.",
+    "How do plants make their food?",
+    "Write a polite email asking a colleague for a meeting.",
+    "What are the benefits of regular exercise?",
+    "Translate 'good morning' into Spanish and French.",
+    "Why do we have seasons on Earth?",
+    "Suggest a name for a friendly robot and explain it.",
+)
+SKILL_SEED = 2024
+
+
+@dataclass
+class Reference:
+    """The base model's greedy responses to the general prompts and its next-token log-probs.
+
+    sequences: prompt + response ids per prompt; starts: prompt lengths; logp: per prompt, a
+    (response tokens, vocabulary) float32 tensor of the base model's log-probabilities at the
+    positions that predict each response token."""
+
+    sequences: list[list[int]]
+    starts: list[int]
+    logp: list[torch.Tensor]
+
+
+def messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def skill_questions(n: int) -> tuple[list[str], list[str]]:
+    """``n`` seeded addition questions and their answers (two numbers from 1 to 9)."""
+    rng = random.Random(SKILL_SEED)
+    pairs = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(n)]
+    return [f"What is {a} + {b}? Answer with just the number." for a, b in pairs], [str(a + b) for a, b in pairs]
+
+
+def skill_answer(text: str) -> str:
+    """The number after the first ``=`` (``3 + 4 = 7``), else the last number of the text."""
+    after = text.split("=", 1)[1] if "=" in text else text
+    found = re.search(r"-?\d+", after) if "=" in text else None
+    return found.group(0) if found else answers.rule("last_number")(text)
+
+
+@torch.no_grad()
+def next_token_logp(model: nn.Module, sequence: list[int], start: int, device: torch.device) -> torch.Tensor:
+    """(len(sequence) - start, vocabulary) log-probabilities at the positions that predict
+    ``sequence[start:]``."""
+    ids = torch.tensor([sequence], dtype=torch.long, device=device)
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, start - 1 : len(sequence) - 1]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def cache_key(base_sha256: str, tokenizer: Any, template: str, tokens: int) -> str:
+    spec = {
+        "base": base_sha256,
+        "prompts": GENERAL_PROMPTS,
+        "template": template,
+        "tokens": tokens,
+        "vocab": len(tokenizer),
+        "tokenizer": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def reference(
+    model: nn.Module, tokenizer: Any, template: str, tokens: int, device: torch.device, base_sha256: str
+) -> Reference:
+    """The base model's reference (``model`` must be the base model); cached on disk."""
+    from peftbench.weights import cache_root
+
+    path = cache_root() / "forgetting" / f"{cache_key(base_sha256, tokenizer, template, tokens)}.pt"
+    if path.is_file():
+        return Reference(**torch.load(path))
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sequences, starts, logp = [], [], []
+    for text in GENERAL_PROMPTS:
+        prompt = chat.prompt_ids(tokenizer, messages(text), template)
+        response = generation.generate(model, prompt, tokens, eos, pad, device) or [eos]
+        sequences.append(prompt + response)
+        starts.append(len(prompt))
+        logp.append(next_token_logp(model, prompt + response, len(prompt), device))
+    ref = Reference(sequences, starts, logp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{random.getrandbits(32):08x}")
+    torch.save(ref.__dict__, tmp)
+    tmp.replace(path)
+    return ref
+
+
+@torch.no_grad()
+def divergence(model: nn.Module, ref: Reference, device: torch.device) -> dict[str, float]:
+    """Mean per-token KL(base || model) and cross-entropy difference over the reference tokens."""
+    was_training = model.training
+    model.eval()
+    kl_sum, ce_sum, count = 0.0, 0.0, 0
+    for seq, start, base in zip(ref.sequences, ref.starts, ref.logp):
+        ours = next_token_logp(model, seq, start, device)
+        kl_sum += float((base.exp() * (base - ours)).sum())
+        target = torch.tensor(seq[start:]).unsqueeze(1)
+        ce_sum += float((base.gather(1, target) - ours.gather(1, target)).sum())
+        count += len(seq) - start
+    model.train(was_training)
+    return {"forgetting_kl": kl_sum / count, "forgetting_ce_delta": ce_sum / count}
+
+
+def skill(model: nn.Module, tokenizer: Any, template: str, n: int, device: torch.device) -> dict[str, float]:
+    """Accuracy on ``n`` addition questions, by generation (last number of the answer)."""
+    questions, refs = skill_questions(n)
+    prompts = [chat.prompt_ids(tokenizer, messages(q), template) for q in questions]
+    metrics, _ = generation.evaluate(model, tokenizer, prompts, refs, skill_answer, 12, None, device)
+    return {"skill_accuracy": metrics["generate_accuracy"]}
