@@ -102,6 +102,27 @@ def _latency(rec: dict[str, Any], m: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _before_after(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """Quality of an instruction task and forgetting, before training -> after."""
+    lines = (
+        ("eval_perplexity", "eval perplexity", None),
+        ("eval_generate_accuracy", "accuracy, generation", "eval_generate_examples"),
+        ("eval_choice_accuracy", "accuracy, choice", "eval_generate_examples"),
+        ("forgetting_kl", "forgetting KL, nats/token", None),
+        ("forgetting_ce_delta", "forgetting CE delta, nats", None),
+        ("skill_accuracy", "addition skill accuracy", None),
+    )
+    out = []
+    for key, label, count in lines:
+        if m.get(key) is None:
+            continue
+        text = _fmt(m[key], digits=3)
+        if m.get(f"{key}_initial") is not None:
+            text = f"{_fmt(m[f'{key}_initial'], digits=3)} -> {text}"
+        out.append((label, text + (f"  ({m[count]} examples)" if count and m.get(count) else "")))
+    return out
+
+
 def rows(rec: dict[str, Any]) -> list[tuple[str, str]]:
     m = rec.get("metrics", {})
     out = [
@@ -123,6 +144,7 @@ def rows(rec: dict[str, Any]) -> list[tuple[str, str]]:
         )
     if m.get("eval_accuracy") is not None:
         out.append(("eval accuracy", _fmt(m.get("eval_accuracy"), digits=3)))
+    out += _before_after(m)
     if rec.get("wall_s") is not None:
         out.append(("wall time", _fmt(rec["wall_s"], " s", digits=1)))
     if rec.get("error"):
