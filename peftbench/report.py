@@ -13,6 +13,11 @@ figure, quality as mean ± sample standard deviation with n, and a sentence unde
 table for two rows whose quality differs by less than the noise (``within_noise``);
 ``records.csv`` keeps one row per record.
 
+The ``quality`` column is the first of ``QUALITY_ORDER`` a record has (accuracy by generation,
+by choice, classification accuracy, eval loss). A group with instruction metrics (accuracy by
+generation or choice) also gets "Quality before and after training", "Peak training memory,
+breakdown (MiB)" and quality against training time (s per run) beside quality against memory.
+
 Exit status: 0 written; 1 a write failed (the path and the OS reason, in one line); 2 unusable
 input (a results path missing, or an ``--out`` that cannot be written, checked before any work).
 """
@@ -58,6 +63,68 @@ TABLE = (
     ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.3f}"),
     ("quality", "quality", None, "{:.4f}"),
 )
+# the ``quality`` column: the first of these metrics that a record has
+QUALITY_ORDER = ("eval_generate_accuracy", "eval_choice_accuracy", "eval_accuracy", "eval_loss")
+# the number of eval examples behind an accuracy (its binomial standard error); accuracy by
+# choice is scored on the same first ``task.num_generate`` examples as accuracy by generation
+EXAMPLES = {"eval_generate_accuracy": "eval_generate_examples", "eval_choice_accuracy": "eval_generate_examples"}
+# a group whose records have one of these gets the two instruction tables and the time plot
+INSTRUCTION = ("eval_generate_accuracy", "eval_choice_accuracy")
+# (metric, header, before -> after, what it is) of "Quality before and after training"
+BEFORE_AFTER = (
+    (
+        "eval_generate_accuracy",
+        "accuracy, generation",
+        True,
+        "share (0-1) of the first `task.num_generate` eval examples whose greedy answer (after "
+        "`task.answer_rule`) equals the reference; zero-shot (as the run starts) → tuned",
+    ),
+    (
+        "eval_choice_accuracy",
+        "accuracy, choice",
+        True,
+        "share (0-1) of the same examples where the reference is the choice of highest "
+        "log-likelihood; zero-shot → tuned",
+    ),
+    ("eval_loss", "eval loss", True, "mean cross-entropy per response token on the eval split (nats); before → after"),
+    ("eval_perplexity", "perplexity", False, "exp(eval loss) after training (per response token)"),
+    (
+        "forgetting_kl",
+        "forgetting KL",
+        False,
+        "mean per-token KL(base ‖ model) on general prompts the task never trains, after training "
+        "(nats/token; 0: the base model's predictions)",
+    ),
+    (
+        "forgetting_ce_delta",
+        "CE delta",
+        False,
+        "those tokens' mean cross-entropy under the model minus under the base model, after training (nats/token)",
+    ),
+    (
+        "skill_accuracy",
+        "addition skill",
+        True,
+        "share (0-1) of `measure.skill_examples` one-digit addition questions answered right; before → after",
+    ),
+)
+# (column, header, scale, format, what it is) of "Peak training memory, breakdown (MiB)"
+COST = (
+    ("label", "run", None, "{}", None),
+    ("peak_bytes", "peak", MiB, "{:,.1f}", "live tensors at the peak of the first `measure.memory_steps` steps (MiB)"),
+    ("memory_weights_bytes", "weights", MiB, "{:,.1f}", "parameters and buffers at that peak (MiB)"),
+    ("memory_gradients_bytes", "gradients", MiB, "{:,.1f}", "`.grad` storages at that peak (MiB)"),
+    ("memory_optimizer_bytes", "optimizer", MiB, "{:,.1f}", "AdamW state at that peak (MiB)"),
+    ("memory_activations_bytes", "activations", MiB, "{:,.1f}", "the rest at that peak (MiB); the four sum to it"),
+    ("train_tokens_per_s", "train tok/s", None, "{:,.0f}", "real (non-padding) tokens per second, median step"),
+    ("train_seconds", "train s", None, "{:,.1f}", "seconds per training run: median step ms x `train.steps` / 1000"),
+    ("inference_latency_ms", "latency ms", None, "{:,.2f}", "median forward ms, default point, merged (deployed)"),
+    ("inference_latency_unmerged_ms", "unmerged ms", None, "{:,.2f}", "the same as trained (methods that merge)"),
+    ("decode_ms_per_token", "decode ms/token", None, "{:,.2f}", "median ms per generated token, KV cache, deployed"),
+    ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.3f}", "safetensors size of the trained parameters (MiB)"),
+)
+# the x axis of the quality-against-time plot: (column, divisor, label)
+TIME_AXIS = ("train_seconds", 1.0, "training time per run, s (median step ms x train.steps / 1000)")
 RATIOS = {
     "trainable_vs_full": "trainable_params",
     "memory_vs_full": "peak_bytes",
@@ -129,10 +196,9 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
         q = pd.Series(steps, dtype=float).quantile([0.25, 0.75])
         scale = m["train_tokens_per_s"] * (m.get("train_step_ms_median") or q.mean())
         out["train_tokens_per_s_q25"], out["train_tokens_per_s_q75"] = scale / q[0.75], scale / q[0.25]
-    if m.get("eval_accuracy") is not None:
-        out["quality"], out["quality_metric"] = m["eval_accuracy"], "eval_accuracy (higher is better)"
-    elif m.get("eval_loss") is not None:
-        out["quality"], out["quality_metric"] = m["eval_loss"], "eval_loss (lower is better)"
+    key = next((k for k in QUALITY_ORDER if m.get(k) is not None), None)
+    if key:
+        out["quality"], out["quality_metric"] = m[key], f"{key} ({quality_direction(key)} is better)"
     return out
 
 
@@ -203,7 +269,8 @@ def pooled(s: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row for the runs in ``s`` (one per seed, the newest if a seed has several): the
     newest run's identity (its run id names the row; the latency plots show its grid), the
     mean of every numeric column, ``seeds`` (the seeds, in order), ``n_seeds``, and ``spread``:
-    {quality metric: ``Spread``} over the runs that have it."""
+    {metric: ``Spread``} over the runs that have it, for every quality metric and every figure
+    of ``BEFORE_AFTER`` (with its ``_initial``)."""
     s = s.assign(_seed=s["run_id"].map(lambda i: repr(records.run_seed(by_id[i]))))
     s = s.sort_values("run_id").drop_duplicates("_seed", keep="last").drop(columns="_seed")
     out = s.iloc[[-1]].copy()
@@ -217,14 +284,16 @@ def pooled(s: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> pd.DataFrame:
     seeds = [records.run_seed(r) for rs in runs.values() for r in rs]
     out["seeds"] = ", ".join(str(x) for x in seeds)
     out["n_seeds"] = len(s)
-    metrics = sorted({k for i in s["run_id"] for k in by_id[i].get("metrics") or {} if quality_direction(k)})
+    spread_keys = {k for k, *_ in BEFORE_AFTER} | {f"{k}_initial" for k, *_ in BEFORE_AFTER}
+    names = {k for i in s["run_id"] for k in by_id[i].get("metrics") or {}}
+    metrics = sorted(k for k in names if quality_direction(k) or k in spread_keys)
     spread = {k: Spread.of(s[k].dropna().tolist()) for k in metrics if k in s and s[k].notna().any()}
     out["spread"] = pd.Series([spread], index=out.index, dtype=object)
     return out
 
 
 def quality_key(r: pd.Series) -> Optional[str]:
-    """The metric behind the row's ``quality`` column (``eval_accuracy`` or ``eval_loss``)."""
+    """The metric behind the row's ``quality`` column (one of ``QUALITY_ORDER``)."""
     q = r.get("quality_metric")
     return q.split()[0] if isinstance(q, str) else None
 
@@ -237,14 +306,15 @@ def quality_spread(r: pd.Series) -> Optional[Spread]:
 
 def standard_error(r: pd.Series) -> Optional[float]:
     """The standard error of the row's quality: std / sqrt(n) over n >= 2 seeds; for a single
-    accuracy with a known number of eval examples (metric ``eval_examples``), the binomial
+    accuracy with a known number of eval examples N (``EXAMPLES``: ``eval_generate_examples``
+    for accuracy by generation or choice, else ``eval_examples``), the binomial
     sqrt(p (1 - p) / N); else None (unknown)."""
     spread = quality_spread(r)
     if spread is not None and spread.n >= 2:
         return spread.se
     key = quality_key(r)
     if key and key.endswith("_accuracy") and pd.notna(r.get("quality")):
-        return binomial_se(float(r["quality"]), r.get("eval_examples"))
+        return binomial_se(float(r["quality"]), r.get(EXAMPLES.get(key, "eval_examples")))
     return None
 
 
@@ -271,8 +341,9 @@ def within_noise(g: pd.DataFrame) -> list[str]:
 
 def seeds_table(g: pd.DataFrame) -> str:
     """Every quality metric of the rows as mean ± sample std over seeds (a single run: its
-    value), with the number of seeds and which."""
-    metrics = sorted(c for c in g.columns if quality_direction(c) and g[c].notna().any())
+    value), with the number of seeds and which. Figures taken before training (``_initial``)
+    are not quality."""
+    metrics = sorted(c for c in g.columns if quality_direction(c) and not c.endswith("_initial") and g[c].notna().any())
     lines = ["| run | n | seeds | " + " | ".join(metrics) + " |", "|" + "---|" * (3 + len(metrics))]
     for _, r in g.iterrows():
         spread = r.get("spread") if isinstance(r.get("spread"), dict) else {}
@@ -440,13 +511,28 @@ def pareto(points: list[tuple[float, float]], higher_better: bool) -> list[int]:
     return front
 
 
-def plot_pareto(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
+def plot_pareto(
+    g: pd.DataFrame,
+    out: Path,
+    slug: str,
+    cost: tuple[str, float, str] = ("peak_bytes", MiB, "peak training MiB"),
+    name: str = "pareto",
+    title: str = "Quality against memory",
+) -> list[tuple[str, str]]:
+    """Quality against a cost (column, divisor, axis label; default peak training MiB), with
+    the Pareto front in the quality's direction. Only the rows whose quality is the group's
+    first metric in ``QUALITY_ORDER`` are compared."""
     made: list[tuple[str, str]] = []
-    s = g[g["peak_bytes"].notna() & g["quality"].notna()] if "quality" in g else g.iloc[:0]
+    col, scale, xlabel = cost
+    if "quality" not in g or col not in g:
+        return made
+    keys = pd.Series([quality_key(r) for _, r in g.iterrows()], index=g.index, dtype=object)
+    key = next((k for k in QUALITY_ORDER if (keys == k).any()), None)
+    s = g[(keys == key) & g[col].notna() & g["quality"].notna()]
     if len(s) < 2:
         return made
-    higher = str(s["quality_metric"].iloc[0]).startswith("eval_accuracy")
-    pts = list(zip(s["peak_bytes"] / MiB, s["quality"]))
+    higher = quality_direction(key) == "higher"
+    pts = list(zip(s[col] / scale, s["quality"]))
     front = sorted(pareto(pts, higher))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:gray")
@@ -454,11 +540,20 @@ def plot_pareto(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
     ax.plot([p[0] for p in fp], [p[1] for p in fp], color="tab:red", marker="o", label="Pareto front")
     for (x, y), label in zip(pts, s["label"]):
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("peak training MiB")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(s["quality_metric"].iloc[0])
     ax.legend(fontsize=8)
-    _save(fig, out, f"{slug}-pareto.png", made, "Quality against memory")
+    _save(fig, out, f"{slug}-{name}.png", made, title)
     return made
+
+
+def train_seconds(g: pd.DataFrame) -> pd.Series:
+    """Seconds per training run: median step ms x ``config.train.steps`` / 1000 (NaN without
+    steps or a step time). Warm-up and memory-tracked steps are counted at the median too."""
+    if "train_step_ms_median" not in g or "train_steps" not in g:
+        return pd.Series(float("nan"), index=g.index)
+    steps = pd.to_numeric(g["train_steps"], errors="coerce")
+    return g["train_step_ms_median"] * steps.where(steps > 0) / 1000
 
 
 # ------------------------------------------------------------------------------- markdown
@@ -467,7 +562,7 @@ def md_table(df: pd.DataFrame, cols: tuple = TABLE) -> str:
     lines = ["| " + " | ".join(c[1] for c in present) + " |", "|" + "---|" * len(present)]
     for _, r in df.iterrows():
         cells = []
-        for col, _, scale, fmt in present:
+        for col, _, scale, fmt, *_ in present:
             v = r[col]
             if v is None or (isinstance(v, float) and pd.isna(v)):
                 cells.append("-")
@@ -481,6 +576,39 @@ def md_table(df: pd.DataFrame, cols: tuple = TABLE) -> str:
             cells.append(text.replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def figure(r: pd.Series, key: str, n: int) -> Optional[str]:
+    """Row ``r``'s ``key`` as mean ± sample std over seeds (with its n where it differs from the
+    row's ``n``), a single run's value, or None."""
+    spread = r.get("spread") if isinstance(r.get("spread"), dict) else {}
+    sp = spread.get(key)
+    if sp is not None and sp.n >= 2:
+        return f"{sp.mean:.4f} ± {sp.std:.4f}" + (f" (n={sp.n})" if sp.n != n else "")
+    v = r.get(key)
+    return None if v is None or pd.isna(v) else f"{v:.4f}"
+
+
+def instruction_tables(g: pd.DataFrame) -> list[str]:
+    """Markdown lines: "Quality before and after training" (``BEFORE_AFTER``) and "Peak
+    training memory, breakdown (MiB)" (``COST``), each with one line per column under it."""
+    cols = [c for c in BEFORE_AFTER if any(k in g and g[k].notna().any() for k in (c[0], f"{c[0]}_initial"))]
+    head = [f"{h}{' (before → after)' if both else ''}" for _, h, both, _ in cols]
+    lines = ["### Quality before and after training", ""]
+    lines += ["| run | n | seeds | " + " | ".join(head) + " |", "|" + "---|" * (3 + len(cols))]
+    for _, r in g.iterrows():
+        n = int(r["n_seeds"]) if pd.notna(r.get("n_seeds")) else 1
+        cells = [str(r["label"]), str(n), str(r.get("seeds", "-"))]
+        for key, _, both, _ in cols:
+            after = figure(r, key, n) or "-"
+            cells.append(f"{figure(r, f'{key}_initial', n) or '-'} → {after}" if both else after)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if "spread" in g:
+        lines += ["", "Seeds pooled: mean ± sample standard deviation over the n seeds."]
+    lines += [""] + [f"- **{h}**: {what}" for _, h, _, what in cols]
+    present = [c for c in COST if c[0] in g and g[c[0]].notna().any()]
+    lines += ["", "### Peak training memory, breakdown (MiB)", "", md_table(g, tuple(present)), ""]
+    return lines + [f"- **{c[1]}**: {c[4]}" for c in present if c[4]] + [""]
 
 
 def slugify(*parts: Any) -> str:
@@ -529,12 +657,18 @@ def render(
         noise = within_noise(g)
         if noise:
             lines += noise + [""]
+        instruction = any(k in g and g[k].notna().any() for k in INSTRUCTION)
+        if instruction:
+            g = g.assign(train_seconds=train_seconds(g))
+            lines += instruction_tables(g)
         plots = (
             plot_group(g, out, slug)
             + plot_latency(g, by_id, out, slug)
             + plot_ranks(g, out, slug)
             + plot_pareto(g, out, slug)
         )
+        if instruction:
+            plots += plot_pareto(g, out, slug, TIME_AXIS, "pareto-time", "Quality against training time")
         for title, name in plots:
             lines += [f"### {title}", "", f"![{title}]({name})", ""]
     failed = df[df["status"] != "ok"]
