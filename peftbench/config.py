@@ -216,16 +216,20 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value}: {allowed}")
 
 
-def check(cfg: Any) -> None:
-    """Reject a composed config whose values cannot work (one-line ``ConfigError``)."""
+def check_method(cfg: Any) -> None:
+    """The method exists and accepts its settings (each method checks its own keys)."""
     require(
         cfg.method.name in methods.REGISTRY,
         "method",
         cfg.method.name,
         f"allowed: {', '.join(sorted(methods.REGISTRY))}",
     )
-    method_cls = methods.REGISTRY[cfg.method.name]
-    method_cls(cfg.method)  # each method checks its own keys
+    methods.REGISTRY[cfg.method.name](cfg.method)
+
+
+def check(cfg: Any) -> None:
+    """Reject a composed config whose values cannot work (one-line ``ConfigError``)."""
+    check_method(cfg)
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
     require(lr is not None and lr > 0, "train.lr", lr, "must be > 0 (or set method.lr)")
     require(

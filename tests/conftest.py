@@ -22,6 +22,22 @@ def compose_config(*overrides: str):
     return app.compose(*overrides)
 
 
+# A tiny run: few short examples, one latency point, no decode measurement (add train.steps).
+TINY_RUN = (
+    "train.batch_size=2",
+    "train.timing_warmup=2",
+    "task.num_train=16",
+    "task.num_eval=4",
+    "task.max_length=32",
+    "measure.latency_repeats=2",
+    "measure.latency_warmup=1",
+    "measure.latency_length=16",
+    "measure.latency_grid_batches=[1]",
+    "measure.latency_grid_lengths=[16]",
+    "measure.decode_tokens=0",
+)
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
     """Run peftbench in-process with tiny settings; returns (record, path)."""
@@ -30,17 +46,7 @@ def tiny_run(tmp_path):
     def go(*overrides: str):
         cfg = compose_config(
             "train.steps=4",
-            "train.batch_size=2",
-            "train.timing_warmup=2",
-            "task.num_train=16",
-            "task.num_eval=4",
-            "task.max_length=32",
-            "measure.latency_repeats=2",
-            "measure.latency_warmup=1",
-            "measure.latency_length=16",
-            "measure.latency_grid_batches=[1]",
-            "measure.latency_grid_lengths=[16]",
-            "measure.decode_tokens=0",
+            *TINY_RUN,
             f"results_dir={tmp_path}",
             *overrides,
         )

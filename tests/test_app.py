@@ -23,22 +23,9 @@ from peftbench import app, cli, models
 from peftbench.estimate import app as estimate_app
 from peftbench.records import writer
 
-from conftest import REPO
+from conftest import REPO, TINY_RUN
 
-# Tiny runs: a few steps on a few short examples, one latency point, no decode measurement.
-TINY = [
-    "train.batch_size=2",
-    "train.timing_warmup=2",
-    "task.num_train=16",
-    "task.num_eval=4",
-    "task.max_length=32",
-    "measure.latency_repeats=2",
-    "measure.latency_warmup=1",
-    "measure.latency_length=16",
-    "measure.latency_grid_batches=[1]",
-    "measure.latency_grid_lengths=[16]",
-    "measure.decode_tokens=0",
-]
+TINY = list(TINY_RUN)
 ESTIMATE_TINY = ["model=tiny-llama", "batch_size=2", "seq_length=16", "precision=fp32"]
 
 

@@ -12,7 +12,6 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-import methods
 from peftbench import app
 from peftbench import config as config_mod
 from peftbench.config import ModelConfig, require
@@ -53,13 +52,7 @@ ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
 
 def check(cfg: Any) -> None:
     """Reject values that cannot work (one-line ``ConfigError``)."""
-    require(
-        cfg.method.name in methods.REGISTRY,
-        "method",
-        cfg.method.name,
-        f"allowed: {', '.join(sorted(methods.REGISTRY))}",
-    )
-    methods.REGISTRY[cfg.method.name](cfg.method)  # each method checks its own keys
+    config_mod.check_method(cfg)
     require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"allowed: {', '.join(PRECISIONS)}")
     require(cfg.attention in ATTENTION, "attention", cfg.attention, f"allowed: {', '.join(ATTENTION)}")
     require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
