@@ -589,7 +589,7 @@ def figure(r: pd.Series, key: str, n: int) -> Optional[str]:
     return None if v is None or pd.isna(v) else f"{v:.4f}"
 
 
-def instruction_tables(g: pd.DataFrame) -> list[str]:
+def instruction_tables(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown lines: "Quality before and after training" (``BEFORE_AFTER``) and "Peak
     training memory, breakdown (MiB)" (``COST``), each with one line per column under it."""
     cols = [c for c in BEFORE_AFTER if any(k in g and g[k].notna().any() for k in (c[0], f"{c[0]}_initial"))]
@@ -598,7 +598,8 @@ def instruction_tables(g: pd.DataFrame) -> list[str]:
     lines += ["| run | n | seeds | " + " | ".join(head) + " |", "|" + "---|" * (3 + len(cols))]
     for _, r in g.iterrows():
         n = int(r["n_seeds"]) if pd.notna(r.get("n_seeds")) else 1
-        cells = [str(r["label"]), str(n), str(r.get("seeds", "-"))]
+        seeds = r.get("seeds") if isinstance(r.get("seeds"), str) else records.run_seed(by_id[r["run_id"]])
+        cells = [str(r["label"]), str(n), str(seeds)]
         for key, _, both, _ in cols:
             after = figure(r, key, n) or "-"
             cells.append(f"{figure(r, f'{key}_initial', n) or '-'} → {after}" if both else after)
@@ -660,7 +661,7 @@ def render(
         instruction = any(k in g and g[k].notna().any() for k in INSTRUCTION)
         if instruction:
             g = g.assign(train_seconds=train_seconds(g))
-            lines += instruction_tables(g)
+            lines += instruction_tables(g, by_id)
         plots = (
             plot_group(g, out, slug)
             + plot_latency(g, by_id, out, slug)

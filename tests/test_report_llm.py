@@ -147,6 +147,7 @@ def test_both_pareto_plots_use_the_selected_quality_and_its_direction(tmp_path, 
         llm("prefix", gen=0.55, step_ms=50.0, peak_memory_bytes=60_000_000),  # fastest, most memory
     ]
     md = build(tmp_path, *recs)
+    assert "| full | 1 | 0 | 0.2000 → 0.7000 |" in md  # no seeds pooled: each row names its seed
     (mem, higher_mem), (time, higher_time) = seen
     assert higher_mem and higher_time  # accuracy: higher is better
     acc = [0.70, 0.60, 0.50, 0.55]  # the order of the rows: full, then by method and rank
