@@ -81,7 +81,9 @@ def quality_direction(key: str) -> Optional[str]:
     else None. The one definition of a quality metric, for the gate and the report: the keys
     in ``QUALITY``, names ending ``_accuracy`` (higher) or ``_perplexity`` (lower), and names
     starting ``forgetting_`` (lower). Not every ``eval_*`` name: ``eval_peak_memory_bytes`` is
-    a cost and ``eval_loss_initial`` is measured before training."""
+    a cost, and ``*_initial`` figures (``forgetting_kl_initial``) are measured before training."""
+    if key.endswith("_initial"):
+        return None
     if key in QUALITY:
         return QUALITY[key]
     for suffix, direction in QUALITY_SUFFIXES:
