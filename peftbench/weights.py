@@ -41,7 +41,10 @@ def package_file(spec: str, install: Optional[str] = None) -> Path:
     command if the package or the file is missing."""
     package, _, rel = spec[len(PACKAGE_SCHEME) :].partition("/")
     how = f"; install it with: {install}" if install else ""
-    found = importlib.util.find_spec(package) if package else None
+    try:
+        found = importlib.util.find_spec(package) if package else None
+    except ImportError:  # a dotted name whose parent package is missing
+        found = None
     if found is None or not found.submodule_search_locations:
         raise ConfigError(f"model.name_or_path={spec}: the package {package!r} is not installed{how}")
     path = Path(list(found.submodule_search_locations)[0]) / rel

@@ -4,7 +4,8 @@ compared with a reference. Each rule first lower-cases the text and folds white 
 - ``exact``: the whole text, stripped of surrounding punctuation and white space;
 - ``first_word``: the first word (letters, digits, apostrophes and hyphens);
 - ``last_number``: the last number in the text (integer or decimal, optional sign; ``1,000``
-  counts as 1000), written without trailing zeros;
+  counts as 1000), written as a plain decimal without leading or trailing zeros (``3.50``,
+  ``03.5`` -> ``3.5``; ``.5`` -> ``0.5``; ``-0`` -> ``0``);
 - ``regex``: the first match of ``task.answer_regex`` (its first group if it has one).
 
 The reference answer goes through the same rule, so ``Positive.`` and ``positive`` match.
@@ -41,9 +42,11 @@ def _last_number(text: str) -> str:
     if not found:
         return ""
     value = found[-1].replace(",", "").lstrip("+")
-    if "." in value:
-        value = value.rstrip("0").rstrip(".")
-    return value if value not in ("-0", "") else "0"
+    sign = "-" if value.startswith("-") else ""
+    whole, _, frac = value.lstrip("-").partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    number = f"{whole}.{frac}" if frac else whole
+    return "0" if number == "0" else sign + number
 
 
 def rule(name: str, pattern: Optional[str] = None) -> Callable[[str], str]:
@@ -60,7 +63,7 @@ def rule(name: str, pattern: Optional[str] = None) -> Callable[[str], str]:
 
         def by_regex(text: str) -> str:
             m = compiled.search(_fold(text))
-            return "" if m is None else _fold(m.group(1) if compiled.groups else m.group(0))
+            return "" if m is None else _fold((m.group(1) if compiled.groups else m.group(0)) or "")
 
         return by_regex
     return {"exact": _exact, "first_word": _first_word, "last_number": _last_number}[name]

@@ -68,7 +68,7 @@ def encode(
         p = prompt_ids(tokenizer, messages, template)
         if len(p) >= max_length:
             raise ConfigError(
-                f"task.max_length={max_length}: the prompt of {split} example {i} is {len(p)} tokens; "
+                f"task.max_length={max_length}: the prompt of {split} example {i + 1} is {len(p)} tokens; "
                 f"allowed: at least {len(p) + 1} (the prompt and one response token), or shorter prompts"
             )
         ids.append((p + response_ids(tokenizer, response))[:max_length])

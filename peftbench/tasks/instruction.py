@@ -96,9 +96,9 @@ def example(cfg: Any, row: dict[str, Any], fmt: str, where: str) -> Example:
 
 def local_examples(cfg: Any, split: str, f: Path) -> list[Example]:
     columns, rows = data.read_rows(cfg, f)
-    fmt = check_columns(cfg, columns, f.name)
-    if not rows:
+    if not rows:  # before the columns: an empty file has none
         raise ConfigError(f"task.path={cfg.path}: {f.name} holds no examples; allowed: at least one")
+    fmt = check_columns(cfg, columns, f.name)
     return [example(cfg, row, fmt, f"{f.name} example {i + 1}") for i, row in enumerate(rows)]
 
 
