@@ -8,6 +8,7 @@ that neither instrument slows a timed one.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -18,27 +19,41 @@ from torch import nn
 from peftbench.memory import TensorMemoryTracker
 from peftbench.timing import Stopwatch, repeat, stats, synchronize
 
-# Dense peak throughput in TFLOP/s per GPU (tensor-core figures WITHOUT 2:4 sparsity, which
-# the datasheets print at twice these values): (name fragment, bf16/fp16, tf32, fp32).
-# The first matching fragment wins, so specific names come before general ones.
-GPU_PEAK_TFLOPS: list[tuple[str, Optional[tuple[float, float, float]]]] = [
-    ("H100 NVL", None),  # no per-GPU figure we trust: MFU left out
-    ("H100 PCIe", (756.0, 378.0, 51.0)),  # NVIDIA H100 Tensor Core GPU datasheet, PCIe column
-    ("H100", (989.4, 494.7, 66.9)),  # same datasheet, SXM5 column (H100 80GB HBM3)
-    ("H200", (989.4, 494.7, 66.9)),  # NVIDIA H200 Tensor Core GPU datasheet (SXM)
-    ("A100", (312.0, 156.0, 19.5)),  # NVIDIA A100 Tensor Core GPU datasheet
-    ("L40S", (362.1, 183.0, 91.6)),  # NVIDIA L40S datasheet
-    ("L4", (121.0, 60.0, 30.3)),  # NVIDIA L4 Tensor Core GPU datasheet
-]
+# Dense peak throughput in TFLOP/s (bf16/fp16, tf32, fp32), by the whole name that
+# ``torch.cuda.get_device_name`` returns, form factor included (an H100 PCIe is not an H100 SXM,
+# an L40 is not an L4). Tensor-core figures are the datasheets' "with sparsity" figures halved;
+# fp32 is the non-tensor figure. A name not here gets no MFU.
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
+    # NVIDIA H100 Tensor Core GPU datasheet, SXM column (to the Hopper whitepaper's precision) and PCIe
+    "NVIDIA H100 80GB HBM3": (989.4, 494.7, 66.9),
+    "NVIDIA H100 PCIe": (756.5, 378.0, 51.0),
+    # NVIDIA H200 Tensor Core GPU datasheet: H200 SXM, H200 NVL columns
+    "NVIDIA H200": (989.4, 494.7, 66.9),
+    "NVIDIA H200 NVL": (835.5, 417.5, 60.0),
+    # NVIDIA A100 Tensor Core GPU datasheet: the same peaks for SXM4 and PCIe, 40 and 80 GB
+    "NVIDIA A100-SXM4-40GB": (312.0, 156.0, 19.5),
+    "NVIDIA A100-SXM4-80GB": (312.0, 156.0, 19.5),
+    "NVIDIA A100-PCIE-40GB": (312.0, 156.0, 19.5),
+    "NVIDIA A100 80GB PCIe": (312.0, 156.0, 19.5),
+    "NVIDIA L4": (121.0, 60.0, 30.3),  # NVIDIA L4 Tensor Core GPU datasheet
+    "NVIDIA L40": (181.05, 90.5, 90.5),  # NVIDIA L40 datasheet
+    "NVIDIA L40S": (362.05, 183.0, 91.6),  # NVIDIA L40S datasheet
+}
 
 
 # ------------------------------------------------------------------------------ memory
 
 
-def cuda_reset(device: torch.device) -> None:
-    """Start a CUDA memory phase: finish pending work, then reset the allocator's peaks."""
+def cuda_reset(device: torch.device, release: bool = True) -> None:
+    """Start a CUDA memory window: finish pending work, release the allocator's free cache
+    (``release``: so that the window's reserved bytes are its own, not what an earlier phase
+    left cached), then reset the allocator's peaks."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        if release:
+            gc.collect()  # tensors held only by reference cycles (an optimizer and its schedule)
+            with torch.cuda.device(device):
+                torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -47,7 +62,9 @@ def cuda_phase_stats(device: torch.device, phase: str, tracker: Optional[TensorM
 
     ``cuda_<phase>_max_allocated_bytes`` / ``_max_reserved_bytes``: ``torch.cuda`` peaks.
     ``cuda_<phase>_requested_peak_bytes``: peak of the bytes requested (before the allocator
-    rounds to 512-byte blocks), the figure the tracker's peak is checked against.
+    rounds them up and leaves blocks unsplit), the figure the tracker's peak is checked against.
+    ``cuda_<phase>_peak_large_blocks`` / ``_peak_small_blocks``: peak count of live blocks in
+    the large pool (requests over 1 MiB) and the small pool, which bound allocated - requested.
     ``cuda_<phase>_untracked_bytes``: bytes requested but not held by any tensor the tracker
     sees, now (cuBLAS workspaces, say).
     """
@@ -59,6 +76,8 @@ def cuda_phase_stats(device: torch.device, phase: str, tracker: Optional[TensorM
         f"cuda_{phase}_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
         f"cuda_{phase}_max_reserved_bytes": torch.cuda.max_memory_reserved(device),
         f"cuda_{phase}_requested_peak_bytes": s.get("requested_bytes.all.peak"),
+        f"cuda_{phase}_peak_large_blocks": s.get("allocation.large_pool.peak"),
+        f"cuda_{phase}_peak_small_blocks": s.get("allocation.small_pool.peak"),
     }
     if tracker is not None:
         out[f"cuda_{phase}_untracked_bytes"] = s.get("requested_bytes.all.current", 0) - tracker.current
@@ -95,37 +114,69 @@ def phase_memory(
 # ------------------------------------------------------------------------------ FLOPs
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of the matrix products (mm, bmm, addmm, convolution, attention, forward and
-    backward) that ``fn`` runs, as ``torch.utils.flop_counter`` counts them (2 per multiply-add;
-    elementwise work, norms and the optimizer are not counted)."""
+def _attention(query, key, value, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of one attention forward from its shapes, as for the CUDA kernels."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_backward(grad_out, query, key, value, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of one attention backward from its shapes, as for the CUDA kernels."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> Any:
+    """A ``FlopCounterMode`` that counts the CPU's fused attention kernel with the formula
+    PyTorch applies to the CUDA ones (flash, efficient, cuDNN), which it leaves uncounted on
+    its own, so that FLOPs do not depend on the device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _attention,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward,
+    }
+    return FlopCounterMode(display=False, custom_mapping=cpu_attention)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matrix products (mm, bmm, addmm, convolution, attention, forward and
+    backward) that ``fn`` runs, as ``flop_counter`` counts them (2 per multiply-add; elementwise
+    work, norms and the optimizer are not counted)."""
+    counter = flop_counter()
     with counter:
         fn()
     return int(counter.get_total_flops())
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    """Dense peak FLOP/s of the GPU for ``dtype`` matmuls, or None (CPU, unknown GPU).
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether float32 CUDA matmuls may run on TF32 (or faster) tensor cores. Read through
+    ``torch.backends.cuda.matmul.fp32_precision``: the legacy getters (``allow_tf32``,
+    ``torch.get_float32_matmul_precision()``) raise once the newer API has been used."""
+    mode = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if mode is None:  # torch without the newer API
+        return torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    if mode == "none":  # inherits the global setting
+        mode = getattr(torch.backends, "fp32_precision", "none")
+    return mode not in ("none", "ieee")
 
-    float32 counts as TF32 when PyTorch lets matmuls use it (``allow_tf32`` or a matmul
-    precision other than "highest").
-    """
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Dense peak FLOP/s of the GPU for ``dtype`` matmuls, or None (CPU, a GPU not in
+    ``GPU_PEAK_TFLOPS``). float32 counts as TF32 when PyTorch lets matmuls use it."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    figures = next((f for frag, f in GPU_PEAK_TFLOPS if frag in name), None)
+    figures = GPU_PEAK_TFLOPS.get(torch.cuda.get_device_name(device).strip())
     if figures is None:
         return None
     half, tf32, fp32 = figures
     if dtype in (torch.bfloat16, torch.float16):
         tflops = half
-    elif torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
-        tflops = tf32
     else:
-        tflops = fp32
+        tflops = tf32 if fp32_matmul_uses_tf32() else fp32
     return tflops * 1e12
 
 

@@ -21,7 +21,7 @@ import torch
 import methods
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import measure, models, tasks, weights
+from peftbench import measure, models, tasks, timing, weights
 from peftbench.quality import answers, forgetting, generation
 from peftbench.records import writer as record
 from peftbench.train import evaluate, train
@@ -93,8 +93,15 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
 
 
 def execute(cfg: Any, rec: dict[str, Any]) -> None:
-    """Set up, train, evaluate and measure; fills ``rec`` in place as it goes."""
+    """Set up, train, evaluate and measure; fills ``rec`` in place as it goes. The run's GPU is
+    the current CUDA device throughout (``cuda:1``: its streams, events and kernels)."""
     config_mod.check(cfg)
+    with timing.current_device(config_mod.resolve_device(cfg.device)):
+        _execute(cfg, rec)
+
+
+def _execute(cfg: Any, rec: dict[str, Any]) -> None:
+    """``execute`` once the run's device is current."""
     rec["provenance"] = record.provenance(config_mod.resolve_device(cfg.device))
     s = setup(cfg, rec)
     model, device, kind = s.model, s.device, cfg.task.kind

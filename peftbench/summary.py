@@ -40,8 +40,8 @@ def _memory(m: dict[str, Any]) -> list[tuple[str, str]]:
         for p in ("train", "eval", "inference")
     ]
     text = ", ".join(f"{p} {_fmt(a, '', MIB)}/{_fmt(r, '', MIB)}" for p, a, r in cuda if a is not None)
-    if text:
-        out.append(("CUDA allocated/reserved", text + " MiB"))
+    if text:  # each phase starts with the cache emptied, so its reserved bytes are its own
+        out.append(("CUDA allocated/reserved", text + " MiB (cache emptied before each phase)"))
     return out
 
 

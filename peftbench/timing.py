@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -19,9 +20,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def current_device(device: torch.device) -> AbstractContextManager:
+    """Make ``device`` the current CUDA device for a block (nothing off CUDA): kernels, events
+    and streams that name no device belong to the current one, so ``cuda:1`` needs this."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 class Stopwatch:
-    """Times one region in ms: CUDA events on a GPU (recorded on the current stream, read after
-    a synchronise), ``time.perf_counter`` otherwise."""
+    """Times one region in ms: CUDA events on a GPU (recorded on ``device``'s current stream,
+    read after a synchronise), ``time.perf_counter`` otherwise."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -31,14 +38,14 @@ class Stopwatch:
         if self.cuda:
             self.start_event = torch.cuda.Event(enable_timing=True)
             self.end_event = torch.cuda.Event(enable_timing=True)
-            self.start_event.record()
+            self.start_event.record(torch.cuda.current_stream(self.device))
         else:
             self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.cuda:
-            self.end_event.record()
+            self.end_event.record(torch.cuda.current_stream(self.device))
             self.end_event.synchronize()
             self.ms = self.start_event.elapsed_time(self.end_event)
         else:

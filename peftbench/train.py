@@ -7,6 +7,9 @@ counter (apart, because the FLOP counter's module hooks keep some activations al
 longer); they and the rest of the first ``train.timing_warmup`` steps are not timed.
 Each timed step (forward, backward, clipping, optimizer and schedule step, zeroing the
 gradients) is one Stopwatch region: CUDA events on a GPU, wall clock on CPU.
+
+On a GPU the allocator's ``cuda_train_*`` figures cover the memory steps, the tracker's window;
+``cuda_train_phase_max_allocated_bytes`` covers every step but the FLOP step.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftbench.measure import cuda_phase_stats, cuda_reset
+from peftbench.measure import cuda_phase_stats, cuda_reset, flop_counter
 from peftbench.memory import TensorMemoryTracker
 from peftbench.timing import Stopwatch, stats
 
@@ -73,7 +76,6 @@ def train(
 ) -> dict[str, Any]:
     """Train for ``steps`` steps; returns metrics (timing, memory, FLOPs) and the per-step
     losses and times."""
-    from torch.utils.flop_counter import FlopCounterMode
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -87,8 +89,8 @@ def train(
     timed = StepRecorder()
     measured: dict[str, Any] = {}
     tracker: Optional[TensorMemoryTracker] = None
-    flops: Optional[FlopCounterMode] = None
-    cuda_reset(device)
+    flops: Any = None
+    cuda_reset(device)  # the cache released: the train window's reserved bytes are its own
     bar = tqdm(range(steps), desc="train", unit="step", mininterval=1.0, leave=False)
     for step in bar:
         batch = to_device(next(batches), device)
@@ -99,7 +101,7 @@ def train(
                 tracker.track(batch.values())  # this step's inputs, made outside the tracker
                 instruments.enter_context(tracker)
             if step == flop_step:
-                flops = instruments.enter_context(FlopCounterMode(display=False))
+                flops = instruments.enter_context(flop_counter())
             with Stopwatch(device) as sw:
                 loss = model(**batch).loss
                 loss.backward()
@@ -116,6 +118,7 @@ def train(
         if step == flop_step:
             measured["train_flops_per_step"] = int(flops.get_total_flops())
             measured["train_flops_per_token"] = measured["train_flops_per_step"] / batch["input_ids"].numel()
+            cuda_reset(device, release=False)  # the phase's allocated peak leaves the FLOP step out
         if step >= untimed:
             timed.add(sw.ms, batch)
         if step % 10 == 0:
@@ -126,8 +129,10 @@ def train(
             measured["train_memory_steps"] = step + 1
             tracker.close()
     bar.close()
-    cuda = cuda_phase_stats(device, "train")
-    measured.update({k: v for k, v in cuda.items() if "_max_" in k})  # whole phase; requested: tracked steps
+    if device.type == "cuda":  # max of the memory steps' window and the steps after the FLOP step
+        phase = max(measured["cuda_train_max_allocated_bytes"], torch.cuda.max_memory_allocated(device))
+        measured["cuda_train_phase_max_allocated_bytes"] = phase
+        measured["cuda_train_phase_steps"] = steps - (steps > flop_step)
 
     out: dict[str, Any] = {"train_losses": losses, "train_step_ms": timed.ms}
     out["metrics"] = {**timed.metrics(), **measured, "train_loss_final": losses[-1] if losses else None}
