@@ -10,7 +10,8 @@ the C++ storage dies (storages keep their Python object alive as long as they li
 or not the mode is active at that moment.
 
 The figure is the bytes of live tensor storages on one device type. Not in it: allocator
-rounding and caching (CUDA: ``max_memory_allocated`` rounds every block up to 512 bytes,
+rounding and caching (CUDA: ``max_memory_allocated`` rounds small-pool blocks up to 512 bytes
+and may leave up to about 1 MiB unsplit in a large-pool block, see docs/METHODOLOGY.md;
 ``max_memory_reserved`` adds the cache), memory a kernel allocates internally without a tensor
 (CPU matmul packing buffers, cuBLAS workspaces), and Python objects. A tensor created while
 the tracker is not active is counted from the moment it is passed to ``track`` or used by an
