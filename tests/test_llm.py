@@ -278,6 +278,8 @@ def test_smollm2_provenance_and_a_second_resolve_reads_the_cache():
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_lora_learns_the_sentiment_answer_format(tmp_path):
+    # About 3 minutes on 2 CPU cores. Measured: generation accuracy 0 -> 0.65 (seed 0), 0.625
+    # (seed=1); 8 steps already reach 0.675, so 12 leave a wide margin over the 0.3 asked here.
     cfg = cli.checked_config(
         "model=smollm2-135m",
         "task=sentiment",
