@@ -49,6 +49,14 @@ def measures_forgetting(cfg: Any) -> bool:
     return bool(cfg.measure.forgetting) and cfg.model.name_or_path is not None and cfg.task.kind == "causal-lm"
 
 
+def tokenizer_text(raw: tasks.RawTask) -> list[str]:
+    """The text a word-level tokenizer is fitted on: the training texts, and for an instruction
+    task also its prompts as the plain template renders them (else every prompt word is [UNK])."""
+    from peftbench.tasks import chat
+
+    return raw.train_text + [chat.plain_prompt(p) for p in raw.train_prompts or []]
+
+
 def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     """Data, tokenizer, base model and method; fills the record's model and parameter fields."""
     device = config_mod.resolve_device(cfg.device)
@@ -58,7 +66,7 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
         raise ConfigError(
             f"task.label_column={cfg.task.label_column}: needs at least 2 classes, found {raw.num_labels}"
         )
-    tokenizer = models.load_tokenizer(cfg.model) or tasks.word_tokenizer(raw.train_text, cfg.task.vocab_size)
+    tokenizer = models.load_tokenizer(cfg.model) or tasks.word_tokenizer(tokenizer_text(raw), cfg.task.vocab_size)
     model = models.build(cfg.model, kind, len(tokenizer), tokenizer.pad_token_id, raw.num_labels)
     base_config = model.config
     rec["model_config"] = base_config.to_dict()
