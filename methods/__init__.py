@@ -60,6 +60,21 @@ def build(cfg: Any) -> Method:
     return REGISTRY[name](cfg)
 
 
+def param_groups(method: Any, model: nn.Module, lr: float) -> Optional[list[dict[str, Any]]]:
+    """The optimizer parameter groups ``method`` asks for (its optional ``param_groups(model,
+    lr)``), or None for the loop's default: one group of every trainable parameter at ``lr``.
+    A method's groups must cover every trainable parameter exactly once (a task head included)."""
+    ask = getattr(method, "param_groups", None)
+    if ask is None:
+        return None
+    groups = ask(model, lr)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    given = [id(p) for g in groups for p in g["params"]]
+    if len(given) != len(set(given)) or set(given) != trainable:
+        raise RuntimeError(f"method {method.name}: param_groups must hold every trainable parameter exactly once")
+    return groups
+
+
 def freeze_all_but(model: nn.Module, names: set[str]) -> None:
     """Train exactly the parameters in ``names`` (dotted names from ``named_parameters``)."""
     for name, p in model.named_parameters():

@@ -146,7 +146,8 @@ def _execute(cfg: Any, rec: dict[str, Any]) -> None:
         # ---- train
         if cfg.train.steps > 0:
             batches = tasks.train_batches(train_split, bs, cfg.seed, pad_id, kind)
-            result = train(model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device)
+            groups = methods.param_groups(s.method, model, lr)
+            result = train(model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device, groups)
             metrics.update(result["metrics"])
             rec["train_losses"] = result["train_losses"]
             rec["train_step_ms"] = result["train_step_ms"]

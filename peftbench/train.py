@@ -73,13 +73,17 @@ def train(
     train_cfg: Any,
     memory_steps: int,
     device: torch.device,
+    param_groups: Optional[list[dict[str, Any]]] = None,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps; returns metrics (timing, memory, FLOPs) and the per-step
-    losses and times."""
+    losses and times. ``param_groups``: the optimizer's parameter groups when a method sets
+    its own (LoRA+: B at a multiple of A's learning rate); default one group of every
+    parameter that requires grad, at ``lr``."""
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
+    groups = param_groups if param_groups is not None else [{"params": params}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=train_cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, min(train_cfg.warmup_steps, steps), steps)
     flop_step = memory_steps
     untimed = max(train_cfg.timing_warmup, flop_step + 1)
