@@ -2,17 +2,25 @@
 
 A method is a small class registered under its config name (``method=lora`` is
 ``methods/lora.py`` is the row ``lora`` in the results). It changes the model, never the
-training loop. The protocol every method satisfies::
+training loop. The protocol every method satisfies (``Method`` below names all of it)::
 
     method = methods.build(cfg)        # cfg: the resolved ``method`` config group
     model = method.apply(model)        # inject modules, freeze what the method does not train;
-                                       # may return a wrapper (prefix tuning does)
+                                       # may return a wrapper (prefix and prompt tuning do)
     method.adapter_names(model)        # names of the parameters the method trains
     method.merge(model) / unmerge(model)   # fold into the base weights where possible
     method.describe(model)             # resolved settings for the run record
+    method.context_tokens              # context positions the method takes itself (tokens)
+
+Optional: ``param_groups(model, lr)`` (optimizer groups, e.g. LoRA+; read through
+``methods.param_groups``) and ``trainable_closed_form(model)`` (the trainable count from the
+model's sizes, which the conformance test holds the real count to).
 
 ``apply`` leaves exactly the method's own parameters with ``requires_grad=True``; the harness
 then also unfreezes a task head it created (a fresh classifier), which every method trains.
+``apply`` must work on a model on the meta device (the dry run and the estimator build one):
+no reading of weight values there. Per-architecture knowledge (target presets, insertion
+points, head names, GPT-2's transposed linear) lives in ``methods/arch.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +36,22 @@ class ConfigError(ValueError):
 
 
 class Method(Protocol):
+    """What the harness, the estimator and the tests read of a method.
+
+    ``config_class``: a dataclass with at least ``name`` and ``lr`` (the method's default
+    learning rate, used when ``train.lr`` is null); its defaults equal ``conf/method/<name>.yaml``
+    and it is stored in Hydra's ConfigStore as ``<name>_schema``. ``mergeable``: ``merge`` folds
+    the method into the base weights, so merged outputs equal unmerged ones. ``identity_at_init``:
+    right after ``apply`` the model computes exactly what the base model computes.
+    ``context_tokens``: positions of the model's context the method occupies (prefix and prompt
+    tuning's virtual tokens; 0 for the rest), which ``check_context`` adds to the inputs.
+    """
+
     name: str
+    config_class: type
+    mergeable: bool
+    identity_at_init: bool
+    context_tokens: int
 
     def apply(self, model: nn.Module) -> nn.Module: ...
 
@@ -62,12 +85,13 @@ def build(cfg: Any) -> Method:
 
 def param_groups(method: Any, model: nn.Module, lr: float) -> Optional[list[dict[str, Any]]]:
     """The optimizer parameter groups ``method`` asks for (its optional ``param_groups(model,
-    lr)``), or None for the loop's default: one group of every trainable parameter at ``lr``.
-    A method's groups must cover every trainable parameter exactly once (a task head included)."""
+    lr)``), or None for the loop's default: one group of every trainable parameter at ``lr``
+    (also when the method's own answer is None). A method's groups must cover every trainable
+    parameter exactly once (a task head included)."""
     ask = getattr(method, "param_groups", None)
-    if ask is None:
+    groups = ask(model, lr) if ask is not None else None
+    if groups is None:
         return None
-    groups = ask(model, lr)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     given = [id(p) for g in groups for p in g["params"]]
     if len(given) != len(set(given)) or set(given) != trainable:

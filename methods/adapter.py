@@ -29,38 +29,10 @@ import torch
 from torch import nn
 
 from methods import ConfigError, freeze_all_but, match_modules, module_parent, register
+from methods.arch import INSERTION_POINTS, LINEAR_TYPES
 
-try:  # GPT-2's transposed linear layer
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()
-
-LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 VARIANTS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-# Full-name regular expressions of each layer's (attention output, feed-forward output)
-# projection, per model_type. Anchored on the layer index so that BERT's feed-forward
-# ``layer.N.output.dense`` cannot also match the attention's ``attention.output.dense``.
-_LLAMA_LIKE = (r".*\.layers\.\d+\.self_attn\.o_proj", r".*\.layers\.\d+\.mlp\.down_proj")
-_BERT_LIKE = (r".*\.layer\.\d+\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense")
-INSERTION_POINTS: dict[str, tuple[str, str]] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "gpt2": (r".*\.h\.\d+\.attn\.c_proj", r".*\.h\.\d+\.mlp\.c_proj"),
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
-    "opt": (r".*\.layers\.\d+\.self_attn\.out_proj", r".*\.layers\.\d+\.fc2"),
-    "gpt_neox": (r".*\.layers\.\d+\.attention\.dense", r".*\.layers\.\d+\.mlp\.dense_4h_to_h"),
-    "distilbert": (r".*\.layer\.\d+\.attention\.out_lin", r".*\.layer\.\d+\.ffn\.lin2"),
-}
 
 
 @dataclass
@@ -130,6 +102,9 @@ class AdapterLayer(nn.Module):
 class Adapter:
     name = "adapter"
     config_class = AdapterConfig
+    mergeable = False  # non-linear
+    identity_at_init = True  # W_up = 0, b_up = 0
+    context_tokens = 0
 
     def __init__(self, cfg: Any):
         check(cfg)
@@ -192,6 +167,16 @@ class Adapter:
             setattr(parent, attr, AdapterLayer(base, self.bottleneck_size(output_features(base)), self.cfg.activation))
         freeze_all_but(model, self.adapter_names(model))
         return model
+
+    def trainable_closed_form(self, model: nn.Module) -> int:
+        """2 d m + m + d per insertion."""
+        layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+        return sum(
+            2 * a.adapter.down.in_features * a.adapter.down.out_features
+            + a.adapter.down.out_features
+            + a.adapter.down.in_features
+            for a in layers
+        )
 
     def adapter_names(self, model: nn.Module) -> set[str]:
         return {

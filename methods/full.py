@@ -26,6 +26,10 @@ class FullConfig:
 class Full:
     name = "full"
     config_class = FullConfig
+    mergeable = False  # nothing to fold: the weights are the model
+    identity_at_init = True
+    context_tokens = 0
+    trains_base = True  # the base weights are trained: no quantized base (model.quantize)
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -25,39 +25,16 @@ import torch
 from torch import nn
 
 from methods import ConfigError, freeze_all_but, match_modules, module_parent, register
+from methods.arch import ATTENTION_TARGETS, LINEAR_TYPES, in_head, in_out_features, is_transposed, table_entry
 
-try:  # GPT-2's transposed linear layer
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()
-
-LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-
-# model_type -> module names of the query and value projections (the paper's choice).
-ATTENTION_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-}
 PRESETS = ("attention", "all-linear")
-# Output layers that ``all-linear`` leaves alone: the LM head and classification heads (with
-# every linear layer inside them, e.g. RoBERTa's classifier.dense and classifier.out_proj).
-# A task head is freshly initialised and trained whole by the harness, so a low-rank update
-# on it would only duplicate parameters. This matches peft's ``target_modules="all-linear"``
-# with ``task_type="SEQ_CLS"`` (classifier excluded, trained as modules_to_save) and for causal
-# LMs (output embedding excluded); peft without a task type would also wrap the classifier.
+# ``all-linear`` leaves the output layers and task heads alone (``arch.HEAD_NAMES``): a task
+# head is freshly initialised and trained whole by the harness, so a low-rank update on it would
+# only duplicate parameters. This matches peft's ``target_modules="all-linear"`` with
+# ``task_type="SEQ_CLS"`` (classifier excluded, trained as modules_to_save) and for causal LMs
+# (output embedding excluded); peft without a task type would also wrap the classifier.
 # Pretrained layers next to the head, such as BERT's ``pooler.dense``, are targeted, as in peft
 # (tests/test_lora.py checks the wrapped set against peft on LLaMA, GPT-2 and BERT).
-HEAD_NAMES = ("lm_head", "score", "classifier", "embed_out")
 
 
 @dataclass
@@ -66,7 +43,8 @@ class LoRAConfig:
 
     rank: r, the inner dimension of B A. alpha: scale numerator. dropout: probability on the
     LoRA branch input. targets: preset used when ``target_modules`` is null. rslora: scale
-    by alpha/sqrt(r). lr: the method's default learning rate.
+    by alpha/sqrt(r). lr: the method's default learning rate. lr_ratio: LoRA+ (Hayou et al.,
+    2024): B trains at lr_ratio x the learning rate of A (null: plain LoRA, one rate).
     """
 
     name: str = "lora"
@@ -77,6 +55,7 @@ class LoRAConfig:
     target_modules: Optional[list[str]] = None
     rslora: bool = False
     lr: Optional[float] = 1e-3
+    lr_ratio: Optional[float] = None
 
 
 class LoRALayer(nn.Module):
@@ -85,9 +64,9 @@ class LoRALayer(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool):
         super().__init__()
         self.base = base
-        self.transposed = not isinstance(base, nn.Linear)  # Conv1D: weight is (in, out)
+        self.transposed = is_transposed(base)  # Conv1D: weight is (in, out)
         w = base.weight
-        in_features, out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        in_features, out_features = in_out_features(base)
         self.rank = rank
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=w.dtype, device=w.device))
@@ -105,13 +84,19 @@ class LoRALayer(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            if hasattr(self.base, "merge_delta"):  # a quantized base: dequantize-merge
+                self.base.merge_delta(self.delta_weight())
+            else:
+                self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            if hasattr(self.base, "unmerge_delta"):  # the stored quantized weight, bit for bit
+                self.base.unmerge_delta()
+            else:
+                self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +111,11 @@ class LoRALayer(nn.Module):
 class LoRA:
     name = "lora"
     config_class = LoRAConfig
+    layer_class = LoRALayer
+    mergeable = True
+    identity_at_init = True  # B = 0
+    context_tokens = 0
+    suffixes = (".lora_A", ".lora_B")  # of the parameters the method trains
 
     def __init__(self, cfg: Any):
         check(cfg)
@@ -135,44 +125,44 @@ class LoRA:
     def resolve_targets(self, model: nn.Module) -> list[str]:
         """Dotted names of the modules this config wraps in ``model``."""
         cfg = self.cfg
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         if cfg.target_modules:
             names = match_modules(model, list(cfg.target_modules), LINEAR_TYPES)
             if not names:
                 leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
                 raise ConfigError(
                     f"method.target_modules={list(cfg.target_modules)}: matches no linear layer of this "
-                    f"{model_type} model; allowed: names among {', '.join(leaves)} or regular expressions"
+                    f"{getattr(getattr(model, 'config', None), 'model_type', None)} model; allowed: names among "
+                    f"{', '.join(leaves)} or regular expressions"
                 )
             return names
         if cfg.targets == "all-linear":
-            return [
-                n
-                for n, m in model.named_modules()
-                if isinstance(m, LINEAR_TYPES) and not any(part in HEAD_NAMES for part in n.split("."))
-            ]
-        if model_type not in ATTENTION_TARGETS:
-            raise ConfigError(
-                f"method.targets=attention: no preset for model_type {model_type!r}; set "
-                f"method.target_modules=[...] or method.targets=all-linear "
-                f"(presets exist for {', '.join(sorted(ATTENTION_TARGETS))})"
-            )
-        return match_modules(model, ATTENTION_TARGETS[model_type], LINEAR_TYPES)
+            return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and not in_head(n)]
+        fix = "method.target_modules=[...] or method.targets=all-linear"
+        return match_modules(
+            model, table_entry(ATTENTION_TARGETS, model, "method.targets=attention", fix), LINEAR_TYPES
+        )
+
+    def new_layer(self, base: nn.Module) -> LoRALayer:
+        cfg = self.cfg
+        return self.layer_class(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        cfg = self.cfg
         self.targets = self.resolve_targets(model)
         for name in self.targets:
             parent, attr = module_parent(model, name)
-            setattr(parent, attr, LoRALayer(getattr(parent, attr), cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora))
+            setattr(parent, attr, self.new_layer(getattr(parent, attr)))
         freeze_all_but(model, self.adapter_names(model))
         return model
 
     def adapter_names(self, model: nn.Module) -> set[str]:
-        return {n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+        return {n for n, _ in model.named_parameters() if n.endswith(self.suffixes)}
+
+    def trainable_closed_form(self, model: nn.Module) -> int:
+        """r * (in + out) per wrapped layer."""
+        return sum(self.cfg.rank * sum(in_out_features(layer.base)) for layer in self.layers(model))
 
     def layers(self, model: nn.Module) -> list[LoRALayer]:
-        return [m for m in model.modules() if isinstance(m, LoRALayer)]
+        return [m for m in model.modules() if isinstance(m, self.layer_class)]
 
     def merge(self, model: nn.Module) -> bool:
         for layer in self.layers(model):
@@ -183,6 +173,17 @@ class LoRA:
         for layer in self.layers(model):
             layer.unmerge()
         return True
+
+    def param_groups(self, model: nn.Module, lr: float) -> Optional[list[dict[str, Any]]]:
+        """LoRA+ (``lr_ratio`` set): every B at lr_ratio x ``lr``; every other trainable
+        parameter (A, a task head) at ``lr``. Plain LoRA: None, the loop's one group."""
+        ratio = self.cfg.lr_ratio
+        if ratio is None:
+            return None
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        fast = [p for n, p in named if n.endswith(".lora_B")]
+        rest = [p for n, p in named if not n.endswith(".lora_B")]
+        return [{"params": rest, "lr": lr}, {"params": fast, "lr": lr * ratio}]
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
@@ -197,6 +198,7 @@ class LoRA:
             "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.targets}),
             "target_module_paths": list(self.targets),
             "lr": cfg.lr,
+            "lr_ratio": cfg.lr_ratio,
         }
 
 
@@ -212,3 +214,5 @@ def check(cfg: Any) -> None:
         raise ConfigError(f"method.targets={cfg.targets}: allowed: {', '.join(PRESETS)}")
     if cfg.target_modules is not None and len(cfg.target_modules) == 0:
         raise ConfigError("method.target_modules=[]: give at least one module name, or null to use method.targets")
+    if cfg.lr_ratio is not None and not (isinstance(cfg.lr_ratio, (int, float)) and cfg.lr_ratio > 0):
+        raise ConfigError(f"method.lr_ratio={cfg.lr_ratio}: must be > 0 (LoRA+ uses 16), or null for plain LoRA")

@@ -259,6 +259,8 @@ def accepts_cache(model: nn.Module) -> bool:
 class Prefix:
     name = "prefix"
     config_class = PrefixConfig
+    mergeable = False  # the prefix lives in the KV cache, not in a weight
+    identity_at_init = False  # a random prefix changes every attention layer
 
     @property
     def context_tokens(self) -> int:
@@ -302,7 +304,10 @@ class Prefix:
         return wrapped
 
     def adapter_names(self, model: nn.Module) -> set[str]:
-        return {n for n, _ in model.named_parameters() if n.startswith(ENCODER_NAME + ".")}
+        return {n for n, _ in model.named_parameters() if ENCODER_NAME in n.split(".")}
+
+    def trainable_closed_form(self, model: nn.Module) -> int:
+        return prefix_parameters(self.cfg, prefix_shape(model.config))
 
     def merge(self, model: nn.Module) -> bool:
         return False

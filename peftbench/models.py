@@ -16,10 +16,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from methods import ConfigError, context_length  # noqa: F401 (re-exported for the harness)
+from methods.arch import TASK_HEADS
 from peftbench import weights
 
-# Modules that a classification head consists of; every method trains them.
-HEAD_MODULES = ("classifier", "score")
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta")
 
 
@@ -187,7 +186,7 @@ def check_head(config: Any, kind: str, name: str) -> None:
 
 def head_names(model: nn.Module) -> set[str]:
     """Parameter names of a freshly created task head (sequence classification only)."""
-    return {n for n, _ in model.named_parameters() if any(part in HEAD_MODULES for part in n.split("."))}
+    return {n for n, _ in model.named_parameters() if any(part in TASK_HEADS for part in n.split("."))}
 
 
 def weights_sha256(model: nn.Module) -> str:
