@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from methods import ConfigError, check_context, context_length, freeze_all_but, register
+from methods.virtual import VirtualTokenModel
 
 ENCODER_NAME = "prefix_encoder"
 
@@ -124,29 +125,19 @@ class PrefixEncoder(nn.Module):
         return self.transform(prefix) if self.projection else prefix
 
 
-class PrefixModel(nn.Module):
+class PrefixModel(VirtualTokenModel):
     """A frozen model with a trainable prefix fed on every forward.
 
     Parameter names: ``base_model.<the model's own names>`` and ``prefix_encoder.*``.
     Attributes the wrapper lacks (``config``, ``device``, ``generation_config``, ...) are read
-    from the wrapped model.
+    from the wrapped model (``methods.virtual``).
     """
 
     def __init__(self, base: nn.Module, n: int, shape: PrefixShape, projection: bool, hidden: int):
-        super().__init__()
-        self.base_model = base
-        self.num_virtual_tokens = n
+        super().__init__(base, n)
         self.shape = shape
         device = next(base.parameters()).device
         self.prefix_encoder = PrefixEncoder(n, shape, projection, hidden, device)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_model", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.base_model, name)
 
     def prefix_key_values(self) -> torch.Tensor:
         """The prefix as (L, 2, kv_heads, n, head_dim) in the base model's dtype; [l, 0] are
@@ -164,20 +155,6 @@ class PrefixModel(nn.Module):
         shape = (batch_size, *kv.shape[2:])
         return DynamicCache(
             [(kv[l, 0].unsqueeze(0).expand(shape), kv[l, 1].unsqueeze(0).expand(shape)) for l in range(kv.shape[0])]
-        )
-
-    def _extend_mask(self, attention_mask: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
-        """(batch, T) -> (batch, n + T): ones for the virtual tokens, which every token sees."""
-        if attention_mask is None:
-            return None
-        ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
-        return torch.cat([ones, attention_mask], dim=1)
-
-    def _check_length(self, length: int) -> None:
-        """The real tokens sit at positions n..n+length-1; past the context they would index
-        outside a learned position table (GPT-2, BERT) or leave the trained range (RoPE)."""
-        check_context(
-            self.base_model.config, {"input length": length}, self.num_virtual_tokens, "method.num_virtual_tokens"
         )
 
     def forward(
@@ -219,14 +196,7 @@ class PrefixModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` (greedy or sampling, one sequence per prompt), starting from
         a KV cache that holds the prefix. Returns the prompt ids followed by the new ids."""
-        if not hasattr(self.base_model, "generate"):
-            raise TypeError(f"{type(self.base_model).__name__} cannot generate")
-        for key in ("num_beams", "num_return_sequences"):
-            if kwargs.get(key, 1) != 1:
-                raise ValueError(f"{key}={kwargs[key]}: prefix-tuning generation supports 1 only")
-        if "past_key_values" in kwargs:
-            raise ValueError("past_key_values: generate builds its own cache from the prefix")
-        self._check_length(input_ids.shape[1] + (kwargs.get("max_new_tokens") or 0))
+        self._check_generate(input_ids, kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if kwargs.get("position_ids") is not None:

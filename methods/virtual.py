@@ -1,0 +1,62 @@
+"""The wrapper that methods with virtual tokens share (prefix tuning, prompt tuning).
+
+Such a method puts ``n`` learned positions in front of the real tokens, so it wraps the model:
+the wrapper holds the frozen model as ``base_model`` (parameter names ``base_model.<the model's
+own names>``), reads every attribute it lacks (``config``, ``device``, ``generation_config``)
+from it, extends the caller's attention mask by ``n`` ones (the virtual tokens are seen by every
+token; padding stays hidden), and checks that the real tokens still fit the context with the
+one rule, ``methods.check_context``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from methods import check_context
+
+
+class VirtualTokenModel(nn.Module):
+    """A frozen model with ``num_virtual_tokens`` learned positions in front of its inputs.
+
+    ``taker``: the config key that sets n, named in errors (``method.num_virtual_tokens``).
+    """
+
+    def __init__(self, base: nn.Module, n: int, taker: str = "method.num_virtual_tokens"):
+        super().__init__()
+        self.base_model = base
+        self.num_virtual_tokens = n
+        self.taker = taker
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model, name)
+
+    def _extend_mask(self, attention_mask: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+        """(batch, T) -> (batch, n + T): ones for the virtual tokens, which every token sees."""
+        if attention_mask is None:
+            return None
+        ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
+        return torch.cat([ones, attention_mask], dim=1)
+
+    def _check_length(self, length: int) -> None:
+        """The real tokens sit at positions n..n+length-1; past the context they would index
+        outside a learned position table (GPT-2, BERT) or leave the trained range (RoPE)."""
+        check_context(self.base_model.config, {"input length": length}, self.num_virtual_tokens, self.taker)
+
+    def _check_generate(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """What generation with virtual tokens supports: one sequence per prompt, its own cache."""
+        if not hasattr(self.base_model, "generate"):
+            raise TypeError(f"{type(self.base_model).__name__} cannot generate")
+        for key in ("num_beams", "num_return_sequences"):
+            if kwargs.get(key, 1) != 1:
+                raise ValueError(f"{key}={kwargs[key]}: generation with virtual tokens supports 1 only")
+        if "past_key_values" in kwargs:
+            raise ValueError("past_key_values: generate builds its own cache")
+        self._check_length(input_ids.shape[1] + (kwargs.get("max_new_tokens") or 0))
