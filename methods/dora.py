@@ -56,6 +56,8 @@ class DoRALayer(LoRALayer):
 
     def base_weight(self) -> torch.Tensor:
         """W as (out, in), whatever the base layer's layout."""
+        if hasattr(self.base, "dense_weight"):  # a quantized base (peftbench.quantize): dequantized
+            return self.base.dense_weight()
         w = self.base.weight
         return w.T if self.transposed else w
 
@@ -102,7 +104,6 @@ class DoRA(LoRA):
     layer_class = DoRALayer
     mergeable = True
     identity_at_init = True  # B = 0 and m = ||W||_c
-    suffixes = (".lora_A", ".lora_B", ".lora_magnitude")
 
     def trainable_closed_form(self, model: nn.Module) -> int:
         """r * (in + out) + out per wrapped layer."""

@@ -115,7 +115,6 @@ class LoRA:
     mergeable = True
     identity_at_init = True  # B = 0
     context_tokens = 0
-    suffixes = (".lora_A", ".lora_B")  # of the parameters the method trains
 
     def __init__(self, cfg: Any):
         check(cfg)
@@ -155,14 +154,21 @@ class LoRA:
         return model
 
     def adapter_names(self, model: nn.Module) -> set[str]:
-        return {n for n, _ in model.named_parameters() if n.endswith(self.suffixes)}
+        """The parameters of this method's own layers (not of the base layers they hold)."""
+        return {
+            f"{name}.{p}"
+            for name, m in model.named_modules()
+            if type(m) is self.layer_class
+            for p, _ in m.named_parameters(recurse=False)
+        }
 
     def trainable_closed_form(self, model: nn.Module) -> int:
         """r * (in + out) per wrapped layer."""
         return sum(self.cfg.rank * sum(in_out_features(layer.base)) for layer in self.layers(model))
 
     def layers(self, model: nn.Module) -> list[LoRALayer]:
-        return [m for m in model.modules() if isinstance(m, self.layer_class)]
+        """This method's layers in ``model`` (exactly ``layer_class``: DoRA's are not LoRA's)."""
+        return [m for m in model.modules() if type(m) is self.layer_class]
 
     def merge(self, model: nn.Module) -> bool:
         for layer in self.layers(model):
