@@ -158,8 +158,19 @@ def job_overrides(overrides: list[str], multirun: bool, config_name: str) -> lis
     # the sweep config's params first, so that the command line wins for a key in both
     for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed:
         key = o.get_key_element()
-        by_key[key] = [f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        by_key[key] = [f"{key}={v}" for v in sweep_values(o)] if o.is_sweep_override() else [o.input_line]
     return [list(combo) for combo in itertools.product(*by_key.values())]
+
+
+def sweep_values(o: Any) -> list[str]:
+    """The values of one sweep override; ``glob(*)`` over a config group is its options, sorted
+    (``method=glob(*)``: every ``conf/method/*.yaml``, so a new method joins every such sweep)."""
+    from hydra.core.override_parser.types import Glob
+
+    if isinstance(o.value(), Glob):
+        group = Path(CONF_DIR) / o.key_or_group
+        return o.value().filter(sorted(p.stem for p in group.glob("*.yaml")))
+    return list(o.sweep_string_iterator())
 
 
 def check_added_keys(overrides: list[str], config_name: str) -> None:
