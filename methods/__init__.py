@@ -13,8 +13,9 @@ training loop. The protocol every method satisfies (``Method`` below names all o
     method.context_tokens              # context positions the method takes itself (tokens)
 
 Optional: ``param_groups(model, lr)`` (optimizer groups, e.g. LoRA+; read through
-``methods.param_groups``) and ``trainable_closed_form(model)`` (the trainable count from the
-model's sizes, which the conformance test holds the real count to).
+``methods.param_groups``), ``trainable_closed_form(model)`` (the trainable count from the
+model's sizes, which the conformance test holds the real count to) and ``label_keys`` (the
+settings that name a run, e.g. ``("rank",)``, read by ``compare.run_name``).
 
 ``apply`` leaves exactly the method's own parameters with ``requires_grad=True``; the harness
 then also unfreezes a task head it created (a fresh classifier), which every method trains.

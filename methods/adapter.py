@@ -105,6 +105,7 @@ class Adapter:
     mergeable = False  # non-linear
     identity_at_init = True  # W_up = 0, b_up = 0
     context_tokens = 0
+    label_keys = ("variant",)  # the setting that names a run (compare.run_name)
 
     def __init__(self, cfg: Any):
         check(cfg)

@@ -87,6 +87,7 @@ def build_part(i: int, cfg: Any) -> Any:
 class Compose:
     name = "compose"
     config_class = ComposeConfig
+    label_keys = ("parts",)  # the setting that names a run (compare.run_name)
 
     def __init__(self, cfg: Any):
         if cfg.lr is not None and not cfg.lr > 0:

@@ -115,6 +115,7 @@ class LoRA:
     mergeable = True
     identity_at_init = True  # B = 0
     context_tokens = 0
+    label_keys = ("rank",)  # the setting that names a run (compare.run_name)
 
     def __init__(self, cfg: Any):
         check(cfg)

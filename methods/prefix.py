@@ -231,6 +231,7 @@ class Prefix:
     config_class = PrefixConfig
     mergeable = False  # the prefix lives in the KV cache, not in a weight
     identity_at_init = False  # a random prefix changes every attention layer
+    label_keys = ("num_virtual_tokens",)  # the setting that names a run (compare.run_name)
 
     @property
     def context_tokens(self) -> int:

@@ -147,6 +147,7 @@ class Prompt:
     config_class = PromptConfig
     mergeable = False  # the prompt is an input, not a weight
     identity_at_init = False  # a random prompt changes every output
+    label_keys = ("num_virtual_tokens",)  # the setting that names a run (compare.run_name)
 
     def __init__(self, cfg: Any):
         check(cfg)

@@ -211,12 +211,42 @@ def pair_seeds(b: Group, c: Group) -> tuple[list[tuple[dict, dict]], Group, Grou
 
 
 def run_name(rec: dict[str, Any]) -> str:
-    extra = " ".join(
-        f"{k}={v}"
-        for k, v in sorted(records.method_settings(rec).items())
-        if k in ("rank", "variant", "num_virtual_tokens")
-    )
+    """``method settings/model/task``: the method's own name for it (``label_keys`` of its class,
+    e.g. ``rank``), then every other method setting that differs from the method's defaults."""
+    extra = " ".join(f"{k}={short(v)}" for k, v in method_label(rec))
     return f"{rec.get('method')}{' ' + extra if extra else ''}/{rec.get('model')}/{rec.get('task')}"
+
+
+def method_label(rec: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The method settings that name a run: those the method's class lists in ``label_keys``,
+    then, in key order, those whose value differs from its config class's default (none for a
+    method this code does not know)."""
+    import dataclasses
+
+    import methods
+
+    cfg = (rec.get("config") or {}).get("method") or {}
+    cls = methods.REGISTRY.get(rec.get("method"))
+    if cls is None:
+        return []
+    defaults = {f.name: f for f in dataclasses.fields(cls.config_class)}
+    head = [k for k in getattr(cls, "label_keys", ()) if k in cfg]
+
+    def default(k: str) -> Any:
+        f = defaults[k]
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    rest = sorted(k for k in cfg if k not in head and k != "name" and k in defaults and cfg[k] != default(k))
+    return [(k, cfg[k]) for k in head + rest]
+
+
+def short(value: Any) -> str:
+    """A setting as the command line writes it: ``[lora,{name:prefix,num_virtual_tokens:10}]``."""
+    if isinstance(value, list):
+        return "[" + ",".join(short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{short(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def seed_name(rec: dict[str, Any], group_size: int) -> str:
