@@ -46,6 +46,10 @@ class Method(Protocol):
     right after ``apply`` the model computes exactly what the base model computes.
     ``context_tokens``: positions of the model's context the method occupies (prefix and prompt
     tuning's virtual tokens; 0 for the rest), which ``check_context`` adds to the inputs.
+    ``trains_base`` (optional, default False): the method trains the base weights themselves
+    (``full``), so ``model.quantize`` refuses it. On a quantized base a linear layer is a
+    ``peftbench.quantize.QuantizedLinear``: read its weight through ``dense_weight()`` and fold
+    into it with ``merge_delta`` / ``unmerge_delta`` (as LoRA, DoRA and (IA)^3 do).
     """
 
     name: str

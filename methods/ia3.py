@@ -68,7 +68,11 @@ class IA3Layer(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base.weight.mul_(self._weight_scale().to(self.base.weight.dtype))
+            if hasattr(self.base, "merge_delta"):  # a quantized base: dequantize-merge, W + W (l - 1)
+                w = self.base.dense_weight()
+                self.base.merge_delta(w * (self._weight_scale().to(w.dtype) - 1))
+            else:
+                self.base.weight.mul_(self._weight_scale().to(self.base.weight.dtype))
             if not self.feedforward and self.base.bias is not None:
                 self.base.bias.mul_(self.ia3_l.to(self.base.bias.dtype))
             self.merged = True
@@ -76,7 +80,10 @@ class IA3Layer(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight.div_(self._weight_scale().to(self.base.weight.dtype))
+            if hasattr(self.base, "unmerge_delta"):  # the stored quantized weight, bit for bit
+                self.base.unmerge_delta()
+            else:
+                self.base.weight.div_(self._weight_scale().to(self.base.weight.dtype))
             if not self.feedforward and self.base.bias is not None:
                 self.base.bias.div_(self.ia3_l.to(self.base.bias.dtype))
             self.merged = False

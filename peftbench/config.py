@@ -35,6 +35,9 @@ class ModelConfig:
     arch: transformers config keys (``model_type`` first) for a random-init model.
     init_seed: seed of the random base weights and of a fresh task head, the same for every
     method so that every method starts from identical weights.
+    quantize: store the frozen base's linear layers quantized, as QLoRA does (``nf4``: 4-bit
+    NormalFloat, about 0.53 bytes per weight; ``int8``: per-row int8, about 1 byte), for methods
+    that freeze the base; null keeps them in ``dtype`` (``peftbench.quantize``).
     """
 
     name: str = MISSING
@@ -43,6 +46,7 @@ class ModelConfig:
     arch: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     dtype: str = "float32"
+    quantize: Optional[str] = None
 
 
 @dataclass
@@ -225,6 +229,26 @@ def check_method(cfg: Any) -> None:
         f"allowed: {', '.join(sorted(methods.REGISTRY))}",
     )
     methods.REGISTRY[cfg.method.name](cfg.method)
+    check_quantize(cfg)
+
+
+def check_quantize(cfg: Any) -> None:
+    """``model.quantize`` names a scheme, and the method leaves the base frozen (a method class
+    that trains the base weights says so with ``trains_base = True``)."""
+    from peftbench.quantize import SCHEMES
+
+    scheme = cfg.model.get("quantize")
+    if scheme is None:
+        return
+    require(scheme in SCHEMES, "model.quantize", scheme, f"allowed: {', '.join(SCHEMES)}, null")
+    frozen = sorted(n for n, cls in methods.REGISTRY.items() if not getattr(cls, "trains_base", False))
+    require(
+        not getattr(methods.REGISTRY[cfg.method.name], "trains_base", False),
+        "model.quantize",
+        scheme,
+        f"method={cfg.method.name} trains the base weights, which a quantized base cannot; "
+        f"allowed with methods that freeze the base: {', '.join(frozen)}",
+    )
 
 
 def check(cfg: Any) -> None:

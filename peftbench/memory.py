@@ -16,7 +16,9 @@ and may leave up to about 1 MiB unsplit in a large-pool block, see docs/METHODOL
 (CPU matmul packing buffers, cuBLAS workspaces), and Python objects. A tensor created while
 the tracker is not active is counted from the moment it is passed to ``track`` or used by an
 operator under the tracker; model weights, buffers, gradients and optimizer state are counted
-from the start. On CPU the same work gives the same peak to the byte.
+from the start. On CPU the same work gives the same peak to the byte. A traceable wrapper
+subclass (a quantized weight, ``peftbench.quantize``) owns no storage: the storages of its inner
+tensors are counted, each once, and take the role of the parameter that holds them.
 
 Breakdown: the storages live at the peak are split into weights (parameters and buffers),
 gradients (storages that autograd stores in a parameter's ``.grad``, recorded by a
@@ -30,15 +32,25 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+
+
+def plain_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The tensors that hold ``t``'s bytes: ``t`` itself, or for a traceable wrapper subclass (a
+    quantized weight: torchao's ``NF4Tensor``, ``Int8Tensor``) its inner tensors, recursively."""
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from plain_tensors(getattr(t, name))
+    else:
+        yield t
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -83,7 +95,12 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     # ----------------------------------------------------------------- bookkeeping
     def _see(self, t: Any) -> Optional[int]:
-        """Count ``t``'s storage if it is new (or grew); returns its serial, None if not counted."""
+        """Count ``t``'s storage if it is new (or grew); returns its serial, None if not counted
+        (a wrapper subclass has no storage of its own: its inner tensors are counted, ``_mark``)."""
+        if is_traceable_wrapper_subclass(t):
+            for inner in plain_tensors(t):
+                self._see(inner)
+            return None
         if not isinstance(t, torch.Tensor) or t.device.type != self.device_type or t.layout != torch.strided:
             return None
         try:
@@ -127,9 +144,10 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.current -= entry[1]
 
     def _mark(self, t: Optional[torch.Tensor], role: str) -> None:
-        serial = self._see(t) if t is not None else None
-        if serial is not None and self.roles.get(serial) != "weights":
-            self.roles[serial] = role
+        for plain in plain_tensors(t) if t is not None else ():
+            serial = self._see(plain)
+            if serial is not None and self.roles.get(serial) != "weights":
+                self.roles[serial] = role
 
     def _on_grad(self, p: torch.Tensor) -> None:
         self._mark(p.grad, "gradients")

@@ -73,6 +73,10 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     if cfg.model.name_or_path is not None:
         rec["model_weights"] = weights.provenance(cfg.model.name_or_path, cfg.model.install)
     rec["base_weights_sha256"] = models.weights_sha256(model)
+    if cfg.model.quantize is not None:  # the frozen base stored quantized (QLoRA), before the method
+        from peftbench import quantize
+
+        rec["quantization"] = quantize.quantize_base(model, cfg.model.quantize)
     reference = None
     if measures_forgetting(cfg):  # the base model's own responses, before the method changes it
         reference = forgetting.reference(
@@ -176,6 +180,9 @@ def _execute(cfg: Any, rec: dict[str, Any]) -> None:
     )
     metrics.update(inf)
     rec["latency_grid"] = grid
+    if "quantization" in rec:  # a merging method's deployed form is the dequantize-merged model
+        merged = "inference_latency_unmerged_ms" in inf
+        rec["quantization"]["inference_weights"] = "dequantize-merged (dense)" if merged else "quantized"
     metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))
     metrics.update(measure.mfu(metrics, device, models.torch_dtype(cfg.model.dtype)))
 

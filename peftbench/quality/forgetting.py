@@ -23,7 +23,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -88,7 +88,9 @@ def next_token_logp(model: nn.Module, sequence: list[int], start: int, device: t
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def cache_key(base_sha256: str, tokenizer: Any, template: str, tokens: int) -> str:
+def cache_key(base_sha256: str, tokenizer: Any, template: str, tokens: int, quantize: Optional[str] = None) -> str:
+    """Name of a cached reference. ``quantize``: the scheme the base's weights are stored in (the
+    reference is then the quantized base's), so a quantized base never reuses a dense one's."""
     spec = {
         "base": base_sha256,
         "prompts": GENERAL_PROMPTS,
@@ -97,6 +99,8 @@ def cache_key(base_sha256: str, tokenizer: Any, template: str, tokens: int) -> s
         "vocab": len(tokenizer),
         "tokenizer": type(tokenizer).__name__,
     }
+    if quantize is not None:
+        spec["quantize"] = quantize
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,9 +109,11 @@ def reference(
     model: nn.Module, tokenizer: Any, template: str, tokens: int, device: torch.device, base_sha256: str
 ) -> Reference:
     """The base model's reference (``model`` must be the base model); cached on disk."""
+    from peftbench.quantize import scheme_of
     from peftbench.weights import cache_root
 
-    path = cache_root() / "forgetting" / f"{cache_key(base_sha256, tokenizer, template, tokens)}.pt"
+    key = cache_key(base_sha256, tokenizer, template, tokens, scheme_of(model))
+    path = cache_root() / "forgetting" / f"{key}.pt"
     if path.is_file():
         return Reference(**torch.load(path))
     model.eval()
