@@ -108,8 +108,6 @@ class PromptModel(VirtualTokenModel):
         if position_ids is not None:
             front = torch.arange(n, device=position_ids.device).expand(position_ids.shape[0], n)
             position_ids = torch.cat([front, position_ids + n], dim=1)
-        if attention_mask is None:  # explicit, so that the virtual tokens count in every mask
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
         if token_type_ids is not None:
             kwargs["token_type_ids"] = self._extend_front(token_type_ids, 0)
         out = self.base_model(
