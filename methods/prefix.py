@@ -41,6 +41,7 @@ the 2D attention mask, which the wrapper extends by the n virtual tokens.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -138,6 +139,13 @@ class PrefixModel(VirtualTokenModel):
         self.shape = shape
         device = next(base.parameters()).device
         self.prefix_encoder = PrefixEncoder(n, shape, projection, hidden, device)
+        # A training forward reads the prefix without writing to the cache (``ReadOnlyLayer``),
+        # so a layer that gradient checkpointing replays in backward sees the same keys and
+        # values again: transformers may then keep the cache under checkpointing, which it
+        # otherwise drops (and with it the prefix).
+        for module in base.modules():
+            if hasattr(type(module), "_can_checkpoint_with_cache"):
+                module._can_checkpoint_with_cache = True
 
     def prefix_key_values(self) -> torch.Tensor:
         """The prefix as (L, 2, kv_heads, n, head_dim) in the base model's dtype; [l, 0] are
@@ -153,9 +161,13 @@ class PrefixModel(VirtualTokenModel):
 
         kv = self.prefix_key_values()
         shape = (batch_size, *kv.shape[2:])
-        return DynamicCache(
+        cache = DynamicCache(
             [(kv[l, 0].unsqueeze(0).expand(shape), kv[l, 1].unsqueeze(0).expand(shape)) for l in range(kv.shape[0])]
         )
+        if self.training:
+            for layer in cache.layers:
+                layer.__class__ = read_only_layer(type(layer))
+        return cache
 
     def forward(
         self,
@@ -209,6 +221,21 @@ class PrefixModel(VirtualTokenModel):
             past_key_values=self.prefix_cache(input_ids.shape[0]),
             **kwargs,
         )
+
+
+@functools.cache
+def read_only_layer(layer_type: type) -> type:
+    """``layer_type`` (a transformers cache layer) whose ``update`` returns the cached prefix
+    followed by the new keys and values without storing the new ones: the cache is the same
+    after a layer's forward as before, however often the forward runs."""
+
+    class ReadOnlyLayer(layer_type):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not self.is_initialized:  # pragma: no cover - the prefix initialises every layer
+                raise RuntimeError("the prefix cache has an empty layer")
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return ReadOnlyLayer
 
 
 def accepts_cache(model: nn.Module) -> bool:

@@ -107,10 +107,19 @@ class TrainConfig:
     transformers Trainer: no warm-up, linear decay, clipping at 1.0). timing_warmup: first
     steps excluded from throughput timing (the memory and FLOP steps are always excluded too).
     grad_clip: max gradient norm (0 disables).
+
+    Cost levers (docs/METHODOLOGY.md, "Cost levers"): precision: fp32 | bf16-mixed | bf16 |
+    fp16-mixed (``peftbench.precision``). gradient_checkpointing: recompute each layer's
+    activations in backward instead of keeping them (transformers' non-reentrant
+    checkpointing of every decoder/encoder layer). grad_accum: micro-batches of
+    ``batch_size`` examples per optimizer step (the effective batch is their product).
     """
 
     steps: int = 100
     batch_size: int = 8
+    grad_accum: int = 1
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
     lr: Optional[float] = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -266,6 +275,7 @@ def check(cfg: Any) -> None:
     check_numbers(cfg)
     require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
     require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
+    require(cfg.train.grad_accum >= 1, "train.grad_accum", cfg.train.grad_accum, "must be an integer >= 1")
     require(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
     require(cfg.train.timing_warmup >= 0, "train.timing_warmup", cfg.train.timing_warmup, "must be >= 0")
     require(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables)")
@@ -306,6 +316,9 @@ def check(cfg: Any) -> None:
         cfg.task.num_eval is None or cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval, "must be >= 1 or null"
     )
     require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
+    from peftbench import precision
+
+    precision.check(cfg.train.precision, resolve_device(cfg.device).type, cfg.model.dtype)
     require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
     require(
         cfg.model.name_or_path is not None or bool(cfg.model.arch),

@@ -337,11 +337,16 @@ def mfu(metrics: dict[str, Any], device: torch.device, dtype: torch.dtype) -> di
     """Model FLOP utilisation of training and of the default inference point on a known GPU:
     achieved matmul FLOP/s over the device's dense peak (None elsewhere)."""
     peak = device_peak_flops(device, dtype)
-    out: dict[str, Any] = {"device_peak_flops": peak, "train_mfu": None, "inference_mfu": None}
+    out: dict[str, Any] = {"device_peak_flops": peak, "train_mfu": None, "train_hfu": None, "inference_mfu": None}
     if peak is None:
         return out
-    if metrics.get("train_flops_per_token") and metrics.get("train_padded_tokens_per_s"):
-        out["train_mfu"] = metrics["train_flops_per_token"] * metrics["train_padded_tokens_per_s"] / peak
+    # MFU counts the model's FLOPs, leaving out the forward that gradient checkpointing
+    # recomputes (``train_model_flops_per_token``, measured when it is on); HFU counts every
+    # FLOP executed (Chowdhery et al. 2022, PaLM, appendix B).
+    model_flops = metrics.get("train_model_flops_per_token") or metrics.get("train_flops_per_token")
+    if model_flops and metrics.get("train_padded_tokens_per_s"):
+        out["train_mfu"] = model_flops * metrics["train_padded_tokens_per_s"] / peak
+        out["train_hfu"] = metrics["train_flops_per_token"] * metrics["train_padded_tokens_per_s"] / peak
     if metrics.get("inference_flops") and metrics.get("inference_latency_ms"):
         out["inference_mfu"] = metrics["inference_flops"] / (metrics["inference_latency_ms"] / 1e3) / peak
     return out

@@ -165,6 +165,41 @@ def pretrained_config(path: str, name_or_path: str, **kwargs: Any) -> Any:
         ) from None
 
 
+def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """Switch transformers' gradient checkpointing of every layer of ``model`` (the outermost
+    transformers model inside it, so a wrapper such as prefix tuning's works too). Non-reentrant
+    (``torch.utils.checkpoint`` with ``use_reentrant=False``): gradients reach modules inside a
+    layer even when the layer's input needs none (a frozen embedding under LoRA), and a layer's
+    forward is recomputed in backward with the random state it first ran with."""
+    from transformers import PreTrainedModel
+
+    top = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if top is None or not top.supports_gradient_checkpointing:
+        name = type(top or model).__name__
+        raise ConfigError(f"train.gradient_checkpointing=true: {name} does not support it; allowed: false")
+    if on:
+        top.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also makes the input embeddings' output require grad, which reentrant
+        # checkpointing needs and non-reentrant does not: it would only add backward work (the
+        # gradient of the first layer's input) that the run without checkpointing does not do.
+        if hasattr(top, "_require_grads_hook"):
+            top.disable_input_require_grads()
+        # Layers that checkpoint themselves (transformers' GradientCheckpointingLayer) drop the
+        # KV cache unless they may keep it (``_can_checkpoint_with_cache``, which prefix tuning
+        # sets on each layer's instance: its prefix cache is read-only in training). GPT-2's
+        # model-level flag would drop the cache before the layers see it, so where the layers
+        # may keep it, that flag is cleared and the layers alone checkpoint.
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in top.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if layers and all(vars(m).get("_can_checkpoint_with_cache") for m in layers):
+            for m in top.modules():
+                if hasattr(m, "gradient_checkpointing") and not isinstance(m, GradientCheckpointingLayer):
+                    m.gradient_checkpointing = False
+    else:
+        top.activation_checkpointing_disable()
+
+
 def build_meta(cfg: Any, kind: str, vocab_size: Optional[int], num_labels: int = 2) -> nn.Module:
     """The model's structure on the meta device: no weight memory, no weight download.
 

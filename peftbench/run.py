@@ -21,7 +21,7 @@ import torch
 import methods
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import measure, models, tasks, timing, weights
+from peftbench import measure, models, precision, tasks, timing, weights
 from peftbench.quality import answers, forgetting, generation
 from peftbench.records import writer as record
 from peftbench.train import evaluate, train
@@ -68,6 +68,8 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
         )
     tokenizer = models.load_tokenizer(cfg.model) or tasks.word_tokenizer(tokenizer_text(raw), cfg.task.vocab_size)
     model = models.build(cfg.model, kind, len(tokenizer), tokenizer.pad_token_id, raw.num_labels)
+    if precision.weight_dtype(cfg.train.precision) is not None:  # pure bf16: before the method exists
+        model.to(precision.weight_dtype(cfg.train.precision))
     base_config = model.config
     rec["model_config"] = base_config.to_dict()
     if cfg.model.name_or_path is not None:
@@ -79,17 +81,17 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
         rec["quantization"] = quantize.quantize_base(model, cfg.model.quantize)
     reference = None
     if measures_forgetting(cfg):  # the base model's own responses, before the method changes it
-        reference = forgetting.reference(
-            model.to(device),
-            tokenizer,
-            cfg.task.template,
-            cfg.measure.forgetting_tokens,
-            device,
-            rec["base_weights_sha256"],
-        )
+        key = rec["base_weights_sha256"]  # the reference depends on the numerics too
+        key = key if cfg.train.precision == "fp32" else f"{key}-{cfg.train.precision}"
+        with precision.autocast(cfg.train.precision, device):
+            reference = forgetting.reference(
+                model.to(device), tokenizer, cfg.task.template, cfg.measure.forgetting_tokens, device, key
+            )
     method = methods.build(cfg.method)
     torch.manual_seed(cfg.seed)  # the method's own initialisation
     model = method.apply(model)
+    if cfg.train.gradient_checkpointing:  # after the method: its modules are inside the layers
+        models.set_gradient_checkpointing(model, True)
     head = models.head_names(model)
     for name, p in model.named_parameters():
         if name in head:
@@ -128,10 +130,15 @@ def _execute(cfg: Any, rec: dict[str, Any]) -> None:
         pad_id, bs = s.tokenizer.pad_token_id, cfg.train.batch_size
 
         def run_eval() -> dict[str, Any]:
-            return evaluate(model, tasks.eval_batches(eval_split, bs, pad_id, kind), kind, device)
+            with precision.autocast(cfg.train.precision, device):
+                return evaluate(model, tasks.eval_batches(eval_split, bs, pad_id, kind), kind, device)
 
         def quality(suffix: str) -> None:
             """Accuracy and forgetting as the model is now (``_initial``: before training)."""
+            with precision.autocast(cfg.train.precision, device):
+                quality_now(suffix)
+
+        def quality_now(suffix: str) -> None:
             if instruction:
                 found, predictions = instruction_quality(cfg, s, eval_split)
                 metrics.update({f"eval_{k}{suffix}": v for k, v in found.items()})
@@ -151,7 +158,12 @@ def _execute(cfg: Any, rec: dict[str, Any]) -> None:
         if cfg.train.steps > 0:
             batches = tasks.train_batches(train_split, bs, cfg.seed, pad_id, kind)
             groups = methods.param_groups(s.method, model, lr)
-            result = train(model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device, groups)
+            switch = (
+                (lambda on: models.set_gradient_checkpointing(model, on)) if cfg.train.gradient_checkpointing else None
+            )
+            result = train(
+                model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device, groups, switch
+            )
             metrics.update(result["metrics"])
             rec["train_losses"] = result["train_losses"]
             rec["train_step_ms"] = result["train_step_ms"]
@@ -175,16 +187,18 @@ def _execute(cfg: Any, rec: dict[str, Any]) -> None:
             rec["predictions_file"] = save_predictions(cfg, rec)
 
     # ---- inference: memory, FLOPs, latency grid, decode (merged where the method merges)
-    inf, grid = measure.inference(
-        model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device, cfg.measure
-    )
+    with precision.autocast(cfg.train.precision, device):
+        inf, grid = measure.inference(
+            model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device, cfg.measure
+        )
     metrics.update(inf)
     rec["latency_grid"] = grid
     if "quantization" in rec:  # a merging method's deployed form is the dequantize-merged model
         merged = "inference_latency_unmerged_ms" in inf
         rec["quantization"]["inference_weights"] = "dequantize-merged (dense)" if merged else "quantized"
     metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))
-    metrics.update(measure.mfu(metrics, device, models.torch_dtype(cfg.model.dtype)))
+    compute = precision.compute_dtype(cfg.train.precision, models.torch_dtype(cfg.model.dtype))
+    metrics.update(measure.mfu(metrics, device, compute))
 
 
 def instruction_quality(cfg: Any, s: Setup, eval_split: tasks.Split) -> tuple[dict[str, float], list[dict]]:

@@ -5,8 +5,11 @@ Same data order (seeded), optimizer (AdamW over the parameters that require grad
 ``memory_steps`` steps run under the tensor-memory tracker and the next one under the FLOP
 counter (apart, because the FLOP counter's module hooks keep some activations alive for
 longer); they and the rest of the first ``train.timing_warmup`` steps are not timed.
-Each timed step (forward, backward, clipping, optimizer and schedule step, zeroing the
-gradients) is one Stopwatch region: CUDA events on a GPU, wall clock on CPU.
+Each timed step (the forward and backward of each of its ``train.grad_accum`` micro-batches,
+clipping, optimizer and schedule step, zeroing the gradients) is one Stopwatch region: CUDA
+events on a GPU, wall clock on CPU; throughput counts every micro-batch's tokens, and the
+memory steps' peak is that of one optimizer step, so with accumulation it holds one
+micro-batch's activations plus the accumulated gradients.
 
 On a GPU the allocator's ``cuda_train_*`` figures cover the memory steps, the tracker's window;
 ``cuda_train_phase_max_allocated_bytes`` covers every step but the FLOP step.
@@ -15,7 +18,7 @@ On a GPU the allocator's ``cuda_train_*`` figures cover the memory steps, the tr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any, Optional
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftbench import precision
 from peftbench.measure import cuda_phase_stats, cuda_reset, flop_counter
 from peftbench.memory import TensorMemoryTracker
 from peftbench.timing import Stopwatch, stats
@@ -41,11 +45,12 @@ class StepRecorder:
         self.padded: list[int] = []
         self.samples: list[int] = []
 
-    def add(self, ms: float, batch: dict[str, torch.Tensor]) -> None:
+    def add(self, ms: float, micro: list[dict[str, torch.Tensor]]) -> None:
+        """One optimizer step of ``ms`` milliseconds over the micro-batches ``micro``."""
         self.ms.append(ms)
-        self.tokens.append(int(batch["attention_mask"].sum()))
-        self.padded.append(batch["input_ids"].numel())
-        self.samples.append(batch["input_ids"].shape[0])
+        self.tokens.append(sum(int(b["attention_mask"].sum()) for b in micro))
+        self.padded.append(sum(b["input_ids"].numel() for b in micro))
+        self.samples.append(sum(b["input_ids"].shape[0] for b in micro))
 
     def rate(self, counts: list[int]) -> dict[str, float]:
         return stats([c / ms * 1e3 for c, ms in zip(counts, self.ms)])
@@ -65,6 +70,18 @@ class StepRecorder:
         }
 
 
+def loss_shares(micro: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Each micro-batch's share of an optimizer step's loss: its predicted tokens (causal LM,
+    labels shifted by one, -100 ignored) or its examples (classification) over the step's, so
+    that the accumulated gradient is the gradient of the loss over the whole step's batch."""
+    counts = []
+    for b in micro:
+        labels = b["labels"]
+        counts.append(int((labels[:, 1:] != -100).sum()) if labels.dim() > 1 else labels.shape[0])
+    total = sum(counts)
+    return [c / total if total else 1.0 / len(micro) for c in counts]
+
+
 def train(
     model: nn.Module,
     batches: Iterator[dict],
@@ -74,20 +91,45 @@ def train(
     memory_steps: int,
     device: torch.device,
     param_groups: Optional[list[dict[str, Any]]] = None,
+    set_checkpointing: Optional[Callable[[bool], None]] = None,
 ) -> dict[str, Any]:
-    """Train for ``steps`` steps; returns metrics (timing, memory, FLOPs) and the per-step
-    losses and times. ``param_groups``: the optimizer's parameter groups when a method sets
-    its own (LoRA+: B at a multiple of A's learning rate); default one group of every
-    parameter that requires grad, at ``lr``."""
+    """Train for ``steps`` optimizer steps; returns metrics (timing, memory, FLOPs) and the
+    per-step losses and times.
+
+    Each optimizer step takes ``train_cfg.grad_accum`` micro-batches from ``batches``, each
+    loss weighted by ``loss_shares``; the step's loss is their weighted sum (the loss over the
+    step's batch). Forwards run under ``train_cfg.precision``'s autocast, with fp16-mixed's
+    loss scaler. ``param_groups``: the optimizer's parameter groups when a method sets its own
+    (LoRA+: B at a multiple of A's learning rate); default one group of every parameter that
+    requires grad, at ``lr``. ``set_checkpointing``: switches the model's gradient
+    checkpointing (given when it is on): the FLOP step then also counts the step without
+    recomputation, the model FLOPs behind MFU, in an extra untimed pass whose gradients are
+    discarded and whose random state is restored.
+    """
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups if param_groups is not None else [{"params": params}]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=train_cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, min(train_cfg.warmup_steps, steps), steps)
+    scaler = precision.scaler(train_cfg.precision, device)
+    accum = train_cfg.grad_accum
     flop_step = memory_steps
     untimed = max(train_cfg.timing_warmup, flop_step + 1)
     model.train()
+
+    def forward_backward(micro: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The step's loss (detached); gradients accumulated in ``.grad``."""
+        shares = loss_shares(micro) if len(micro) > 1 else [None]
+        total: Any = None
+        for b, share in zip(micro, shares):
+            with precision.autocast(train_cfg.precision, device):
+                loss = model(**b).loss
+            if share is not None:
+                loss = loss * share
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
 
     losses: list[float] = []
     timed = StepRecorder()
@@ -97,21 +139,27 @@ def train(
     cuda_reset(device)  # the cache released: the train window's reserved bytes are its own
     bar = tqdm(range(steps), desc="train", unit="step", mininterval=1.0, leave=False)
     for step in bar:
-        batch = to_device(next(batches), device)
+        micro = [to_device(next(batches), device) for _ in range(accum)]
         with ExitStack() as instruments:
             if step < memory_steps:
                 if tracker is None:
                     tracker = TensorMemoryTracker(model, optimizer, device)
-                tracker.track(batch.values())  # this step's inputs, made outside the tracker
+                for b in micro:  # this step's inputs, made outside the tracker
+                    tracker.track(b.values())
                 instruments.enter_context(tracker)
             if step == flop_step:
                 flops = instruments.enter_context(flop_counter())
             with Stopwatch(device) as sw:
-                loss = model(**batch).loss
-                loss.backward()
+                loss = forward_backward(micro)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 if train_cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
         value = loss.item()
@@ -120,11 +168,19 @@ def train(
             raise FloatingPointError(f"training loss is {value} at step {step}")
         losses.append(value)
         if step == flop_step:
+            padded = sum(b["input_ids"].numel() for b in micro)
             measured["train_flops_per_step"] = int(flops.get_total_flops())
-            measured["train_flops_per_token"] = measured["train_flops_per_step"] / batch["input_ids"].numel()
+            measured["train_flops_per_token"] = measured["train_flops_per_step"] / padded
+            if set_checkpointing is not None:
+                measured["train_model_flops_per_token"] = (
+                    model_flops(
+                        forward_backward, micro, set_checkpointing, lambda: optimizer.zero_grad(set_to_none=True)
+                    )
+                    / padded
+                )
             cuda_reset(device, release=False)  # the phase's allocated peak leaves the FLOP step out
         if step >= untimed:
-            timed.add(sw.ms, batch)
+            timed.add(sw.ms, micro)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
         if tracker is not None and step == min(memory_steps, steps) - 1:
@@ -137,10 +193,37 @@ def train(
         phase = max(measured["cuda_train_max_allocated_bytes"], torch.cuda.max_memory_allocated(device))
         measured["cuda_train_phase_max_allocated_bytes"] = phase
         measured["cuda_train_phase_steps"] = steps - (steps > flop_step)
+    if scaler is not None:
+        measured["train_loss_scale_final"] = float(scaler.get_scale())
 
     out: dict[str, Any] = {"train_losses": losses, "train_step_ms": timed.ms}
     out["metrics"] = {**timed.metrics(), **measured, "train_loss_final": losses[-1] if losses else None}
     return out
+
+
+def model_flops(
+    forward_backward: Callable[[list[dict[str, torch.Tensor]]], Any],
+    micro: list[dict[str, torch.Tensor]],
+    set_checkpointing: Callable[[bool], None],
+    zero_grad: Callable[[], None],
+) -> int:
+    """FLOPs of one forward and backward over ``micro`` without gradient checkpointing (the
+    model FLOPs of PaLM's MFU, Chowdhery et al. 2022, which leave recomputation out). Runs
+    between two optimizer steps; its gradients are dropped and the random state restored, so
+    training goes on as if it had not run."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    set_checkpointing(False)
+    try:
+        with flop_counter() as counter:
+            forward_backward(micro)
+    finally:
+        set_checkpointing(True)
+        zero_grad()
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return int(counter.get_total_flops())
 
 
 @torch.no_grad()
