@@ -148,7 +148,15 @@ def test_train_allocator_figures_cover_the_tracked_steps_and_the_phase_leaves_th
 
     model = tiny_llama()
     fake_cuda.alloc.track([*model.parameters(), *model.buffers()])  # on the GPU from the start
-    cfg = SimpleNamespace(weight_decay=0.0, warmup_steps=0, timing_warmup=0, grad_clip=1.0)
+    cfg = SimpleNamespace(
+        weight_decay=0.0,
+        warmup_steps=0,
+        timing_warmup=0,
+        grad_clip=1.0,
+        grad_accum=1,
+        precision="fp32",
+        gradient_checkpointing=False,
+    )
     with fake_cuda.alloc:
         m = train(model, lm_batches(512, 4, 64), 5, 1e-3, cfg, 2, CUDA)["metrics"]
     assert m["cuda_train_max_allocated_bytes"] == m["cuda_train_requested_peak_bytes"]  # one window
