@@ -612,6 +612,74 @@ def instruction_tables(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> lis
     return lines + [f"- **{c[1]}**: {c[4]}" for c in present if c[4]] + [""]
 
 
+# ------------------------------------------------------------------------------- levers
+# Config keys of the cost levers; a run's lever is named by those that differ from the default.
+LEVER_KEYS = (
+    "train.precision",
+    "train.gradient_checkpointing",
+    "train.grad_accum",
+    "train.batch_size",
+    "model.quantize",
+)
+
+
+def lever_name(cfg: dict[str, Any]) -> str:
+    """``fp32`` for the reference setting, else the levers pulled (``bf16-mixed + checkpointing``)."""
+    parts = []
+    if cfg.get("train.precision", "fp32") != "fp32":
+        parts.append(str(cfg["train.precision"]))
+    if cfg.get("train.gradient_checkpointing"):
+        parts.append("checkpointing")
+    if (cfg.get("train.grad_accum") or 1) > 1:
+        parts.append(f"accumulation {cfg['train.grad_accum']} x {cfg.get('train.batch_size')}")
+    if cfg.get("model.quantize"):
+        parts.append(f"{cfg['model.quantize']} base")
+    return " + ".join(parts) or "fp32"
+
+
+def lever_table(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[str]:
+    """Each lever's peak memory, its breakdown and training tokens/s as ratios against the same
+    method and settings with no lever pulled (fp32, no checkpointing, no accumulation, dense
+    base, the same effective batch). Empty when the group holds no lever runs."""
+    rows = []
+    for _, r in g.iterrows():
+        cfg = records.flat(by_id[r["run_id"]].get("config") or {})
+        effective = (cfg.get("train.batch_size") or 0) * (cfg.get("train.grad_accum") or 1)
+        rest = {k: v for k, v in cfg.items() if k not in LEVER_KEYS and k not in ("results_dir", "force")}
+        rows.append((repr(sorted(rest.items())), effective, lever_name(cfg), r))
+    refs = {(k, e): r for k, e, name, r in rows if name == "fp32"}
+    if all(name == "fp32" for _, _, name, _ in rows):
+        return []
+    lines = [
+        "### What each lever buys (ratios against the same method in fp32)",
+        "",
+        "Peak training memory and its breakdown (MiB), and training throughput; `x fp32` divides by "
+        "the run of the same method and settings with no lever pulled and the same effective batch.",
+        "",
+        "| method | lever | peak MiB | x fp32 | weights | gradients | optimizer | activations | tokens/s | x fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def mib(v: Any) -> str:
+        return "" if v is None or pd.isna(v) else f"{v / MiB:,.2f}"
+
+    def ratio(a: Any, b: Any) -> str:
+        ok = a is not None and b is not None and pd.notna(a) and pd.notna(b) and b
+        return f"{a / b:.2f}" if ok else ""
+
+    for key, effective, name, r in sorted(rows, key=lambda t: (str(t[3]["method"]), t[2] != "fp32", t[2])):
+        ref = refs.get((key, effective))
+        if ref is None and name != "fp32":
+            continue
+        cells = [str(r["label"]).split(" ")[0], name, mib(r.get("peak_memory_bytes"))]
+        cells.append(ratio(r.get("peak_memory_bytes"), ref.get("peak_memory_bytes")))
+        cells += [mib(r.get(f"memory_{c}_bytes")) for c in ("weights", "gradients", "optimizer", "activations")]
+        tok = r.get("train_tokens_per_s")
+        cells += ["" if tok is None or pd.isna(tok) else f"{tok:,.0f}", ratio(tok, ref.get("train_tokens_per_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def slugify(*parts: Any) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")[:80]
 
@@ -643,8 +711,9 @@ def render(
                 "machine): compare them with care.",
                 "",
             ]
+        levers = lever_table(g, by_id)
         g = pool_seeds(ordered(g), by_id)
-        lines += [md_table(g), ""]
+        lines += [md_table(g), ""] + levers
         if "quality_metric" in g and g["quality_metric"].notna().any():
             lines += [f"quality: {', '.join(sorted(g['quality_metric'].dropna().unique()))}", ""]
         if "spread" in g:

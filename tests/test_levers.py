@@ -149,8 +149,8 @@ def record(folder: Path) -> dict:
 def runs(tmp_path: Path, *levers: str, method: str = "lora") -> dict[str, dict]:
     out = {}
     for lever in ("fp32", *levers):
-        folder = tmp_path / lever.replace("=", "-")
-        extra = [] if lever == "fp32" else [lever]
+        folder = tmp_path / lever.replace("=", "-").replace(" ", "-")
+        extra = [] if lever == "fp32" else lever.split()
         args = [*TINY_RUN, f"method={method}", "train.steps=4", *extra, f"results_dir={folder}"]
         assert cli.main(args) == app.EXIT_OK
         out[lever] = record(folder)
@@ -214,3 +214,23 @@ def test_lever_config_errors_are_one_line_exit_2_and_nothing_written(args, expec
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"peftbench: error: {expected}"]
     assert not list(tmp_path.rglob("*"))
+
+
+def test_the_report_sets_each_lever_beside_the_same_method_in_fp32(tmp_path):
+    """Ratios come from the run with no lever pulled and the same effective batch: accumulation
+    (2 micro-batches of 1) is set against the batch of 2, checkpointing against fp32."""
+    from peftbench import report
+
+    recs = runs(tmp_path, "train.gradient_checkpointing=true", "train.batch_size=1 train.grad_accum=2")
+    text = report.build([str(p) for p in tmp_path.iterdir()], tmp_path / "report").read_text()
+    table = text[text.index("### What each lever buys") :].split("\n\n")[2].splitlines()
+    cells = {row.split(" | ")[1]: row.split(" | ") for row in table[2:]}
+    assert set(cells) == {"fp32", "checkpointing", "accumulation 2 x 1"}
+    f = recs["fp32"]["metrics"]
+    for lever, rec in (
+        ("checkpointing", "train.gradient_checkpointing=true"),
+        ("accumulation 2 x 1", "train.batch_size=1 train.grad_accum=2"),
+    ):
+        m = recs[rec]["metrics"]
+        assert cells[lever][3] == f"{m['peak_memory_bytes'] / f['peak_memory_bytes']:.2f}"
+        assert cells[lever][9].rstrip(" |") == f"{m['train_tokens_per_s'] / f['train_tokens_per_s']:.2f}"
