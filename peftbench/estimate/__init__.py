@@ -2,24 +2,24 @@
 
 ``python -m peftbench.estimate model=gpt3-175b method=lora rank=4`` builds the model on the
 meta device (shapes only: no weight memory, no download), applies the REAL method code
-(``methods.build(cfg.method).apply``), and derives, per training step of ``batch_size`` x
-``seq_length`` tokens:
+(``methods.build(cfg.method).apply``), and derives, per training step of ``grad_accum``
+micro-batches of ``batch_size`` x ``seq_length`` tokens, under the run's cost levers
+(``precision``, ``gradient_checkpointing``, ``grad_accum``, ``model.quantize``):
 
 - trainable / total parameters, counted on the modified meta model (tied tensors once);
 - checkpoint bytes: what the method trains, in its training dtype (full: the whole model);
-- weight, gradient and optimizer-state bytes under ``precision`` (see ``PRECISIONS``);
-- activation bytes: every tensor autograd saves for the backward pass, counted on the meta
-  device by running the model's own forward (``trace``), with attention as a fused (flash)
-  kernel saves it; an ESTIMATE (see ``docs/ESTIMATES.md`` for its assumptions and its measured
-  error), plus the Korthikanti et al. (2022) closed form for comparison;
-- training FLOPs per token and per step: every matrix product of the forward and backward
-  pass, counted on the meta device (``torch.utils.flop_counter``), so frozen weights cost no
-  weight gradient and layers below the first trainable parameter no input gradient; attention
-  score/value products added in closed form.
+- weight, gradient and optimizer-state bytes in closed form (``cost.state_bytes``; a quantized
+  base as ``peftbench.quantize`` stores it);
+- activation bytes and the step's peak: the training step itself (``cost.tracked_step``, the
+  function the calibration runs on real weights) run on fake CPU tensors under the
+  tensor-memory tracker, for the 2- and 3-layer models, extrapolated to every layer;
+- training FLOPs per token and per step, as the run counts them (and, under checkpointing,
+  the model FLOPs without the recomputation), plus the Korthikanti et al. (2022) closed form
+  for activations, for comparison.
 
 Modules: ``cost`` (the cost model), ``app`` (config, record, table: the command's glue),
 ``calibrate`` (estimates beside tracked real steps). Records have the measured-run format
-(``kind: "estimate"``) and go to ``results_dir``.
-``python -m peftbench.estimate calibrate`` puts each estimated part beside the tensor-memory
-tracker's measurement of a real fp32 training step on the small built-in models.
+(``kind: "estimate"``) and go to ``results_dir``. ``python -m peftbench.estimate calibrate``
+puts each estimated part beside the tracker's measurement of the same real step on CPU, on the
+small built-in models, for every lever and method (``docs/ESTIMATES.md``).
 """

@@ -25,8 +25,12 @@ MAX_TOKENS = 2**32  # per step: keeps every meta tensor's element count far belo
 class EstimateConfig:
     """Settings of one estimate.
 
-    precision: fp32 | mixed | bf16 (bytes per element: see ``PRECISIONS``). batch_size /
-    seq_length: examples and tokens per example of one training step. vocab_size: vocabulary
+    precision: fp32 | bf16-mixed | bf16 | fp16-mixed, as ``train.precision`` of a run
+    (``peftbench.precision``), or bf16-master (bf16 weights with fp32 master copies and moments
+    of the trained ones, as Megatron/DeepSpeed; see ``cost.PRECISIONS``).
+    gradient_checkpointing / grad_accum: as ``train.gradient_checkpointing`` / ``train.grad_accum``
+    of a run; ``model.quantize`` (nf4 | int8 | null) as in a run. batch_size / seq_length:
+    examples per micro-batch and tokens per example (a step is ``grad_accum`` micro-batches). vocab_size: vocabulary
     of a preset whose ``arch`` does not fix one (the tiny models; the default task's word
     tokenizer size). attention: flash (a fused kernel saves q, k, v, output and log-sum-exp)
     or eager (the probabilities too, as in Korthikanti et al.). flops_attention: include the
@@ -37,7 +41,9 @@ class EstimateConfig:
     method: Any = MISSING
     model: ModelConfig = MISSING
     rank: int = 8
-    precision: str = "mixed"
+    precision: str = "bf16-master"
+    gradient_checkpointing: bool = False
+    grad_accum: int = 1
     batch_size: int = 1
     seq_length: int = 1024
     vocab_size: int = 1024
@@ -56,6 +62,7 @@ def check(cfg: Any) -> None:
     require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"allowed: {', '.join(PRECISIONS)}")
     require(cfg.attention in ATTENTION, "attention", cfg.attention, f"allowed: {', '.join(ATTENTION)}")
     require(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    require(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be an integer >= 1")
     require(cfg.seq_length >= 1, "seq_length", cfg.seq_length, "must be >= 1 token")
     require(
         cfg.batch_size * cfg.seq_length <= MAX_TOKENS,
@@ -83,11 +90,13 @@ def new_record(cfg: Any) -> dict[str, Any]:
             "precision": cfg.precision,
             "optimizer": "AdamW",
             "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
             "seq_length": cfg.seq_length,
             "attention": cfg.attention,
             "flops_attention": cfg.flops_attention,
-            "recomputation": False,
-            "peak": "weights + gradients + optimizer + activations, all live at once",
+            "recomputation": cfg.gradient_checkpointing,
+            "quantize": cfg.model.quantize,
+            "peak": "the tensor-memory tracker's peak of one optimizer step, run on fake CPU tensors",
         },
     }
 
@@ -114,10 +123,12 @@ def human(n: Optional[float], unit: str = "B") -> str:
     return str(n)
 
 
+LEVERS = ("precision", "grad-ckpt", "accum", "quant")  # columns that name the job with the method
+
 COLUMNS = (
     ("model", None),
     ("method", None),
-    ("precision", None),
+    *((lever, None) for lever in LEVERS),
     ("trainable", "trainable_params"),
     ("total", "total_params"),
     ("ckpt", "checkpoint_bytes"),
@@ -130,10 +141,17 @@ COLUMNS = (
 )
 
 
+def lever_labels(config: dict[str, Any]) -> list[str]:
+    """The levers of a job as the table shows them: precision, grad-ckpt (yes / -), accum, quant."""
+    quant = (config.get("model") or {}).get("quantize")
+    ckpt = "yes" if config.get("gradient_checkpointing") else "-"
+    return [config["precision"], ckpt, str(config.get("grad_accum", 1)), quant or "-"]
+
+
 def table_row(rec: dict[str, Any]) -> list[str]:
     m = rec["metrics"]
-    out = [rec["model"], rec["method"], rec["config"]["precision"]]
-    for _, key in COLUMNS[3:]:
+    out = [rec["model"], rec["method"], *lever_labels(rec["config"])]
+    for _, key in COLUMNS[2 + len(LEVERS) :]:
         unit = "" if key.endswith("params") or key.startswith("train_flops") else "B"
         out.append(human(m.get(key), unit).strip() if rec["status"] == "ok" else "-")
     return out
@@ -143,12 +161,25 @@ def print_table(recs: list[dict[str, Any]]) -> None:
     rows = [[c for c, _ in COLUMNS]] + [table_row(r) for r in recs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     for r in rows:
-        print("  ".join(v.rjust(w) if i > 2 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
+        left = 2 + len(LEVERS)
+        print("  ".join(v.rjust(w) if i >= left else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
 
 
 def print_record(rec: dict[str, Any], path: Any) -> None:
+    """One line per job: its bytes per category at the training step, their sum and the traced
+    peak (the table follows a sweep); then where the record is."""
     if rec["status"] != "ok":
         print(f"{PROG}: {rec['model']} / {rec['method']} failed: {rec['error']}", file=sys.stderr)
+    else:
+        m = rec["metrics"]
+        parts = {c: m[f"memory_{c}_bytes"] for c in ("weights", "gradients", "optimizer", "activations")}
+        levers = dict(zip(LEVERS, lever_labels(rec["config"])))
+        print(
+            f"  {rec['model']} / {rec['method']} (precision {levers['precision']}, checkpointing "
+            f"{levers['grad-ckpt']}, accum {levers['accum']}, quantize {levers['quant']}): "
+            + ", ".join(f"{c} {human(n)}" for c, n in parts.items())
+            + f" = {human(sum(parts.values()))}; peak* {human(m['peak_memory_bytes'])}"
+        )
     print(f"  record: {path}")
 
 
@@ -158,7 +189,7 @@ def report(recs: list[dict[str, Any]]) -> None:
         return
     a = recs[0]["config"]
     print(
-        f"\nESTIMATES (AdamW, batch {a['batch_size']} x {a['seq_length']} tokens, "
+        f"\nESTIMATES (AdamW, micro-batch {a['batch_size']} x {a['seq_length']} tokens, "
         f"{a['attention']} attention; * activations and peak are estimates, see docs/ESTIMATES.md)"
     )
     print_table(recs)

@@ -1,5 +1,6 @@
 """The estimator's cost model: a method's parameters, bytes and FLOPs on a model built on the
-meta device (shapes only), for one training step of ``batch_size`` x ``seq_length`` tokens.
+meta device (shapes only), for one optimizer step of ``grad_accum`` micro-batches of
+``batch_size`` x ``seq_length`` tokens, under the run's precision, checkpointing and quantization.
 
 See the package docstring (``peftbench.estimate``) for what is counted and how, and
 ``docs/ESTIMATES.md`` for the assumptions and the measured error.
@@ -9,41 +10,78 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import methods
 from peftbench import config as config_mod
+from peftbench import precision as precision_mod
 
-# precision -> (dtype of weights, gradients and activations; bytes per trained element of optimizer state)
-#   fp32:  fp32 weights and gradients; AdamW exp_avg + exp_avg_sq in fp32 (8 B)
-#   mixed: bf16 weights, gradients and activations; fp32 master copy of each TRAINED weight
-#          plus fp32 exp_avg + exp_avg_sq (4 + 8 = 12 B): the usual mixed-precision AdamW
-#          (Micikevicius et al. 2018; ZeRO's 2 + 2 + 12 = 16 B per parameter for full fine-tuning)
-#   bf16:  pure bf16: weights, gradients and both AdamW moments in bf16 (2 + 2 B), no master copy
-PRECISIONS = {"fp32": (torch.float32, 8), "mixed": (torch.bfloat16, 12), "bf16": (torch.bfloat16, 4)}
+PRECISIONS = (*precision_mod.PRECISIONS, "bf16-master")  # train.precision's values, plus:
+# bf16-master: bf16 weights, gradients and activations with an fp32 master copy of each TRAINED
+# weight plus fp32 AdamW moments (4 + 8 = 12 B per trained element): the mixed precision of
+# Megatron and DeepSpeed (Micikevicius et al. 2018; ZeRO's 2 + 2 + 12 = 16 B per parameter for
+# full fine-tuning). The training loop has no such lever: it is traced as pure bf16, its
+# optimizer state counted in closed form.
+MASTER = "bf16-master"
 ATTENTION = ("flash", "eager")
 STEP_BYTES = 4  # torch AdamW keeps one float32 step counter per trained tensor
 
 
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of the base weights before the method is applied (``precision.weight_dtype``)."""
+    return torch.bfloat16 if precision == MASTER else precision_mod.weight_dtype(precision) or torch.float32
+
+
 def model_spec(cfg: Any) -> tuple[Any, int]:
-    """The model config to build (dtype from ``precision``, ``arch.vocab_size`` taken out) and
-    the vocabulary size: the preset's own ``arch.vocab_size`` when it has one, else
-    ``cfg.vocab_size``. (``models.build_meta`` passes vocab_size itself.)"""
+    """The model config to build (float32, as a run builds it before any cast; ``arch.vocab_size``
+    taken out) and the vocabulary size: the preset's own ``arch.vocab_size`` when it has one,
+    else ``cfg.vocab_size``. (``models.build_meta`` passes vocab_size itself.)"""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     arch = dict(spec.get("arch") or {})
     vocab = int(arch.pop("vocab_size", cfg.vocab_size))
     spec["arch"] = arch
-    spec["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[PRECISIONS[cfg.precision][0]]
+    spec["dtype"] = "float32"
     return OmegaConf.create(spec), vocab
 
 
-BUILT: dict[str, tuple[torch.nn.Module, Any]] = {}  # check phase -> job, same process
+def prepare_base(model: nn.Module, cfg: Any, quantize: bool = True) -> Optional[dict[str, Any]]:
+    """What ``run.setup`` does to a float32 base model before the method, in its order: the
+    pure-bf16 cast, then the quantized base (``model.quantize``). Returns
+    ``quantize.quantize_base``'s account, or None."""
+    dtype = weight_dtype(cfg.precision)
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        model.to(dtype)
+    if not quantize or cfg.model.get("quantize") is None:
+        return None
+    from peftbench import quantize as quantize_mod
+
+    return quantize_mod.quantize_base(model, cfg.model.quantize)
+
+
+def prepare_method(model: nn.Module, cfg: Any) -> tuple[nn.Module, Any]:
+    """What ``run.setup`` does next: the method, then gradient checkpointing. Returns (model, method)."""
+    from peftbench import models
+
+    method = methods.build(cfg.method)
+    model = method.apply(model)
+    if cfg.gradient_checkpointing:
+        models.set_gradient_checkpointing(model, True)
+    return model, method
+
+
+def prepare(model: nn.Module, cfg: Any) -> nn.Module:
+    """A float32 base model made what a run trains (``prepare_base``, ``prepare_method``)."""
+    prepare_base(model, cfg)
+    return prepare_method(model, cfg)[0]
+
+
+BUILT: dict[str, tuple[nn.Module, Any]] = {}  # check phase -> job, same process
 
 
 def build_key(cfg: Any) -> str:
@@ -52,8 +90,9 @@ def build_key(cfg: Any) -> str:
     return config_hash(config_mod.to_container(cfg))
 
 
-def build(cfg: Any, keep: bool = False) -> tuple[torch.nn.Module, Any]:
-    """The base model on the meta device with the method applied; returns (model, method).
+def build(cfg: Any, keep: bool = False) -> tuple[nn.Module, Any]:
+    """The whole base model on the meta device, cast and with the method applied (not quantized:
+    the quantized bytes come from the traced small models); returns (model, method).
 
     keep: remember the result for the one ``build`` of the same config that follows (the
     check phase builds every job's model; the job then reuses it).
@@ -66,14 +105,15 @@ def build(cfg: Any, keep: bool = False) -> tuple[torch.nn.Module, Any]:
 
     spec, vocab = model_spec(cfg)
     meta = models.build_meta(spec, "causal-lm", vocab, 0)
-    method = methods.build(cfg.method)
-    built = method.apply(meta), method
+    config = meta.config
+    prepare_base(meta, cfg, quantize=False)
+    model, method = prepare_method(meta, cfg)
     methods.check_context(
-        meta.config, {"seq_length": cfg.seq_length}, getattr(method, "context_tokens", 0), f"method={cfg.method.name}"
+        config, {"seq_length": cfg.seq_length}, getattr(method, "context_tokens", 0), f"method={cfg.method.name}"
     )
     if keep:
-        BUILT[key] = built
-    return built
+        BUILT[key] = (model, method)
+    return model, method
 
 
 # ------------------------------------------------------------------------ counting
@@ -88,155 +128,331 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def state_bytes(model: torch.nn.Module, precision: str) -> dict[str, int]:
-    """Weights (parameters and buffers), gradients and AdamW state, in bytes.
+def optimizer_bytes(trained: list[torch.Tensor], precision: str) -> int:
+    """AdamW state: two moments per trained element in its parameter's dtype (``exp_avg``,
+    ``exp_avg_sq``) and a 4 B step per tensor; under bf16-master, a 16-bit parameter's moments
+    are fp32 and it has an fp32 master copy (12 B; an fp32 parameter, e.g. a prefix, is its own)."""
+    total = 0
+    for p in trained:
+        per_elem = 12 if precision == MASTER and p.element_size() < 4 else 2 * p.element_size()
+        total += p.numel() * per_elem + STEP_BYTES
+    return total
 
-    Gradients have their parameter's dtype. Optimizer state per trained element: see
-    ``PRECISIONS``; under ``mixed`` a parameter already kept in fp32 needs no master copy.
-    """
+
+def state_bytes(model: nn.Module, precision: str) -> dict[str, int]:
+    """Weights (parameters and buffers), gradients (one per trained parameter, in its dtype) and
+    AdamW state (``optimizer_bytes``), in bytes, of a dense (not quantized) model."""
     params = unique(model.parameters())
     trained = [p for p in params if p.requires_grad]
-    per_elem = PRECISIONS[precision][1]
-    optimizer = 0
-    for p in trained:
-        if precision == "bf16":
-            per_elem = 2 * p.element_size()
-        elif precision == "mixed":
-            per_elem = 8 if p.dtype == torch.float32 else 12  # an fp32 parameter is its own master copy
-        optimizer += p.numel() * per_elem + STEP_BYTES
     return {
         "memory_weights_bytes": sum(nbytes(t) for t in params + unique(model.buffers())),
         "memory_gradients_bytes": sum(nbytes(p) for p in trained),
-        "memory_optimizer_bytes": optimizer,
+        "memory_optimizer_bytes": optimizer_bytes(trained, precision),
         "checkpoint_bytes": sum(nbytes(p) for p in trained),
     }
 
 
-class AttentionCounter:
-    """Replaces ``torch.nn.functional.scaled_dot_product_attention`` while tracing on meta.
+class AttentionKernel:
+    """Wraps ``torch.nn.functional.scaled_dot_product_attention`` while tracing.
 
-    Counts the score and value products, 2 * 2*b*a*s_q*s_kv*d FLOPs forward (the full
-    s_q x s_kv square, as the literature counts it; a causal kernel skips about half), and
-    twice that backward when q, k or v needs a gradient. Runs the CPU flash kernel, which
-    saves what fused kernels save (q, k, v, output, log-sum-exp); under ``eager`` the
-    probabilities an unfused implementation also keeps (fp32 softmax output, plus its copy
-    in a 16-bit activation dtype) are added in closed form.
+    The call goes through unchanged: on fake CPU tensors PyTorch picks the kernel it picks on
+    the CPU (the fused flash kernel, which saves q, k, v, output and log-sum-exp, as fused
+    kernels on a GPU do), under the same autocast. Under ``eager`` it also notes, per call
+    that will have a backward, the bytes of the probabilities an unfused implementation keeps
+    (fp32 softmax output, plus its copy in a 16-bit activation dtype, plus a dropout mask).
     """
 
     def __init__(self, attention: str):
         self.attention = attention
-        self.flops = 0
-        self.eager_bytes = 0
+        self.eager_bytes: list[int] = []
+        self.original = torch.nn.functional.scaled_dot_product_attention
 
-    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        b, a, s_q, d = query.shape
+    def __call__(self, query, key, value, *args, **kwargs):
+        b, a, s_q, _ = query.shape
         s_kv = key.shape[-2]
-        grad = any(t.requires_grad for t in (query, key, value))
-        self.flops += 4 * b * a * s_q * s_kv * d * (3 if grad else 1)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if grad and self.attention == "eager":
-            e = query.element_size()
-            self.eager_bytes += b * a * s_q * s_kv * (4 + (e if e < 4 else 0) + (1 if dropout_p > 0 else 0))
-        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p, is_causal and attn_mask is None, attn_mask=attn_mask, scale=scale
-        )
-        return out
+            dropout = kwargs.get("dropout_p", args[1] if len(args) > 1 else 0.0)
+            e = 2 if torch.is_autocast_enabled("cpu") else query.element_size()
+            self.eager_bytes.append(b * a * s_q * s_kv * (4 + (e if e < 4 else 0) + (1 if dropout > 0 else 0)))
+        return self.original(query, key, value, *args, **kwargs)
 
     @contextlib.contextmanager
     def installed(self):
-        original = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = self
         try:
             yield self
         finally:
-            torch.nn.functional.scaled_dot_product_attention = original
+            torch.nn.functional.scaled_dot_product_attention = self.original
 
 
 class MatmulFlops(TorchDispatchMode):
-    """FLOPs of every ATen op that ``torch.utils.flop_counter`` has a formula for (mm, addmm,
-    bmm, baddbmm, convolutions, fused attention), 2 per multiply-add, forward and backward.
+    """FLOPs of every ATen op that ``peftbench.measure.flop_counter`` has a formula for (mm,
+    addmm, bmm, convolutions, fused attention with the CPU kernel counted as the CUDA ones),
+    2 per multiply-add, forward and backward: the run's count, without ``FlopCounterMode``'s
+    per-module tracking, which costs seconds per pass on a large model.
 
-    A lighter stand-in for ``FlopCounterMode``, whose per-op module tracking and
-    decompositions cost seconds per pass on a 96-layer model.
+    ``attention``: the attention kernels' share. ``recomputed``: products run in the backward
+    pass with gradients enabled, which is a checkpointed layer's forward run again (the engine
+    runs backward formulas with gradients disabled); the model FLOPs leave them out.
     """
 
     def __init__(self):
         super().__init__()
-        self.flops = 0
+        from peftbench.measure import flop_counter
+
+        self.registry = flop_counter().flop_registry
+        self.attention_ops = {
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+        }
+        self.flops = self.attention = self.recomputed = self.recomputed_attention = 0
+        self.backward = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.utils.flop_counter import flop_registry
-
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = self.registry.get(func._overloadpacket)
         if formula is not None:
-            self.flops += formula(*args, **kwargs, out_val=out)
+            f = formula(*args, **kwargs, out_val=out)
+            self.flops += f
+            attention = func._overloadpacket in self.attention_ops
+            recomputed = self.backward and torch.is_grad_enabled()
+            self.attention += f if attention else 0
+            self.recomputed += f if recomputed else 0
+            self.recomputed_attention += f if attention and recomputed else 0
         return out
 
 
-def trace(model: torch.nn.Module, batch: int, seq: int, attention: str) -> dict[str, int]:
-    """One forward and backward pass on meta: saved-activation bytes and FLOPs.
+def micro_batches(cfg: Any, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """``grad_accum`` micro-batches of ``batch_size`` x ``seq_length`` random ids, a mask of
+    ones and labels (the harness's batch; ids from a fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(cfg.grad_accum):
+        ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
 
-    Activations: every distinct storage autograd saves for backward that is not a parameter
-    or buffer, plus the input batch (ids, labels, attention mask: int64) and the loss. Views
-    of one storage count once.
+
+def tracked_step(
+    model: nn.Module, cfg: Any, micro: list[dict[str, torch.Tensor]], mode: Any = None, pass_mask: bool = True
+) -> dict[str, int]:
+    """One optimizer step as ``peftbench.train`` runs it (each micro-batch's forward under the
+    precision's autocast, its loss weighted by its share, backward; gradient clipping; AdamW),
+    under the tensor-memory tracker on CPU and the FLOP counter, after a first AdamW step on zero
+    gradients that creates the optimizer state. The model's tensors are real, or fake
+    (``mode``: the ``FakeTensorMode`` they belong to; then the mask is not passed, since the
+    mask-is-all-ones check cannot read fake values, and is only kept alive).
+
+    Returns: ``memory_activations_bytes``, the live non-weight, non-state bytes right after the
+    (last) forward; ``peak_memory_bytes`` and the breakdown at the peak (``peak_<category>``);
+    weights, gradients and optimizer bytes right after ``optimizer.step()``; FLOPs executed
+    (``flops``, ``attention_flops``) and ``recomputed_flops``.
     """
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    own = {t.untyped_storage()._cdata for t in itertools.chain(model.parameters(), model.buffers())}
-    saved: dict[int, int] = {ids.untyped_storage()._cdata: nbytes(ids)}
-    labels = torch.zeros_like(ids)
-    saved[labels.untyped_storage()._cdata] = nbytes(labels)
-    mask_bytes = nbytes(ids)  # the harness passes an attention mask of ones; not given on meta
+    from peftbench.memory import TensorMemoryTracker
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in own:
-            saved[storage._cdata] = storage.nbytes()
-        return t
+    mode = mode or contextlib.nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    with mode:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()  # the state, as after a first step (its float32 step counters are real)
+    optimizer.zero_grad(set_to_none=True)
+    tracker = TensorMemoryTracker(model, optimizer, "cpu", extra=[t for b in micro for t in b.values()])
+    flops = MatmulFlops()
+    segments: list[dict[str, int]] = []
 
-    attn = AttentionCounter(attention)
-    was_training = model.training
+    def cut() -> dict[str, int]:
+        """Close a stretch of the step: keep its peak and breakdown; the live bytes now."""
+        segments.append(tracker.summary())
+        tracker.reset_peak()
+        return tracker.summary()
+
+    out: dict[str, int] = {}
+    shares = [None] if len(micro) == 1 else [1.0 / len(micro)] * len(micro)
     model.train()
+    with mode, tracker, flops:
+        for b, share in zip(micro, shares):
+            inputs = b if pass_mask else {k: v for k, v in b.items() if k != "attention_mask"}
+            flops.backward = False
+            with precision_mod.autocast(cfg.precision, torch.device("cpu")):
+                loss = model(**inputs).loss
+            out["memory_activations_bytes"] = cut()["memory_activations_bytes"]
+            if share is not None:
+                loss = loss * share
+            flops.backward = True
+            loss.backward()
+            del loss
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+    with tracker:
+        optimizer.step()
+        now = cut()
+        out.update({f"memory_{c}_bytes": now[f"memory_{c}_bytes"] for c in ("weights", "gradients", "optimizer")})
+        optimizer.zero_grad(set_to_none=True)
+    peak = max(segments, key=lambda s: s["peak_memory_bytes"])
+    out.update({k.replace("memory_", "peak_", 1) if k != "peak_memory_bytes" else k: v for k, v in peak.items()})
+    out.update(flops=flops.flops, attention_flops=flops.attention, recomputed_flops=flops.recomputed)
+    out["recomputed_attention_flops"] = flops.recomputed_attention
+    tracker.close()
+    return out
+
+
+def on_device(meta: Any, device: torch.device) -> Any:
+    """A wrapper subclass's flattened metadata with any device it records set to ``device``
+    (torchao's NF4Tensor keeps its device in a dataclass there)."""
+    import dataclasses
+
+    if isinstance(meta, torch.device):
+        return device
+    if isinstance(meta, dict):
+        return {k: on_device(v, device) for k, v in meta.items()}
+    if dataclasses.is_dataclass(meta) and hasattr(meta, "device"):
+        return dataclasses.replace(meta, device=device)
+    return meta
+
+
+def rebuilt(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``t`` with each plain tensor in it replaced by ``make(tensor)``: a wrapper subclass (a
+    quantized weight) is rebuilt around its replaced inner tensors, on their device."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return make(t)
+    names, meta = t.__tensor_flatten__()
+    inner = {n: rebuilt(getattr(t, n), make) for n in names}
+    device = next(iter(inner.values())).device
+    return type(t).__tensor_unflatten__(inner, on_device(meta, device), t.size(), t.stride())
+
+
+@contextlib.contextmanager
+def quantized_once_per_shape() -> Iterator[None]:
+    """On meta, ``quantize.quantize_weight`` runs once per weight shape and its result is
+    copied (new, empty inner tensors) for the other weights of that shape: meta holds no
+    values, and torchao's NF4 packing costs about a second per large weight even there."""
+    from peftbench import quantize as quantize_mod
+
+    original = quantize_mod.quantize_weight
+    done: dict[tuple, torch.Tensor] = {}
+
+    def once(w: torch.Tensor, scheme: str) -> torch.Tensor:
+        key = (tuple(w.shape), w.dtype, w.device, scheme)
+        if key not in done:
+            done[key] = original(w, scheme)
+        return rebuilt(done[key], torch.empty_like)
+
+    quantize_mod.quantize_weight = once
     try:
-        with attn.installed(), MatmulFlops() as flops:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = model(input_ids=ids, labels=labels).loss
-            saved[loss.untyped_storage()._cdata] = nbytes(loss)  # held until backward, not saved
-            if loss.requires_grad:
-                loss.backward()
+        yield
     finally:
-        model.train(was_training)
-    return {
-        "activations": sum(saved.values()) + mask_bytes + attn.eager_bytes,
-        "matmul_flops": flops.flops,
-        "attention_flops": attn.flops,
-    }
+        quantize_mod.quantize_weight = original
 
 
-def with_layers(model: torch.nn.Module, layers: int, cfg: Any) -> torch.nn.Module:
-    """The same architecture with ``layers`` layers, on meta, with the method applied."""
+def to_fake(model: nn.Module, mode: Any) -> None:
+    """Replace every parameter and buffer of a meta ``model`` by a fake CPU tensor of ``mode``
+    (a quantized weight: the same wrapper around fake inner tensors); tied tensors stay tied."""
+    done: dict[int, torch.Tensor] = {}
+
+    def empty_cpu(t: torch.Tensor) -> torch.Tensor:
+        with mode:
+            return torch.empty_like(t, device="cpu")
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            new = rebuilt(t, empty_cpu)
+            done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return done[id(t)]
+
+    for module in model.modules():
+        for kind in (module._parameters, module._buffers):
+            for name, t in kind.items():
+                if t is not None:
+                    kind[name] = fake(t)
+
+
+def fake_model(config: Any, cfg: Any) -> tuple[nn.Module, Any, Optional[dict[str, Any]]]:
+    """The model of ``config`` as fake CPU tensors (``FakeTensorMode``: shapes, dtypes and
+    storages without bytes, and CPU's autocast applies), prepared as a run prepares it (the
+    base cast and quantized on meta, where quantizing costs no arithmetic). Returns (model,
+    its fake mode, the quantization account)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(model.config)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with quantized_once_per_shape():
+        quantized = prepare_base(model, cfg)
+    to_fake(model, mode)
+    with mode:
+        model = prepare_method(model, cfg)[0]
+    return model, mode, quantized
+
+
+@contextlib.contextmanager
+def unpacked() -> Iterator[None]:
+    """transformers' masks as for the harness's batches (a mask of ones: no padding, no packed
+    sequences). Without a mask transformers looks for packed sequences in the position ids,
+    which it cannot read in fake tensors, and then builds a full mask that the real run
+    (all-ones mask: causal attention, no mask) never has."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def trace(config: Any, cfg: Any) -> dict[str, int]:
+    """One training step of the model of ``config`` (with ``cfg``'s precision, quantization,
+    method, checkpointing and micro-batches) run on fake tensors under the tracker: what the
+    same step would show the tracker on CPU, with no bytes allocated and no arithmetic done.
+
+    Attention runs as the fused CPU kernel (``AttentionKernel``); under ``attention=eager``
+    the probabilities are added in closed form to the activations and the peak (under
+    checkpointing only one layer's, to the peak). ``quantized_saving``: the bytes the
+    quantized base saves (``quantize_base``'s own account)."""
+    model, mode, quantized = fake_model(config, cfg)
+    with mode:
+        micro = [{k: torch.empty_like(v) for k, v in b.items()} for b in micro_batches(cfg, 2)]
+    kernel = AttentionKernel(cfg.attention)
+    with kernel.installed(), unpacked():
+        got = tracked_step(model, cfg, micro, mode, pass_mask=False)
+    eager = kernel.eager_bytes
+    if cfg.gradient_checkpointing:
+        got["peak_memory_bytes"] += max(eager, default=0)
+    else:
+        got["memory_activations_bytes"] += sum(eager)
+        got["peak_memory_bytes"] += sum(eager)
+    got["quantized_saving"] = quantized["dense_weight_bytes"] - quantized["quantized_weight_bytes"] if quantized else 0
+    return got
+
+
+def with_layers(config: Any, layers: int) -> Any:
+    """A copy of the transformers ``config`` with ``layers`` layers."""
+    config = copy.deepcopy(config)
     config.num_hidden_layers = layers  # GPT-2's n_layer through its attribute map
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:layers]
-    with torch.device("meta"):
-        small = AutoModelForCausalLM.from_config(config, dtype=PRECISIONS[cfg.precision][0])
-    return methods.build(cfg.method).apply(small)
+    return config
 
 
-def trace_model(model: torch.nn.Module, cfg: Any) -> dict[str, int]:
+def trace_model(config: Any, cfg: Any) -> dict[str, int]:
     """``trace`` of the whole model, from traces of its 2- and 3-layer versions.
 
     Every layer after the first is the same code on the same shapes, so each figure is
-    c(2) + (L - 2) * (c(3) - c(2)) exactly (the first layer differs: nothing below it trains,
-    so no input gradient); a 96-layer trace costs seconds, two small ones a fraction.
+    c(2) + (L - 2) * (c(3) - c(2)) (the first layer differs: nothing below it trains, so no
+    input gradient); exact for bytes held and FLOPs; for the peak, exact as long as the peak
+    falls in the same part of the step for every depth (``tests/test_estimate.py`` compares
+    whole traces). A 96-layer trace costs far more than two small ones.
     """
-    layers = model.config.num_hidden_layers
+    layers = config.num_hidden_layers
     if layers <= 3:
-        return trace(model, cfg.batch_size, cfg.seq_length, cfg.attention)
-    two, three = (trace(with_layers(model, n, cfg), cfg.batch_size, cfg.seq_length, cfg.attention) for n in (2, 3))
+        return trace(config, cfg)
+    two, three = (trace(with_layers(config, n), cfg) for n in (2, 3))
     return {k: two[k] + (layers - 2) * (three[k] - two[k]) for k in two}
 
 
@@ -257,12 +473,24 @@ def korthikanti_bytes(config: Any, batch: int, seq: int, eager: bool) -> Optiona
 
 
 def estimate(cfg: Any) -> dict[str, Any]:
-    """The estimate's metrics (flat, the measured run's key names) and method description."""
+    """The estimate's metrics (flat, the measured run's key names) and method description.
+
+    Weights, gradients and optimizer state: closed form on the whole meta model (the bytes the
+    quantized base saves from the traced small models). Activations, the peak and FLOPs: the
+    traced step (``trace_model``); under bf16-master the peak also holds the master copies and
+    fp32 moments that the traced pure-bf16 step lacks.
+    """
     model, method = build(cfg)
-    tokens = cfg.batch_size * cfg.seq_length
+    tokens = cfg.batch_size * cfg.seq_length * cfg.grad_accum
     states = state_bytes(model, cfg.precision)
-    traced = trace_model(model, cfg)
-    flops = traced["matmul_flops"] + (traced["attention_flops"] if cfg.flops_attention else 0)
+    traced = trace_model(model.config, cfg)
+    states["memory_weights_bytes"] -= traced["quantized_saving"]
+    peak = traced["peak_memory_bytes"]
+    if cfg.precision == MASTER:
+        trained = unique(p for p in model.parameters() if p.requires_grad)
+        peak += optimizer_bytes(trained, MASTER) - optimizer_bytes(trained, "bf16")
+    attention = traced["attention_flops"]
+    executed = traced["flops"] - (0 if cfg.flops_attention else attention)
     trainable = methods.trainable_parameters(model)
     total = methods.total_parameters(model)
     metrics: dict[str, Any] = {
@@ -270,20 +498,17 @@ def estimate(cfg: Any) -> dict[str, Any]:
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
         **states,
-        "memory_activations_bytes": traced["activations"],
+        "memory_activations_bytes": traced["memory_activations_bytes"],
+        "peak_memory_bytes": peak,
+        "memory_activations_korthikanti_bytes": korthikanti_bytes(
+            model.config, cfg.batch_size, cfg.seq_length, cfg.attention == "eager"
+        ),
+        "train_flops_per_token": executed / tokens,
+        "train_flops_per_step": executed,
+        "train_attention_flops_per_token": attention / tokens,
+        "train_tokens_per_step": tokens,
     }
-    metrics["peak_memory_bytes"] = sum(
-        metrics[f"memory_{c}_bytes"] for c in ("weights", "gradients", "optimizer", "activations")
-    )
-    metrics.update(
-        {
-            "memory_activations_korthikanti_bytes": korthikanti_bytes(
-                model.config, cfg.batch_size, cfg.seq_length, cfg.attention == "eager"
-            ),
-            "train_flops_per_token": flops / tokens,
-            "train_flops_per_step": flops,
-            "train_attention_flops_per_token": traced["attention_flops"] / tokens,
-            "train_tokens_per_step": tokens,
-        }
-    )
+    if cfg.gradient_checkpointing:  # without the recomputed forward: the model FLOPs behind MFU
+        recomputed = traced["recomputed_flops"] - (0 if cfg.flops_attention else traced["recomputed_attention_flops"])
+        metrics["train_model_flops_per_token"] = (executed - recomputed) / tokens
     return {"metrics": metrics, "method_config": method.describe(model), "model_config": model.config.to_dict()}
