@@ -104,9 +104,9 @@ def test_calibration(lever, model, method):
 
 def test_every_lever_is_calibrated_with_every_method_it_allows():
     cells = EC.cells()
-    assert {c[0] for c in cells} == {"fp32", "bf16-mixed", "bf16", "checkpointing", "grad_accum=2", "nf4"}
+    assert {c[0] for c in cells} == {"fp32", "bf16-mixed", "bf16", "checkpointing", "grad_accum=2", "nf4", "int8"}
     assert ("nf4", "tiny-llama", "full") not in cells  # a quantized base refuses full fine-tuning
-    assert len(cells) == len(EC.LEVERS) * 2 * len(METHODS) - 2 * sum(
+    assert len(cells) == len(EC.LEVERS) * 2 * len(METHODS) - 2 * 2 * sum(
         getattr(methods.REGISTRY[m], "trains_base", False) for m in METHODS
     )
     assert default_cells() <= set(cells)

@@ -31,6 +31,7 @@ LEVERS = {
     "checkpointing": ("precision=fp32", "gradient_checkpointing=true"),
     "grad_accum=2": ("precision=fp32", "grad_accum=2"),
     "nf4": ("precision=fp32", "model.quantize=nf4"),
+    "int8": ("precision=fp32", "model.quantize=int8"),
 }
 
 
