@@ -85,7 +85,13 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
         key = key if cfg.train.precision == "fp32" else f"{key}-{cfg.train.precision}"
         with precision.autocast(cfg.train.precision, device):
             reference = forgetting.reference(
-                model.to(device), tokenizer, cfg.task.template, cfg.measure.forgetting_tokens, device, key
+                model.to(device),
+                tokenizer,
+                cfg.task.template,
+                cfg.measure.forgetting_tokens,
+                device,
+                key,
+                cfg.model.quantize,
             )
     method = methods.build(cfg.method)
     torch.manual_seed(cfg.seed)  # the method's own initialisation

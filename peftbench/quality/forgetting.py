@@ -106,13 +106,19 @@ def cache_key(base_sha256: str, tokenizer: Any, template: str, tokens: int, quan
 
 @torch.no_grad()
 def reference(
-    model: nn.Module, tokenizer: Any, template: str, tokens: int, device: torch.device, base_sha256: str
+    model: nn.Module,
+    tokenizer: Any,
+    template: str,
+    tokens: int,
+    device: torch.device,
+    base_sha256: str,
+    quantize: Optional[str] = None,
 ) -> Reference:
-    """The base model's reference (``model`` must be the base model); cached on disk."""
-    from peftbench.quantize import scheme_of
+    """The base model's reference (``model`` must be the base model, its weights stored as
+    ``quantize`` says); cached on disk, and then read without touching ``model``."""
     from peftbench.weights import cache_root
 
-    key = cache_key(base_sha256, tokenizer, template, tokens, scheme_of(model))
+    key = cache_key(base_sha256, tokenizer, template, tokens, quantize)
     path = cache_root() / "forgetting" / f"{key}.pt"
     if path.is_file():
         return Reference(**torch.load(path))
