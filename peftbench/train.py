@@ -17,6 +17,7 @@ On a GPU the allocator's ``cuda_train_*`` figures cover the memory steps, the tr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -118,9 +119,8 @@ def train(
     untimed = max(train_cfg.timing_warmup, flop_step + 1)
     model.train()
 
-    def forward_backward(micro: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def forward_backward(micro: list[dict[str, torch.Tensor]], shares: list[Optional[float]]) -> torch.Tensor:
         """The step's loss (detached); gradients accumulated in ``.grad``."""
-        shares = loss_shares(micro) if len(micro) > 1 else [None]
         total: Any = None
         for b, share in zip(micro, shares):
             with precision.autocast(train_cfg.precision, device):
@@ -139,7 +139,10 @@ def train(
     cuda_reset(device)  # the cache released: the train window's reserved bytes are its own
     bar = tqdm(range(steps), desc="train", unit="step", mininterval=1.0, leave=False)
     for step in bar:
-        micro = [to_device(next(batches), device) for _ in range(accum)]
+        host = [next(batches) for _ in range(accum)]
+        # counted on the host, before the timed region (on a GPU, counting there would synchronise)
+        shares: list[Optional[float]] = loss_shares(host) if accum > 1 else [None]
+        micro = [to_device(b, device) for b in host]
         with ExitStack() as instruments:
             if step < memory_steps:
                 if tracker is None:
@@ -150,7 +153,7 @@ def train(
             if step == flop_step:
                 flops = instruments.enter_context(flop_counter())
             with Stopwatch(device) as sw:
-                loss = forward_backward(micro)
+                loss = forward_backward(micro, shares)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if train_cfg.grad_clip > 0:
@@ -174,7 +177,9 @@ def train(
             if set_checkpointing is not None:
                 measured["train_model_flops_per_token"] = (
                     model_flops(
-                        forward_backward, micro, set_checkpointing, lambda: optimizer.zero_grad(set_to_none=True)
+                        functools.partial(forward_backward, micro, shares),
+                        set_checkpointing,
+                        lambda: optimizer.zero_grad(set_to_none=True),
                     )
                     / padded
                 )
@@ -202,12 +207,11 @@ def train(
 
 
 def model_flops(
-    forward_backward: Callable[[list[dict[str, torch.Tensor]]], Any],
-    micro: list[dict[str, torch.Tensor]],
+    step: Callable[[], Any],
     set_checkpointing: Callable[[bool], None],
     zero_grad: Callable[[], None],
 ) -> int:
-    """FLOPs of one forward and backward over ``micro`` without gradient checkpointing (the
+    """FLOPs of ``step`` (the FLOP step's forward and backward again) without gradient checkpointing (the
     model FLOPs of PaLM's MFU, Chowdhery et al. 2022, which leave recomputation out). Runs
     between two optimizer steps; its gradients are dropped and the random state restored, so
     training goes on as if it had not run."""
@@ -216,7 +220,7 @@ def model_flops(
     set_checkpointing(False)
     try:
         with flop_counter() as counter:
-            forward_backward(micro)
+            step()
     finally:
         set_checkpointing(True)
         zero_grad()
