@@ -123,6 +123,13 @@ COST = (
     ("decode_ms_per_token", "decode ms/token", None, "{:,.2f}", "median ms per generated token, KV cache, deployed"),
     ("checkpoint_bytes", "checkpoint MiB", MiB, "{:,.3f}", "safetensors size of the trained parameters (MiB)"),
 )
+# (column, format, divisor) of the cost columns of a rank study
+RANK_COST = (
+    ("trainable_params", "{:,.0f}", 1),
+    ("peak_bytes", "{:,.1f}", MiB),
+    ("train_flops_per_step", "{:,.2f}", 1e9),
+    ("train_tokens_per_s", "{:,.0f}", 1),
+)
 # the x axis of the quality-against-time plot: (column, divisor, label)
 TIME_AXIS = ("train_seconds", 1.0, "training time per run, s (median step ms x train.steps / 1000)")
 RATIOS = {
@@ -336,6 +343,80 @@ def within_noise(g: pd.DataFrame) -> list[str]:
                     f"less than the noise {noise:.4f} (their standard errors combined), "
                     "so this comparison cannot tell them apart."
                 )
+    return out
+
+
+def total_standard_error(r: pd.Series) -> Optional[float]:
+    """The standard error of the row's quality counting both sources of noise, for judging one
+    setting against another: the seeds' std / sqrt(n) (training randomness; 0 for a single run)
+    and, for an accuracy, the finite eval set's binomial sqrt(p (1 - p) / N) (every seed is
+    scored on the same N examples, so it does not shrink with n), combined as
+    sqrt(se_seeds^2 + se_eval^2). None when neither is known."""
+    spread = quality_spread(r)
+    seeds = spread.se if spread is not None and spread.n >= 2 else None
+    key = quality_key(r)
+    evals = None
+    if key and key.endswith("_accuracy") and pd.notna(r.get("quality")):
+        evals = binomial_se(float(r["quality"]), r.get(EXAMPLES.get(key, "eval_examples")))
+    parts = [x for x in (seeds, evals) if x is not None and math.isfinite(x)]
+    return math.hypot(*parts) if parts else None
+
+
+def rank_study(g: pd.DataFrame) -> list[str]:
+    """For every method run at several ranks, one row per rank (seeds pooled) and nothing else
+    varying: a table of quality (mean ± sample std over seeds, and the total standard error of
+    ``total_standard_error``) and cost (trainable parameters, peak training memory, training
+    GFLOP per step, training tokens/s) against rank, and one sentence naming the smallest rank
+    within noise of the best: the smallest r whose quality differs from the best rank's by less
+    than the two standard errors combined (sqrt(se_r^2 + se_best^2)). Rows whose standard
+    error is unknown are listed but not judged."""
+    if "method.rank" not in g or "quality" not in g:
+        return []
+    out: list[str] = []
+    for method, s in g[g["method.rank"].notna() & g["quality"].notna()].groupby("method", sort=False):
+        if s["method.rank"].nunique() < 2 or s["method.rank"].duplicated().any():
+            continue
+        s = s.sort_values("method.rank")
+        key = quality_key(s.iloc[0])
+        higher = quality_direction(key) != "lower"
+        lines = [
+            f"### Rank study: {method}",
+            "",
+            f"| rank | n | {key} | total SE | trainable params | peak train MiB | train GFLOP/step | train tok/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        ses = {i: total_standard_error(r) for i, r in s.iterrows()}
+        for i, r in s.iterrows():
+            spread = quality_spread(r)
+            n = int(r["n_seeds"]) if pd.notna(r.get("n_seeds")) else 1
+            q = (
+                f"{spread.mean:.4f} ± {spread.std:.4f}"
+                if spread is not None and spread.n >= 2
+                else f"{r['quality']:.4f}"
+            )
+            cells = [str(int(r["method.rank"])), str(n), q, "-" if ses[i] is None else f"{ses[i]:.4f}"]
+            for col, fmt, scale in RANK_COST:
+                cells.append("-" if pd.isna(r.get(col)) else fmt.format(r[col] / scale))
+            lines.append("| " + " | ".join(cells) + " |")
+        judged = s[[ses[i] is not None for i in s.index]]
+        lines.append("")
+        if judged.empty:
+            out += lines + ["No rank's quality has a known standard error, so none is judged.", ""]
+            continue
+        best = judged["quality"].idxmax() if higher else judged["quality"].idxmin()
+        gap = {i: abs(float(judged.loc[i, "quality"]) - float(judged.loc[best, "quality"])) for i in judged.index}
+        noise = {i: combined_se(ses[i], ses[best]) for i in judged.index}
+        close = sorted((i for i in judged.index if gap[i] < noise[i]), key=lambda i: judged.loc[i, "method.rank"])
+        pick = close[0]  # the best itself is always within noise of itself
+        rank = {i: int(judged.loc[i, "method.rank"]) for i in judged.index}
+        lines += [
+            f"Best {key}: rank {rank[best]} ({float(judged.loc[best, 'quality']):.4f}). Smallest rank within noise "
+            f"of the best: **rank {rank[pick]}** ({float(judged.loc[pick, 'quality']):.4f}; the difference "
+            f"{gap[pick]:.4f} is less than the noise {noise[pick]:.4f}, the two total standard errors combined). "
+            f"Within noise of the best: rank {', '.join(str(rank[i]) for i in close)}.",
+            "",
+        ]
+        out += lines
     return out
 
 
@@ -727,6 +808,7 @@ def render(
         noise = within_noise(g)
         if noise:
             lines += noise + [""]
+        lines += rank_study(g)
         instruction = any(k in g and g[k].notna().any() for k in INSTRUCTION)
         if instruction:
             g = g.assign(train_seconds=train_seconds(g))
