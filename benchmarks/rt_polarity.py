@@ -6,7 +6,7 @@ method's default learning rate, accuracy on validation.csv. Prints a table (meth
 parameters, validation accuracy, seconds per training step) and leaves one run record per
 method, plus ``rt_polarity_summary.json``, in the results folder.
 
-    python benchmarks/rt_polarity.py                      # full lora adapter prefix
+    python benchmarks/rt_polarity.py                      # every method (conf/method/*.yaml)
     python benchmarks/rt_polarity.py lora --set rank=16   # any extra Hydra override
 """
 
@@ -21,7 +21,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "rt-polarity"
-METHODS = ("full", "lora", "adapter", "prefix")
+
+
+def all_methods() -> list[str]:
+    """Every method a run can name (``conf/method/*.yaml``), full fine-tuning first: a new
+    method joins this benchmark without an edit here."""
+    names = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+    return sorted(names, key=lambda n: n != "full")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -93,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "methods",
         nargs="*",
-        default=["full", "lora", "adapter", "prefix"],
-        help="method names, as for method=<name> (default: full lora adapter prefix)",
+        default=all_methods(),
+        help="method names, as for method=<name> (default: every conf/method option, full first)",
     )
     p.add_argument("--data", type=Path, default=DATA, help="folder with train.csv and validation.csv")
     p.add_argument(

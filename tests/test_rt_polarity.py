@@ -9,8 +9,6 @@ import pytest
 
 from conftest import REPO, RT_POLARITY
 
-pytestmark = pytest.mark.slow
-
 
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("rt_polarity", REPO / "benchmarks" / "rt_polarity.py")
@@ -19,6 +17,16 @@ def load_benchmark():
     return module
 
 
+def test_the_benchmark_runs_every_registered_method_full_first():
+    """No list to edit when a method is added: the default is every conf/method option."""
+    import methods
+
+    names = load_benchmark().all_methods()
+    assert names[0] == "full"
+    assert sorted(names) == sorted(methods.REGISTRY)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (RT_POLARITY / "train.csv").is_file(), reason=f"{RT_POLARITY} is absent")
 def test_minilm_lora_reaches_080_on_rt_polarity(tmp_path):
     bench = load_benchmark()
