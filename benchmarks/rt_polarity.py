@@ -29,6 +29,7 @@ def all_methods() -> list[str]:
     names = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
     return sorted(names, key=lambda n: n != "full")
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
