@@ -157,6 +157,23 @@ class MeasureConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """One job across several processes (``peftbench.parallel``, docs/SWEEPS.md).
+
+    strategy: none (one process) | ddp (a replica per rank, gradients all-reduced) | fsdp
+    (FSDP2: every transformer layer and the root sharded across the ranks). nproc: ranks
+    (worker processes this job starts, one per device on CUDA); ``train.batch_size`` is the
+    global batch, split evenly. timeout_s: how long a collective waits for a rank before the
+    run fails (seconds). backend: auto (gloo on CPU, NCCL on CUDA) | gloo | nccl.
+    """
+
+    strategy: str = "none"
+    nproc: int = 1
+    timeout_s: float = 600.0
+    backend: str = "auto"
+
+
+@dataclass
 class Config:
     """Top-level run configuration. ``rank`` is interpolated into methods that have one."""
 
@@ -165,6 +182,7 @@ class Config:
     task: TaskConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     device: str = "auto"
     rank: int = 8
@@ -196,6 +214,7 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     for name, cls in methods.REGISTRY.items():
         cs.store(group="method", name=f"{name}_schema", node=cls.config_class)
 
@@ -260,6 +279,48 @@ def check_quantize(cfg: Any) -> None:
     )
 
 
+def check_parallel(cfg: Any) -> None:
+    """The ``parallel`` settings: a known strategy and backend, ranks that split the batch."""
+    from peftbench.parallel import BACKENDS, STRATEGIES
+
+    par = cfg.parallel
+    require(par.strategy in STRATEGIES, "parallel.strategy", par.strategy, f"allowed: {', '.join(STRATEGIES)}")
+    require(par.backend in BACKENDS, "parallel.backend", par.backend, f"allowed: {', '.join(BACKENDS)}")
+    require(par.nproc >= 1, "parallel.nproc", par.nproc, "must be an integer >= 1")
+    require(par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds")
+    if par.strategy == "none":
+        require(par.nproc == 1, "parallel.nproc", par.nproc, "must be 1 with parallel=none (choose ddp or fsdp)")
+        return
+    require(
+        cfg.train.batch_size % par.nproc == 0,
+        "train.batch_size",
+        cfg.train.batch_size,
+        f"must be a multiple of parallel.nproc={par.nproc} (the global batch is split evenly)",
+    )
+    device = resolve_device(cfg.device)
+    require(
+        par.backend != "nccl" or device.type == "cuda",
+        "parallel.backend",
+        par.backend,
+        f"nccl needs a CUDA device (the run's device is {device.type}); allowed here: auto, gloo",
+    )
+    if device.type == "cuda":
+        import torch
+
+        require(
+            par.nproc <= torch.cuda.device_count(),
+            "parallel.nproc",
+            par.nproc,
+            f"one CUDA device per rank: at most {torch.cuda.device_count()} here",
+        )
+    require(
+        par.strategy != "fsdp" or cfg.model.quantize is None,
+        "model.quantize",
+        cfg.model.quantize,
+        "parallel=fsdp shards dense weights only; allowed with fsdp: null (or use parallel=ddp)",
+    )
+
+
 def check(cfg: Any) -> None:
     """Reject a composed config whose values cannot work (one-line ``ConfigError``)."""
     check_method(cfg)
@@ -274,6 +335,7 @@ def check(cfg: Any) -> None:
     resolve_device(cfg.device)
     check_numbers(cfg)
     require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
+    check_parallel(cfg)
     require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
     require(cfg.train.grad_accum >= 1, "train.grad_accum", cfg.train.grad_accum, "must be an integer >= 1")
     require(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")

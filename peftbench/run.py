@@ -21,12 +21,15 @@ import torch
 import methods
 from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import measure, models, precision, tasks, timing, weights
+from peftbench import measure, models, parallel, precision, tasks, timing, weights
 from peftbench.quality import answers, forgetting, generation
 from peftbench.records import writer as record
 from peftbench.train import evaluate, train
 
 ACCURACY_METRIC = Path(__file__).parent / "metrics" / "accuracy.py"
+# the record keys ``new_record`` sets from the job's config: rank 0's record (its config names the
+# rank's own device) gives everything else
+IDENTITY = ("schema_version", "run_id", "kind", "status", "error", "method", "model", "task", "config_hash", "config")
 
 
 @dataclass
@@ -114,8 +117,14 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
 
 def execute(cfg: Any, rec: dict[str, Any]) -> None:
     """Set up, train, evaluate and measure; fills ``rec`` in place as it goes. The run's GPU is
-    the current CUDA device throughout (``cuda:1``: its streams, events and kernels)."""
+    the current CUDA device throughout (``cuda:1``: its streams, events and kernels). With
+    ``parallel`` other than none, this process starts the ranks and takes rank 0's record
+    (``peftbench.parallel.launch``); in a rank, it is that rank's share of the run."""
     config_mod.check(cfg)
+    if cfg.parallel.strategy != "none" and parallel.active() is None:
+        found = parallel.launch(cfg)  # the job's identity (run id, config, hash) stays this process's
+        rec.update({k: v for k, v in found.items() if k not in IDENTITY})
+        return
     with timing.current_device(config_mod.resolve_device(cfg.device)):
         _execute(cfg, rec)
 
@@ -160,19 +169,25 @@ def _execute(cfg: Any, rec: dict[str, Any]) -> None:
         metrics["eval_loss_initial"] = run_eval()["eval_loss"]
         quality("_initial")
 
-        # ---- train
+        # ---- train (distributed: every rank, on its slice of each global batch)
         if cfg.train.steps > 0:
             batches = tasks.train_batches(train_split, bs, cfg.seed, pad_id, kind)
-            groups = methods.param_groups(s.method, model, lr)
+            ctx = parallel.active()
+            trained = parallel.wrap(model, ctx, device) if ctx is not None else model
+            groups = methods.param_groups(s.method, model, lr)  # after wrap: FSDP replaces parameters
             switch = (
                 (lambda on: models.set_gradient_checkpointing(model, on)) if cfg.train.gradient_checkpointing else None
             )
             result = train(
-                model, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device, groups, switch
+                trained, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device, groups, switch
             )
             metrics.update(result["metrics"])
             rec["train_losses"] = result["train_losses"]
             rec["train_step_ms"] = result["train_step_ms"]
+            if ctx is not None:
+                model = s.model = distributed_end(cfg, s, ctx, trained, result, rec)
+                if ctx.rank != 0:
+                    return  # rank 0 alone evaluates and measures inference
 
         # ---- evaluate, under the memory tracker (untimed)
         ev: dict[str, Any] = {}
@@ -205,6 +220,49 @@ def _execute(cfg: Any, rec: dict[str, Any]) -> None:
     metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))
     compute = precision.compute_dtype(cfg.train.precision, models.torch_dtype(cfg.model.dtype))
     metrics.update(measure.mfu(metrics, device, compute))
+
+
+def distributed_end(
+    cfg: Any, s: Setup, ctx: parallel.Context, trained: torch.nn.Module, result: dict[str, Any], rec: dict[str, Any]
+) -> torch.nn.Module:
+    """After distributed training (every rank calls it): gather the ranks' figures into rank 0's
+    record (``parallel.combine``), with the communication's closed form beside its measurement,
+    and return the plain trained model rank 0 goes on with (DDP: the replica; FSDP: a fresh
+    build with the gathered full weights loaded)."""
+    metrics = rec["metrics"]
+    mine = {k: v for k, v in metrics.items() if k.startswith(("peak_memory", "memory_"))}
+    comm = ctx.comm.steps[-1] if ctx.comm.steps else {}
+    local = {"rank": ctx.rank, **mine, "step_ms": result["train_step_ms"], "comm": comm}
+    ranks = parallel.gather(local)
+    if ctx.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.rank != 0:
+        return s.model
+    metrics.update(parallel.combine(ranks, result["step_tokens"], result["step_samples"]))
+    plain = trained.module if ctx.strategy == "ddp" else None
+    if plain is None:
+        scratch: dict[str, Any] = {"metrics": {}}
+        torch.manual_seed(cfg.seed)
+        plain = setup(cfg, scratch).model
+        plain.load_state_dict(full, strict=True)
+    closed = parallel.comm_closed_form(plain, ctx.strategy, ctx.world)
+    metrics.update({f"comm_{k}_per_step_closed_form": v for k, v in closed.items()})
+    metrics["comm_ring_bytes_sent_per_rank_per_step"] = parallel.ring_bytes_sent(closed, ctx.world)
+    metrics["world_size"] = ctx.world
+    rec["parallel"] = {
+        "strategy": ctx.strategy,
+        "world_size": ctx.world,
+        "backend": torch.distributed.get_backend(),
+        "sharding": (
+            "replicated (DDP): every rank holds the whole model, gradients all-reduced"
+            if ctx.strategy == "ddp"
+            else "FSDP2 fully_shard: each transformer layer, then the root, parameters sharded on dim 0"
+        ),
+        "ranks": ranks,
+    }
+    return plain
 
 
 def instruction_quality(cfg: Any, s: Setup, eval_split: tasks.Split) -> tuple[dict[str, float], list[dict]]:

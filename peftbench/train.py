@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftbench import precision
+from peftbench import parallel, precision
 from peftbench.measure import cuda_phase_stats, cuda_reset, flop_counter
 from peftbench.memory import TensorMemoryTracker
 from peftbench.timing import Stopwatch, stats
@@ -71,16 +71,24 @@ class StepRecorder:
         }
 
 
-def loss_shares(micro: list[dict[str, torch.Tensor]]) -> list[float]:
-    """Each micro-batch's share of an optimizer step's loss: its predicted tokens (causal LM,
-    labels shifted by one, -100 ignored) or its examples (classification) over the step's, so
-    that the accumulated gradient is the gradient of the loss over the whole step's batch."""
-    counts = []
-    for b in micro:
-        labels = b["labels"]
-        counts.append(int((labels[:, 1:] != -100).sum()) if labels.dim() > 1 else labels.shape[0])
-    total = sum(counts)
-    return [c / total if total else 1.0 / len(micro) for c in counts]
+def predicted(b: dict[str, torch.Tensor]) -> int:
+    """What a batch's mean loss averages over: its predicted tokens (causal LM, labels shifted
+    by one, -100 ignored) or its examples (classification)."""
+    labels = b["labels"]
+    return int((labels[:, 1:] != -100).sum()) if labels.dim() > 1 else labels.shape[0]
+
+
+def loss_shares(
+    micro: list[dict[str, torch.Tensor]], whole: Optional[list[dict]] = None, world: int = 1
+) -> list[float]:
+    """Each micro-batch's share of an optimizer step's loss: its ``predicted`` count over the
+    step's, so that the accumulated gradient is the gradient of the loss over the whole step's
+    batch. Distributed, ``micro`` is this rank's slice of the global micro-batches ``whole``:
+    the shares are taken of the global count and multiplied by ``world``, since the ranks'
+    gradients are averaged."""
+    counts = [predicted(b) for b in micro]
+    total = sum(predicted(b) for b in whole) if whole is not None else sum(counts)
+    return [c / total * world if total else 1.0 / len(micro) for c in counts]
 
 
 def train(
@@ -115,19 +123,23 @@ def train(
     schedule = get_linear_schedule_with_warmup(optimizer, min(train_cfg.warmup_steps, steps), steps)
     scaler = precision.scaler(train_cfg.precision, device)
     accum = train_cfg.grad_accum
+    ctx = parallel.active()
+    world = ctx.world if ctx is not None else 1
     flop_step = memory_steps
     untimed = max(train_cfg.timing_warmup, flop_step + 1)
     model.train()
 
     def forward_backward(micro: list[dict[str, torch.Tensor]], shares: list[Optional[float]]) -> torch.Tensor:
-        """The step's loss (detached); gradients accumulated in ``.grad``."""
+        """The step's loss (detached; distributed: this rank's part); gradients accumulated in
+        ``.grad`` (distributed: reduced across the ranks at the last micro-batch only)."""
         total: Any = None
-        for b, share in zip(micro, shares):
-            with precision.autocast(train_cfg.precision, device):
-                loss = model(**b).loss
-            if share is not None:
-                loss = loss * share
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for i, (b, share) in enumerate(zip(micro, shares)):
+            with parallel.no_sync(model, last=i == len(micro) - 1):
+                with precision.autocast(train_cfg.precision, device):
+                    loss = model(**b).loss
+                if share is not None:
+                    loss = loss * share
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
@@ -139,10 +151,13 @@ def train(
     cuda_reset(device)  # the cache released: the train window's reserved bytes are its own
     bar = tqdm(range(steps), desc="train", unit="step", mininterval=1.0, leave=False)
     for step in bar:
-        host = [next(batches) for _ in range(accum)]
+        host = [next(batches) for _ in range(accum)]  # distributed: the global micro-batches
+        mine = [parallel.rank_slice(b, ctx) for b in host]
         # counted on the host, before the timed region (on a GPU, counting there would synchronise)
-        shares: list[Optional[float]] = loss_shares(host) if accum > 1 else [None]
-        micro = [to_device(b, device) for b in host]
+        shares: list[Optional[float]] = loss_shares(mine, host, world) if accum > 1 or world > 1 else [None]
+        micro = [to_device(b, device) for b in mine]
+        if ctx is not None:
+            ctx.comm.begin()
         with ExitStack() as instruments:
             if step < memory_steps:
                 if tracker is None:
@@ -165,6 +180,11 @@ def train(
                     optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+        if ctx is not None:
+            ctx.comm.end()
+            if world > 1:  # the global batch's loss, for the record (after the timed region)
+                torch.distributed.all_reduce(loss)
+                loss = loss / world
         value = loss.item()
         del loss
         if not math.isfinite(value):
@@ -185,7 +205,7 @@ def train(
                 )
             cuda_reset(device, release=False)  # the phase's allocated peak leaves the FLOP step out
         if step >= untimed:
-            timed.add(sw.ms, micro)
+            timed.add(sw.ms, host)  # the global batch: throughput counts every rank's tokens
         if step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
         if tracker is not None and step == min(memory_steps, steps) - 1:
@@ -202,6 +222,7 @@ def train(
         measured["train_loss_scale_final"] = float(scaler.get_scale())
 
     out: dict[str, Any] = {"train_losses": losses, "train_step_ms": timed.ms}
+    out["step_tokens"], out["step_samples"] = timed.tokens, timed.samples
     out["metrics"] = {**timed.metrics(), **measured, "train_loss_final": losses[-1] if losses else None}
     return out
 

@@ -21,8 +21,12 @@ SCHEMA_VERSION = 1
 
 def config_hash(config: dict[str, Any]) -> str:
     """Short stable hash of a resolved config (everything that defines the run but where its
-    record is written and whether it is forced)."""
+    record is written and whether it is forced). A one-process run (``parallel.strategy:
+    none``) hashes without its ``parallel`` settings: it is the same run as before they existed,
+    so earlier records stay comparable and reusable."""
     cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force")}
+    if (cfg.get("parallel") or {}).get("strategy", "none") == "none":
+        cfg.pop("parallel", None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

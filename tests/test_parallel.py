@@ -1,0 +1,201 @@
+"""Distributed runs (``peftbench.parallel``) on CPU with gloo: DDP and FSDP2 training gives the
+one-process loss curve with the same global batch, per-rank FSDP weights are 1/N of the whole
+(padded) to the byte, the collectives move exactly the closed form's bytes, a killed rank is a
+failed record, and bad ``parallel`` settings are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peftbench import cli, parallel, records, run
+
+from conftest import REPO
+
+# a short run: 4 steps of a global batch of 4 x 32 tokens, the last one timed, small inference
+SHORT = [
+    "train.steps=4",
+    "train.batch_size=4",
+    "train.timing_warmup=0",
+    "task.max_length=32",
+    "task.num_train=64",
+    "task.num_eval=16",
+    "measure.latency_repeats=1",
+    "measure.latency_grid_batches=[1]",
+    "measure.latency_grid_lengths=[16]",
+    "measure.latency_length=16",
+    "measure.decode_tokens=0",
+]
+
+
+def one_process(overrides: list[str]) -> dict:
+    cfg = cli.checked_config(*overrides)
+    rec = run.new_record(cfg)
+    run.execute(cfg, rec)
+    return rec
+
+
+def two_ranks(configs: list[list[str]]) -> list[dict]:
+    from parallel_ranks import run_configs
+
+    return parallel.spawn(2, run_configs, configs)[0]
+
+
+def plain_model(overrides: list[str]) -> torch.nn.Module:
+    cfg = cli.checked_config(*overrides)
+    return run.setup(cfg, {"metrics": {}}).model
+
+
+def check_against_one_process(cases: list[list[str]], strategies: tuple[str, ...]) -> None:
+    """Each case under every strategy on 2 ranks: the one-process loss curve (float tolerance),
+    the collectives' bytes equal to the closed form, FSDP's weights 1/2 of the whole, padded."""
+    configs = [[*case, *SHORT, f"parallel={s}", "parallel.nproc=2"] for case in cases for s in strategies]
+    found = two_ranks(configs)
+    for case in cases:
+        alone = one_process([*case, *SHORT])
+        plain = plain_model([*case, *SHORT])
+        for s in strategies:
+            rec = found.pop(0)
+            name = f"{' '.join(case)} parallel={s}"
+            assert rec["parallel"]["world_size"] == 2 and rec["parallel"]["strategy"] == s, name
+            assert rec["train_losses"] == pytest.approx(alone["train_losses"], rel=1e-5, abs=1e-6), name
+            assert rec["metrics"]["eval_loss"] == pytest.approx(alone["metrics"]["eval_loss"], rel=1e-5), name
+            m = rec["metrics"]
+            closed = parallel.comm_closed_form(plain, s, 2)
+            for k, v in closed.items():
+                assert m[f"comm_{k}_per_step"] == v == m[f"comm_{k}_per_step_closed_form"], (name, k)
+            if s == "fsdp":
+                shard = sum(parallel.padded_numel(p, 2) // 2 * p.element_size() for p in plain.parameters())
+                buffers = sum(b.numel() * b.element_size() for b in plain.buffers())
+                for r in rec["parallel"]["ranks"]:
+                    assert r["memory_weights_bytes"] == shard + buffers, (name, r["rank"])
+
+
+def test_ddp_and_fsdp_train_full_and_lora_as_one_process():
+    check_against_one_process([["method=full"], ["method=lora"]], ("ddp", "fsdp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_every_method_trains_under_ddp_and_fsdp_as_one_process(family):
+    import methods
+
+    cases = [[f"model={family}", f"method={name}"] for name in sorted(methods.REGISTRY)]
+    check_against_one_process(cases, ("ddp", "fsdp"))
+
+
+# ------------------------------------------------------------------------- closed forms
+def test_comm_closed_form_of_lora_on_tiny_llama():
+    plain = plain_model(["method=lora", *SHORT])
+    trainable = sum(p.numel() for p in plain.parameters() if p.requires_grad)
+    assert trainable == 28_672
+    assert parallel.comm_closed_form(plain, "ddp", 2) == {"all_reduce_bytes": 4 * 28_672}
+    fsdp = parallel.comm_closed_form(plain, "fsdp", 2)
+    assert fsdp["reduce_scatter_bytes"] == 4 * 28_672  # every LoRA matrix has an even first dim
+    total = sum(parallel.padded_numel(p, 2) * 4 for p in plain.parameters())
+    layers = sum(parallel.padded_numel(p, 2) * 4 for m in parallel.shard_units(plain) for p in m.parameters())
+    assert fsdp["all_gather_bytes"] == total + layers  # forward, and backward for all but the root
+    # ring: all-reduce sends 2 (N-1)/N of the message, all-gather and reduce-scatter (N-1)/N
+    assert parallel.ring_bytes_sent({"all_reduce_bytes": 1000}, 4) == 1500
+    assert parallel.ring_bytes_sent(fsdp, 2) == (fsdp["all_gather_bytes"] + fsdp["reduce_scatter_bytes"]) // 2
+
+
+def test_padding_to_a_multiple_of_the_world_size():
+    assert parallel.padded_numel(torch.empty(5, 3), 4) == 8 * 3
+    assert parallel.padded_numel(torch.empty(8), 4) == 8
+    assert parallel.padded_numel(torch.empty(()), 4) == 4
+
+
+def test_combine_takes_the_slowest_rank_per_step_and_the_highest_peak():
+    ranks = [
+        {"rank": 0, "peak_memory_bytes": 10, "memory_weights_bytes": 4, "step_ms": [100.0, 300.0], "comm": {"x": 1}},
+        {"rank": 1, "peak_memory_bytes": 12, "memory_weights_bytes": 5, "step_ms": [200.0, 100.0], "comm": {"x": 1}},
+    ]
+    m = parallel.combine(ranks, [1000, 1000], [8, 8])
+    assert m["peak_memory_bytes"] == 12 and m["memory_weights_bytes"] == 5 and m["peak_memory_rank"] == 1
+    assert m["train_step_ms_median"] == 250.0  # steps of 200 and 300 ms
+    assert m["train_tokens_per_s"] == pytest.approx((5000 + 1000 / 0.3) / 2)
+    assert m["comm_x_per_step"] == 1
+
+
+# ------------------------------------------------------------------------- the CLI path
+def cli_run(tmp_path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "peftbench", *SHORT, f"results_dir={tmp_path}", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=600,
+    )
+
+
+def the_record(tmp_path) -> dict:
+    (path,) = tmp_path.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_a_killed_rank_is_a_failed_record_not_a_hang(tmp_path):
+    done = cli_run(tmp_path, "method=lora", "parallel=ddp", "parallel.timeout_s=60", env={parallel.KILL_RANK: "1"})
+    assert done.returncode != 0
+    rec = the_record(tmp_path)
+    assert rec["status"] == "failed"
+    assert rec["error"] == "RankFailed: rank 1 of 2 died (killed by signal 9); the other ranks were stopped"
+
+
+@pytest.mark.slow
+def test_world_size_one_gives_the_plain_run(tmp_path):
+    """The distributed path at world size 1 (one rank through the launcher, DDP) trains and
+    counts as the plain run; only its record's ``parallel`` block and its config hash differ."""
+    done = cli_run(tmp_path, "method=lora", "parallel=ddp", "parallel.nproc=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = the_record(tmp_path)
+    alone = one_process(["method=lora", *SHORT])
+    assert rec["train_losses"] == alone["train_losses"]
+    for k in ("trainable_params", "train_flops_per_step", "eval_loss", "checkpoint_bytes"):
+        assert rec["metrics"][k] == alone["metrics"][k], k
+    assert rec["metrics"]["comm_all_reduce_bytes_per_step"] == 4 * 28_672
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel=ddp", "parallel.nproc=3"],
+            "train.batch_size=4: must be a multiple of parallel.nproc=3 (the global batch is split evenly)",
+        ),
+        (["parallel.nproc=2"], "parallel.nproc=2: must be 1 with parallel=none (choose ddp or fsdp)"),
+        (["parallel=ddp", "parallel.nproc=0"], "parallel.nproc=0: must be an integer >= 1"),
+        (["parallel=ddp", "parallel.strategy=zero3"], "parallel.strategy=zero3: allowed: none, ddp, fsdp"),
+        (
+            ["parallel=ddp", "parallel.backend=nccl"],
+            "parallel.backend=nccl: nccl needs a CUDA device (the run's device is cpu); allowed here: auto, gloo",
+        ),
+        (
+            ["parallel=fsdp", "model.quantize=nf4"],
+            "model.quantize=nf4: parallel=fsdp shards dense weights only; allowed with fsdp: null",
+        ),
+    ],
+)
+def test_bad_parallel_settings_are_one_line_errors(tmp_path, overrides, message):
+    done = cli_run(tmp_path, "device=cpu", *overrides)
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_one_process_config_hashes_as_before_the_parallel_settings():
+    cfg = cli.checked_config("method=lora")
+    from peftbench import config as config_mod
+
+    container = config_mod.to_container(cfg)
+    assert container["parallel"]["strategy"] == "none"
+    without = {k: v for k, v in container.items() if k != "parallel"}
+    assert records.config_hash(container) == records.config_hash(without)
+    ddp = {**container, "parallel": {**container["parallel"], "strategy": "ddp", "nproc": 2}}
+    assert records.config_hash(ddp) != records.config_hash(container)
