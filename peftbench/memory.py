@@ -41,6 +41,15 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_leaves
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # trackers not closed yet
+
+
+def storage_resized(t: torch.Tensor) -> None:
+    """Tell every open tracker that ``t``'s storage was resized outside any operator
+    (``untyped_storage().resize_``: FSDP frees an unsharded parameter's storage this way after
+    use and grows it again before the next all-gather); no operator shows it to the tracker."""
+    for tracker in list(_OPEN):
+        tracker._see(t)
 
 
 def plain_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -92,6 +101,7 @@ class TensorMemoryTracker(TorchDispatchMode):
                 if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
         self.reset_peak()
+        _OPEN.add(self)
 
     # ----------------------------------------------------------------- bookkeeping
     def _see(self, t: Any) -> Optional[int]:
@@ -214,4 +224,5 @@ class TensorMemoryTracker(TorchDispatchMode):
             h.remove()
         self._hooks.clear()
         self._closed = True
+        _OPEN.discard(self)
         self.live.clear()

@@ -115,6 +115,31 @@ def _fsdp_collectives(counter: CommCounter) -> tuple[Any, Any]:
     return CountedAllGather(), CountedReduceScatter()
 
 
+def follow_fsdp_storage() -> None:
+    """Make FSDP2's storage frees and re-allocations (``storage.resize_``, which no operator
+    shows) known to the memory tracker (``memory.storage_resized``), so an unsharded parameter
+    counts only while its storage holds bytes. Idempotent."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    from peftbench.memory import storage_resized
+
+    if getattr(_fsdp_param.free_storage, "_peftbench", False):
+        return
+    for module, name in (
+        (_fsdp_param, "free_storage"),
+        (_fsdp_param, "alloc_storage"),
+        (_fsdp_param_group, "alloc_storage"),
+    ):
+        original = getattr(module, name)
+
+        def followed(tensor: torch.Tensor, _original: Any = original) -> None:
+            _original(tensor)
+            storage_resized(tensor)
+
+        followed._peftbench = True  # type: ignore[attr-defined]
+        setattr(module, name, followed)
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP shards one by one: every transformer layer (transformers'
     ``GradientCheckpointingLayer``: LLaMA's decoder layers, GPT-2's blocks, BERT's layers, with
@@ -137,6 +162,7 @@ def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
         return ddp
     from torch.distributed.fsdp import fully_shard
 
+    follow_fsdp_storage()
     all_gather, reduce_scatter = _fsdp_collectives(ctx.comm)
     units = shard_units(model)
     for unit in units:
@@ -333,6 +359,32 @@ def spawn(n: int, fn: Any, *args: Any) -> dict[int, Any]:
         start_method="spawn",
     )
     return elastic_launch(launch_cfg, fn)(*args)
+
+
+def run_configs(configs: list[list[str]], timeout_s: float = 120.0) -> Optional[list[dict[str, Any]]]:
+    """In each process of ``spawn``: join one gloo group and run every config (a list of
+    Hydra overrides, with its ``parallel`` settings) as this rank, one after another; rank 0
+    returns the records (not written), the others None. For tests and the estimator's
+    calibration, which run many small distributed jobs on one group."""
+    global ACTIVE
+    import torch.distributed as dist
+
+    from peftbench import cli, run
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    try:
+        for overrides in configs:
+            cfg = cli.checked_config(*overrides)
+            ACTIVE = Context(rank, world, cfg.parallel.strategy)
+            rec = run.new_record(cfg)
+            run.execute(cfg, rec)
+            out.append(rec)
+    finally:
+        ACTIVE = None
+        dist.destroy_process_group()
+    return out if rank == 0 else None
 
 
 class RankFailed(RuntimeError):

@@ -119,3 +119,29 @@ def test_same_work_gives_the_same_peak_to_the_byte():
     first, second = once(), once()
     assert first == second
     assert sum(v for k, v in first.items() if k.startswith("memory_")) == first["peak_memory_bytes"]
+
+
+def test_a_storage_resized_outside_any_operator_is_followed_when_announced():
+    """FSDP frees an unsharded parameter with ``untyped_storage().resize_(0)`` and grows it again
+    before the next all-gather; no operator shows that, so ``memory.storage_resized`` tells the
+    open trackers, and the freed bytes stop counting (``parallel.follow_fsdp_storage``)."""
+    from peftbench.memory import _OPEN, TensorMemoryTracker, storage_resized
+
+    def memory_open() -> list:
+        return list(_OPEN)
+
+    tracker = TensorMemoryTracker()
+    with tracker:
+        t = torch.ones(1000)  # 4,000 bytes
+    assert tracker.current == 4000
+    t.untyped_storage().resize_(0)
+    assert tracker.current == 4000  # unseen
+    storage_resized(t)
+    assert tracker.current == 0 and tracker.peak == 4000
+    t.untyped_storage().resize_(4000)
+    storage_resized(t)
+    assert tracker.current == 4000
+    tracker.close()
+    t.untyped_storage().resize_(0)
+    storage_resized(t)  # a closed tracker is no longer told: its figures stay as they were
+    assert tracker.peak == 4000 and tracker not in memory_open()

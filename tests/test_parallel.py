@@ -41,9 +41,7 @@ def one_process(overrides: list[str]) -> dict:
 
 
 def two_ranks(configs: list[list[str]]) -> list[dict]:
-    from parallel_ranks import run_configs
-
-    return parallel.spawn(2, run_configs, configs)[0]
+    return parallel.spawn(2, parallel.run_configs, configs)[0]
 
 
 def plain_model(overrides: list[str]) -> torch.nn.Module:
@@ -199,3 +197,87 @@ def test_a_one_process_config_hashes_as_before_the_parallel_settings():
     assert records.config_hash(container) == records.config_hash(without)
     ddp = {**container, "parallel": {**container["parallel"], "strategy": "ddp", "nproc": 2}}
     assert records.config_hash(ddp) != records.config_hash(container)
+
+
+# ------------------------------------------------------------------------ the estimator
+def estimate(*overrides: str) -> dict:
+    from peftbench import app
+    from peftbench.estimate.cost import estimate as run_estimate
+
+    base = ("model=tiny-llama", "precision=fp32", "seq_length=32", "batch_size=4")
+    return run_estimate(app.compose(*base, *overrides, config_name="estimate"))["metrics"]
+
+
+def test_estimate_per_rank_state_and_communication():
+    plain = plain_model(["method=lora", *SHORT])  # the run's model: the estimate gets its vocabulary
+    vocab = f"vocab_size={plain.config.vocab_size}"
+    alone = estimate("method=lora", "batch_size=2", vocab)  # one rank's share of the global batch of 4
+    ddp = estimate("method=lora", "parallel=ddp", "parallel.nproc=2", vocab)
+    fsdp = estimate("method=lora", "parallel=fsdp", "parallel.nproc=2", vocab)
+    grads = alone["memory_gradients_bytes"]
+    assert grads == 4 * 28_672
+    # DDP: the replica's state, plus the gradient buckets; all-reduce of the trainable gradients
+    assert ddp["memory_weights_bytes"] == alone["memory_weights_bytes"]
+    assert ddp["peak_memory_bytes"] == alone["peak_memory_bytes"] + grads
+    assert ddp["comm_all_reduce_bytes_per_step_closed_form"] == grads
+    assert ddp["comm_ring_bytes_sent_per_rank_per_step"] == grads  # 2 (N-1)/N at N = 2
+    # FSDP: the padded shards the measured run holds (test above), and the run's closed form
+    shard = sum(parallel.padded_numel(p, 2) // 2 * 4 for p in plain.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in plain.buffers())
+    assert fsdp["memory_weights_bytes"] == shard + buffers
+    trained = [p for p in plain.parameters() if p.requires_grad]
+    assert fsdp["memory_optimizer_bytes"] == 2 * 28_672 * 4 // 2 + 4 * len(trained)
+    closed = parallel.comm_closed_form(plain, "fsdp", 2)
+    for k, v in closed.items():
+        assert fsdp[f"comm_{k}_per_step_closed_form"] == v
+    assert fsdp["world_size"] == 2 and fsdp["memory_unsharded_peak_bytes"] > 0
+    assert fsdp["train_flops_per_token"] == pytest.approx(alone["train_flops_per_token"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel=ddp", "parallel.nproc=3"], "batch_size=4: must be a multiple of parallel.nproc=3"),
+        (["parallel=fsdp", "model.quantize=nf4"], "model.quantize=nf4: parallel=fsdp shards dense weights only"),
+        (["parallel.nproc=2"], "parallel.nproc=2: must be 1 with parallel=none (choose ddp or fsdp)"),
+    ],
+)
+def test_bad_parallel_estimates_are_one_line_errors(tmp_path, overrides, message):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peftbench.estimate",
+            "model=tiny-llama",
+            "batch_size=4",
+            f"results_dir={tmp_path}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_estimate_against_measured_distributed_runs(nproc):
+    """The calibration (``python -m peftbench.estimate calibrate-parallel``): one rank's weights
+    and the collectives' bytes exact; DDP's peak within 0.1%; FSDP's peak below the measured
+    one by at most 25% (its transient all-gather and copy buffers beyond the root and two
+    unsharded layers are not modelled; docs/ESTIMATES.md)."""
+    from peftbench.estimate.calibrate import parallel_rows
+
+    for method, strategy, part, est, got in parallel_rows(nproc):
+        name = (nproc, method, strategy, part)
+        if part == "peak":
+            if strategy == "ddp":
+                assert est == pytest.approx(got, rel=1e-3), name
+            else:
+                assert 0.75 * got <= est <= got, name
+        elif part != "optimizer":
+            assert est == got, name

@@ -6,7 +6,7 @@ rest, as for the run command."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 from peftbench import app
 from peftbench import config as config_mod
-from peftbench.config import ModelConfig, require
+from peftbench.config import ModelConfig, ParallelConfig, require
 from peftbench.estimate.cost import ATTENTION, PRECISIONS, build, estimate
 
 PROG = "peftbench.estimate"
@@ -49,11 +49,37 @@ class EstimateConfig:
     vocab_size: int = 1024
     attention: str = "flash"
     flops_attention: bool = True
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     results_dir: str = "results/estimates"
 
 
 config_mod.register_configs()
 ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
+
+
+def check_parallel(cfg: Any) -> None:
+    """``parallel`` as in a run: strategy none, ddp or fsdp; ``nproc`` ranks splitting the
+    global micro-batch of ``batch_size`` evenly; FSDP on a dense base."""
+    from peftbench.parallel import STRATEGIES
+
+    par = cfg.parallel
+    require(par.strategy in STRATEGIES, "parallel.strategy", par.strategy, f"allowed: {', '.join(STRATEGIES)}")
+    require(par.nproc >= 1, "parallel.nproc", par.nproc, "must be an integer >= 1")
+    if par.strategy == "none":
+        require(par.nproc == 1, "parallel.nproc", par.nproc, "must be 1 with parallel=none (choose ddp or fsdp)")
+        return
+    require(
+        cfg.batch_size % par.nproc == 0,
+        "batch_size",
+        cfg.batch_size,
+        f"must be a multiple of parallel.nproc={par.nproc} (the global micro-batch is split evenly)",
+    )
+    require(
+        par.strategy != "fsdp" or cfg.model.quantize is None,
+        "model.quantize",
+        cfg.model.quantize,
+        "parallel=fsdp shards dense weights only; allowed with fsdp: null",
+    )
 
 
 def check(cfg: Any) -> None:
@@ -71,6 +97,7 @@ def check(cfg: Any) -> None:
         f"batch_size x seq_length must be <= {MAX_TOKENS:,} tokens per step",
     )
     require(cfg.vocab_size >= 1, "vocab_size", cfg.vocab_size, "must be >= 1")
+    check_parallel(cfg)
     require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
     require(
         cfg.model.name_or_path is not None or bool(cfg.model.arch),
@@ -96,6 +123,8 @@ def new_record(cfg: Any) -> dict[str, Any]:
             "flops_attention": cfg.flops_attention,
             "recomputation": cfg.gradient_checkpointing,
             "quantize": cfg.model.quantize,
+            "parallel": cfg.parallel.strategy,
+            "world_size": cfg.parallel.nproc,
             "peak": "the tensor-memory tracker's peak of one optimizer step, run on fake CPU tensors",
         },
     }
@@ -123,7 +152,7 @@ def human(n: Optional[float], unit: str = "B") -> str:
     return str(n)
 
 
-LEVERS = ("precision", "grad-ckpt", "accum", "quant")  # columns that name the job with the method
+LEVERS = ("precision", "grad-ckpt", "accum", "quant", "ranks")  # columns that name the job with the method
 
 COLUMNS = (
     ("model", None),
@@ -142,10 +171,13 @@ COLUMNS = (
 
 
 def lever_labels(config: dict[str, Any]) -> list[str]:
-    """The levers of a job as the table shows them: precision, grad-ckpt (yes / -), accum, quant."""
+    """The levers of a job as the table shows them: precision, grad-ckpt (yes / -), accum, quant,
+    ranks (``fsdp x8``: the figures are one rank's; - for one process)."""
     quant = (config.get("model") or {}).get("quantize")
     ckpt = "yes" if config.get("gradient_checkpointing") else "-"
-    return [config["precision"], ckpt, str(config.get("grad_accum", 1)), quant or "-"]
+    par = config.get("parallel") or {}
+    ranks = f"{par['strategy']} x{par['nproc']}" if par.get("strategy", "none") != "none" else "-"
+    return [config["precision"], ckpt, str(config.get("grad_accum", 1)), quant or "-", ranks]
 
 
 def table_row(rec: dict[str, Any]) -> list[str]:
@@ -180,6 +212,17 @@ def print_record(rec: dict[str, Any], path: Any) -> None:
             + ", ".join(f"{c} {human(n)}" for c, n in parts.items())
             + f" = {human(sum(parts.values()))}; peak* {human(m['peak_memory_bytes'])}"
         )
+        if m.get("world_size"):
+            comm = {
+                k.removeprefix("comm_").removesuffix("_bytes_per_step_closed_form"): v
+                for k, v in m.items()
+                if k.endswith("_per_step_closed_form")
+            }
+            print(
+                f"    per rank of {levers['ranks']} (micro-batch split across the ranks); collectives per step: "
+                + ", ".join(f"{k} {human(v)}" for k, v in comm.items())
+                + f"; each rank sends {human(m['comm_ring_bytes_sent_per_rank_per_step'])} (ring)"
+            )
     print(f"  record: {path}")
 
 
@@ -214,6 +257,10 @@ APP = app.App(
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate-parallel"]:
+        from peftbench.estimate.calibrate import calibrate_parallel
+
+        return calibrate_parallel(argv[1:])
     if argv[:1] == ["calibrate"]:
         from peftbench.estimate.calibrate import calibrate
 

@@ -122,3 +122,81 @@ def calibrate(argv: list[str]) -> int:
             print(f"{lever:<13} {model:<11} {method:<9} {part:<12} {e:>14,} {g:>14,} {100 * err:>+7.2f}%")
     print(f"largest error on weights, gradients and optimizer state: {100 * worst:.4f}%")
     return 0 if worst == 0 else 1
+
+
+# ------------------------------------------------------------------------ distributed
+# the measured runs behind the distributed calibration: 3 steps of a global batch of 2 x nproc
+# sequences of 32 tokens of the default task (the estimate gets the same shapes and vocabulary)
+PARALLEL_RUN = (
+    "model=tiny-llama",
+    "train.steps=3",
+    "train.timing_warmup=0",
+    "task.max_length=32",
+    "task.num_train=64",
+    "task.num_eval=16",
+    "measure.latency_repeats=1",
+    "measure.latency_grid_batches=[1]",
+    "measure.latency_grid_lengths=[16]",
+    "measure.latency_length=16",
+    "measure.decode_tokens=0",
+)
+PARALLEL_PARTS = ("weights", "optimizer", "peak")
+
+
+def parallel_rows(nproc: int, methods_: tuple[str, ...] = ("full", "lora")) -> list[tuple[str, str, str, int, int]]:
+    """(method, strategy, part, estimated, measured) for each method under DDP and FSDP on
+    ``nproc`` gloo ranks: the measured figures are those of the rank with the highest peak,
+    weights and optimizer state at that peak."""
+    from peftbench import parallel
+
+    cases = [(m, s) for m in methods_ for s in ("ddp", "fsdp")]
+    batch = 2 * nproc
+    configs = [
+        [f"method={m}", *PARALLEL_RUN, f"train.batch_size={batch}", f"parallel={s}", f"parallel.nproc={nproc}"]
+        for m, s in cases
+    ]
+    recs = parallel.spawn(nproc, parallel.run_configs, configs)[0]
+    rows = []
+    for (m, s), rec in zip(cases, recs):
+        cfg = app.compose(
+            "model=tiny-llama",
+            f"method={m}",
+            "precision=fp32",
+            f"batch_size={batch}",
+            "seq_length=32",
+            f"vocab_size={rec['model_config']['vocab_size']}",
+            f"parallel={s}",
+            f"parallel.nproc={nproc}",
+            config_name="estimate",
+        )
+        est = cost.estimate(cfg)["metrics"]
+        top = max(rec["parallel"]["ranks"], key=lambda r: r["peak_memory_bytes"])
+        for part in PARALLEL_PARTS:
+            key = "peak_memory_bytes" if part == "peak" else f"memory_{part}_bytes"
+            rows.append((m, s, part, est[key], top[key]))
+        for k, v in rec["metrics"].items():
+            if k.startswith("comm_") and k.endswith("_per_step") and k.endswith("bytes_per_step"):
+                rows.append((m, s, k.removeprefix("comm_").removesuffix("_per_step"), est[f"{k}_closed_form"], v))
+    return rows
+
+
+def calibrate_parallel(argv: list[str]) -> int:
+    """``python -m peftbench.estimate calibrate-parallel [nproc=2,4]``: one rank's estimated
+    weights, optimizer state and peak, and the collectives' bytes, beside a measured
+    distributed run of full fine-tuning and LoRA under DDP and FSDP on tiny-llama (the rank with
+    the highest peak). Exit status 1 if the weights or the collectives' bytes differ (the
+    optimizer state at the peak may be 0: a peak in the first step comes before the state)."""
+    opts = dict(a.split("=", 1) for a in argv if "=" in a)
+    nprocs = [int(n) for n in opts.get("nproc", "2,4").split(",")]
+    print(
+        "CALIBRATION (distributed): one rank's estimate vs a measured gloo run on CPU, "
+        "tiny-llama, 2 x 32 tokens per rank"
+    )
+    print(f"{'ranks':<6} {'method':<7} {'parallel':<9} {'part':<15} {'estimated':>14} {'measured':>14} {'error':>8}")
+    exact = True
+    for n in nprocs:
+        for m, s, part, e, g in parallel_rows(n):
+            if part not in ("optimizer", "peak") and e != g:  # weights and bytes moved are exact
+                exact = False
+            print(f"{n:<6} {m:<7} {s:<9} {part:<15} {e:>14,} {g:>14,} {100 * error(e, g):>+7.2f}%")
+    return 0 if exact else 1

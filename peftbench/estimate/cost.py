@@ -472,6 +472,95 @@ def korthikanti_bytes(config: Any, batch: int, seq: int, eager: bool) -> Optiona
 # ------------------------------------------------------------------------ estimate
 
 
+def ranks(cfg: Any) -> int:
+    """The world size of a distributed estimate (1 for ``parallel.strategy: none``)."""
+    return cfg.parallel.nproc if cfg.parallel.strategy != "none" else 1
+
+
+def per_rank_cfg(cfg: Any) -> Any:
+    """``cfg`` with ``batch_size`` one rank's share of the global micro-batch."""
+    n = ranks(cfg)
+    if n == 1:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.batch_size = cfg.batch_size // n
+    return out
+
+
+def sharded_state_bytes(model: nn.Module, precision: str, world: int) -> dict[str, int]:
+    """``state_bytes`` of the shard one FSDP rank holds (rank 0, the largest): each parameter's
+    ``ceil(rows / world)`` rows (FSDP2 pads the first dimension to a multiple of ``world``), of
+    its weight, gradient and AdamW state; buffers are not sharded."""
+    from peftbench.parallel import padded_numel
+
+    params = unique(model.parameters())
+
+    def shard(p: torch.Tensor) -> int:
+        return padded_numel(p, world) // world
+
+    optimizer = 0
+    for p in params:
+        if p.requires_grad:
+            per_elem = 12 if precision == MASTER and p.element_size() < 4 else 2 * p.element_size()
+            optimizer += shard(p) * per_elem + STEP_BYTES
+    return {
+        "memory_weights_bytes": sum(shard(p) * p.element_size() for p in params)
+        + sum(nbytes(b) for b in unique(model.buffers())),
+        "memory_gradients_bytes": sum(shard(p) * p.element_size() for p in params if p.requires_grad),
+        "memory_optimizer_bytes": optimizer,
+    }
+
+
+def unsharded_peak_bytes(model: nn.Module, world: int) -> int:
+    """Bytes of parameters FSDP2 holds unsharded at the step's peak, early in backward: the
+    root's (kept from forward to backward) and two transformer layers' (the one being
+    differentiated and the next one, prefetched), each padded to a multiple of ``world`` rows.
+    Calibrated against measured runs (docs/ESTIMATES.md, "Distributed")."""
+    from peftbench.parallel import padded_numel, shard_units
+
+    def padded(ps: Any) -> int:
+        return sum(padded_numel(p, world) * p.element_size() for p in unique(ps))
+
+    units = shard_units(model)
+    in_units = {id(p) for u in units for p in u.parameters()}
+    root = padded(p for p in model.parameters() if id(p) not in in_units)
+    layers = sorted((padded(u.parameters()) for u in units), reverse=True)
+    return root + sum(layers[:2])
+
+
+def distributed(model: nn.Module, cfg: Any, metrics: dict[str, Any], traced: dict[str, int]) -> None:
+    """One rank's figures of a distributed step, from the one-rank trace at its share of the batch
+    (``metrics``, updated in place): DDP adds the gradient buckets (a flat copy of the trainable
+    gradients, live throughout) to the activations and the peak; FSDP2 holds shards of the
+    weights, gradients and optimizer state (``sharded_state_bytes``) and, at the peak, the
+    unsharded parameters of ``unsharded_peak_bytes``. Communication: the closed form of the
+    measured run (``parallel.comm_closed_form``)."""
+    from peftbench import parallel
+
+    world, strategy = ranks(cfg), cfg.parallel.strategy
+    metrics["world_size"] = world
+    if strategy == "ddp":
+        buckets = metrics["memory_gradients_bytes"]
+        metrics["memory_activations_bytes"] += buckets
+        metrics["peak_memory_bytes"] += buckets
+    else:
+        shards = sharded_state_bytes(model, cfg.precision, world)
+        peak = metrics["peak_memory_bytes"]
+        for k in ("memory_weights_bytes", "memory_optimizer_bytes"):
+            peak -= metrics[k] - shards[k]
+        full_grads = metrics["memory_gradients_bytes"]
+        at_peak = traced.get("peak_gradients_bytes", 0)
+        if full_grads and at_peak:
+            peak -= at_peak - at_peak * shards["memory_gradients_bytes"] // full_grads
+        unsharded = unsharded_peak_bytes(model, world)
+        metrics.update(shards)
+        metrics["memory_unsharded_peak_bytes"] = unsharded
+        metrics["peak_memory_bytes"] = peak + unsharded
+    closed = parallel.comm_closed_form(model, strategy, world)
+    metrics.update({f"comm_{k}_per_step_closed_form": v for k, v in closed.items()})
+    metrics["comm_ring_bytes_sent_per_rank_per_step"] = parallel.ring_bytes_sent(closed, world)
+
+
 def estimate(cfg: Any) -> dict[str, Any]:
     """The estimate's metrics (flat, the measured run's key names) and method description.
 
@@ -481,9 +570,10 @@ def estimate(cfg: Any) -> dict[str, Any]:
     fp32 moments that the traced pure-bf16 step lacks.
     """
     model, method = build(cfg)
-    tokens = cfg.batch_size * cfg.seq_length * cfg.grad_accum
+    tokens = cfg.batch_size * cfg.seq_length * cfg.grad_accum  # the global step's
+    rank_tokens = tokens // ranks(cfg)
     states = state_bytes(model, cfg.precision)
-    traced = trace_model(model.config, cfg)
+    traced = trace_model(model.config, per_rank_cfg(cfg))  # one rank's share of each micro-batch
     states["memory_weights_bytes"] -= traced["quantized_saving"]
     peak = traced["peak_memory_bytes"]
     if cfg.precision == MASTER:
@@ -503,12 +593,14 @@ def estimate(cfg: Any) -> dict[str, Any]:
         "memory_activations_korthikanti_bytes": korthikanti_bytes(
             model.config, cfg.batch_size, cfg.seq_length, cfg.attention == "eager"
         ),
-        "train_flops_per_token": executed / tokens,
-        "train_flops_per_step": executed,
-        "train_attention_flops_per_token": attention / tokens,
+        "train_flops_per_token": executed / rank_tokens,
+        "train_flops_per_step": executed,  # one rank's (all of them at world size 1)
+        "train_attention_flops_per_token": attention / rank_tokens,
         "train_tokens_per_step": tokens,
     }
     if cfg.gradient_checkpointing:  # without the recomputed forward: the model FLOPs behind MFU
         recomputed = traced["recomputed_flops"] - (0 if cfg.flops_attention else traced["recomputed_attention_flops"])
-        metrics["train_model_flops_per_token"] = (executed - recomputed) / tokens
+        metrics["train_model_flops_per_token"] = (executed - recomputed) / rank_tokens
+    if ranks(cfg) > 1 or cfg.parallel.strategy != "none":
+        distributed(model, cfg, metrics, traced)
     return {"metrics": metrics, "method_config": method.describe(model), "model_config": model.config.to_dict()}
