@@ -552,7 +552,8 @@ def plot_latency(g: pd.DataFrame, recs: dict[str, dict], out: Path, slug: str) -
 
 
 def plot_ranks(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
-    """Parameters, memory, quality and throughput against rank, per method with several ranks."""
+    """Parameters, memory, quality (error bars: ``total_standard_error``) and throughput against
+    rank, per method with several ranks."""
     made: list[tuple[str, str]] = []
     if "method.rank" not in g:
         return made
@@ -573,7 +574,10 @@ def plot_ranks(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
         ]
         fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
         for ax, (col, name) in zip(axes, panels):
-            if col in s and s[col].notna().any():
+            if col == "quality" and s[col].notna().any():  # with its total standard error (seeds and eval set)
+                err = [total_standard_error(r) or 0.0 for _, r in s.iterrows()]
+                ax.errorbar(s["method.rank"], s[col], yerr=err, marker="o", capsize=3)
+            elif col in s and s[col].notna().any():
                 ax.plot(s["method.rank"], s[col] / (MiB if col == "peak_bytes" else 1), marker="o")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("rank")
