@@ -199,14 +199,16 @@ def padded_numel(p: torch.Tensor, world: int) -> int:
     return math.ceil(shape[0] / world) * world * rest
 
 
-def comm_closed_form(model: nn.Module, strategy: str, world: int) -> dict[str, int]:
-    """Collective message bytes of one optimizer step (one micro-batch), from the trainable set
-    and the sharding of a plain (unwrapped) ``model``.
+def comm_closed_form(model: nn.Module, strategy: str, world: int, micro_batches: int = 1) -> dict[str, int]:
+    """Collective message bytes of one optimizer step of ``micro_batches`` micro-batches, from
+    the trainable set and the sharding of a plain (unwrapped) ``model``. Gradients are reduced
+    once per step (``no_sync``).
 
     DDP: one all-reduce of every trainable parameter's gradient (bytes of the gradients).
-    FSDP2 (``wrap``): each unit's parameters all-gathered (padded to ``world`` rows) in forward,
-    and again in backward for every unit but the root (the root keeps its parameters unsharded
-    between forward and backward); each unit's trainable gradients reduce-scattered (padded).
+    FSDP2 (``wrap``): for every micro-batch, each unit's parameters all-gathered (padded to
+    ``world`` rows) in forward, and again in backward for every unit but the root (the root
+    keeps its parameters unsharded between forward and backward); once per step, each unit's
+    trainable gradients reduce-scattered (padded).
     """
     if strategy == "ddp":
         grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -225,7 +227,7 @@ def comm_closed_form(model: nn.Module, strategy: str, world: int) -> dict[str, i
         if p.requires_grad:
             reduce[i] += n
     backward_regather = sum(gather[:-1])
-    return {"all_gather_bytes": sum(gather) + backward_regather, "reduce_scatter_bytes": sum(reduce)}
+    return {"all_gather_bytes": (sum(gather) + backward_regather) * micro_batches, "reduce_scatter_bytes": sum(reduce)}
 
 
 def ring_bytes_sent(message: dict[str, int], world: int) -> int:

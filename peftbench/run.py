@@ -247,7 +247,7 @@ def distributed_end(
         torch.manual_seed(cfg.seed)
         plain = setup(cfg, scratch).model
         plain.load_state_dict(full, strict=True)
-    closed = parallel.comm_closed_form(plain, ctx.strategy, ctx.world)
+    closed = parallel.comm_closed_form(plain, ctx.strategy, ctx.world, cfg.train.grad_accum)
     metrics.update({f"comm_{k}_per_step_closed_form": v for k, v in closed.items()})
     metrics["comm_ring_bytes_sent_per_rank_per_step"] = parallel.ring_bytes_sent(closed, ctx.world)
     metrics["world_size"] = ctx.world

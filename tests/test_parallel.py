@@ -64,7 +64,8 @@ def check_against_one_process(cases: list[list[str]], strategies: tuple[str, ...
             assert rec["train_losses"] == pytest.approx(alone["train_losses"], rel=1e-5, abs=1e-6), name
             assert rec["metrics"]["eval_loss"] == pytest.approx(alone["metrics"]["eval_loss"], rel=1e-5), name
             m = rec["metrics"]
-            closed = parallel.comm_closed_form(plain, s, 2)
+            accum = int(next((o.split("=")[1] for o in case if o.startswith("train.grad_accum=")), 1))
+            closed = parallel.comm_closed_form(plain, s, 2, accum)  # FSDP gathers for every micro-batch
             for k, v in closed.items():
                 assert m[f"comm_{k}_per_step"] == v == m[f"comm_{k}_per_step_closed_form"], (name, k)
             if s == "fsdp":
@@ -75,7 +76,10 @@ def check_against_one_process(cases: list[list[str]], strategies: tuple[str, ...
 
 
 def test_ddp_and_fsdp_train_full_and_lora_as_one_process():
-    check_against_one_process([["method=full"], ["method=lora"]], ("ddp", "fsdp"))
+    """Also under accumulation: gradients reduced once per step, at its last micro-batch."""
+    check_against_one_process(
+        [["method=full"], ["method=lora"], ["method=lora", "train.grad_accum=2"]], ("ddp", "fsdp")
+    )
 
 
 @pytest.mark.slow

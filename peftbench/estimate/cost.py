@@ -556,7 +556,7 @@ def distributed(model: nn.Module, cfg: Any, metrics: dict[str, Any], traced: dic
         metrics.update(shards)
         metrics["memory_unsharded_peak_bytes"] = unsharded
         metrics["peak_memory_bytes"] = peak + unsharded
-    closed = parallel.comm_closed_form(model, strategy, world)
+    closed = parallel.comm_closed_form(model, strategy, world, cfg.grad_accum)
     metrics.update({f"comm_{k}_per_step_closed_form": v for k, v in closed.items()})
     metrics["comm_ring_bytes_sent_per_rank_per_step"] = parallel.ring_bytes_sent(closed, world)
 
