@@ -765,6 +765,41 @@ def lever_table(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def parallel_table(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[str]:
+    """Distributed runs (records with a ``parallel`` block): one rank's peak memory and its
+    breakdown (the rank with the highest peak), the collectives' bytes per optimizer step as
+    measured, what one rank sends under ring algorithms, and the final training loss (equal
+    across world sizes when the runs match). Empty when the group holds none."""
+    rows = [(r, by_id[r["run_id"]]["parallel"]) for _, r in g.iterrows() if by_id[r["run_id"]].get("parallel")]
+    if not rows:
+        return []
+    lines = [
+        "### Distributed runs: one rank's memory and the bytes moved per step",
+        "",
+        "Memory in MiB of the rank with the highest peak; collectives in MiB per optimizer step (message "
+        "sizes, measured; equal to the closed form); `sent/rank`: what one rank sends under ring "
+        "algorithms. Step times of ranks that share fewer cores than there are ranks are not comparable.",
+        "",
+        "| method | parallel | ranks | peak | weights | gradients | optimizer | activations | all-reduce "
+        "| all-gather | reduce-scatter | sent/rank | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def mib(v: Any) -> str:
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v / MiB:,.2f}"
+
+    for r, par in sorted(rows, key=lambda t: (str(t[0]["method"]), t[1]["strategy"], t[1]["world_size"])):
+        m = by_id[r["run_id"]]["metrics"]
+        cells = [str(r["method"]), par["strategy"], str(par["world_size"]), mib(m.get("peak_memory_bytes"))]
+        cells += [mib(m.get(f"memory_{c}_bytes")) for c in ("weights", "gradients", "optimizer", "activations")]
+        cells += [mib(m.get(f"comm_{k}_bytes_per_step")) for k in ("all_reduce", "all_gather", "reduce_scatter")]
+        cells.append(mib(m.get("comm_ring_bytes_sent_per_rank_per_step")))
+        loss = m.get("train_loss_final")
+        cells.append("" if loss is None else f"{loss:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def slugify(*parts: Any) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")[:80]
 
@@ -796,7 +831,7 @@ def render(
                 "machine): compare them with care.",
                 "",
             ]
-        levers = lever_table(g, by_id)
+        levers = lever_table(g, by_id) + parallel_table(g, by_id)
         g = pool_seeds(ordered(g), by_id)
         lines += [md_table(g), ""] + levers
         if "quality_metric" in g and g["quality_metric"].notna().any():

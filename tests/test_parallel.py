@@ -285,3 +285,26 @@ def test_estimate_against_measured_distributed_runs(nproc):
                 assert 0.75 * got <= est <= got, name
         elif part != "optimizer":
             assert est == got, name
+
+
+def test_the_report_shows_one_ranks_memory_and_the_bytes_moved(tmp_path):
+    from test_compare import make_record, write
+
+    from peftbench import report
+
+    rec = make_record("lora", seed=7, extra_config={"parallel": {"strategy": "fsdp", "nproc": 2}})
+    rec["parallel"] = {"strategy": "fsdp", "world_size": 2, "ranks": []}
+    rec["metrics"].update(
+        peak_memory_bytes=2 * 2**20,
+        memory_weights_bytes=2**20,
+        memory_gradients_bytes=0,
+        memory_optimizer_bytes=2**19,
+        memory_activations_bytes=2**19,
+        comm_all_gather_bytes_per_step=3 * 2**20,
+        comm_reduce_scatter_bytes_per_step=2**18,
+        comm_ring_bytes_sent_per_rank_per_step=13 * 2**17,
+        train_loss_final=5.25,
+    )
+    md = report.build([write(tmp_path / "runs", rec)], tmp_path / "report").read_text()
+    assert "### Distributed runs: one rank's memory and the bytes moved per step" in md
+    assert "| lora | fsdp | 2 | 2.00 | 1.00 | 0.00 | 0.50 | 0.50 |  | 3.00 | 0.25 | 1.62 | 5.2500 |" in md
