@@ -210,9 +210,11 @@ def comm_closed_form(model: nn.Module, strategy: str, world: int, micro_batches:
     keeps its parameters unsharded between forward and backward); once per step, each unit's
     trainable gradients reduce-scattered (padded).
     """
-    if strategy == "ddp":
+    if strategy == "ddp":  # DDP all-reduces its buckets even on one rank
         grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         return {"all_reduce_bytes": grads}
+    if world == 1:  # FSDP2 on one rank holds everything whole and issues no collective
+        return {"all_gather_bytes": 0, "reduce_scatter_bytes": 0}
     units = shard_units(model)
     owner: dict[int, int] = {}  # parameter -> index of the unit that shards it (len(units): root)
     for i, unit in enumerate(units):

@@ -103,6 +103,8 @@ def test_comm_closed_form_of_lora_on_tiny_llama():
     layers = sum(parallel.padded_numel(p, 2) * 4 for m in parallel.shard_units(plain) for p in m.parameters())
     assert fsdp["all_gather_bytes"] == total + layers  # forward, and backward for all but the root
     # ring: all-reduce sends 2 (N-1)/N of the message, all-gather and reduce-scatter (N-1)/N
+    assert parallel.comm_closed_form(plain, "fsdp", 1) == {"all_gather_bytes": 0, "reduce_scatter_bytes": 0}
+    assert parallel.comm_closed_form(plain, "ddp", 1) == {"all_reduce_bytes": 4 * 28_672}  # DDP still reduces
     assert parallel.ring_bytes_sent({"all_reduce_bytes": 1000}, 4) == 1500
     assert parallel.ring_bytes_sent(fsdp, 2) == (fsdp["all_gather_bytes"] + fsdp["reduce_scatter_bytes"]) // 2
 
