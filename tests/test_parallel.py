@@ -274,7 +274,7 @@ def test_bad_parallel_estimates_are_one_line_errors(tmp_path, overrides, message
 def test_estimate_against_measured_distributed_runs(nproc):
     """The calibration (``python -m peftbench.estimate calibrate-parallel``): one rank's weights
     and the collectives' bytes exact; DDP's peak within 0.1%; FSDP's peak below the measured
-    one by at most 25% (its transient all-gather and copy buffers beyond the root and two
+    one by at most 30% (measured 7-18%, and the measured peak varies by up to 5% between runs; its transient all-gather and copy buffers beyond the root and two
     unsharded layers are not modelled; docs/ESTIMATES.md)."""
     from peftbench.estimate.calibrate import parallel_rows
 
@@ -284,7 +284,7 @@ def test_estimate_against_measured_distributed_runs(nproc):
             if strategy == "ddp":
                 assert est == pytest.approx(got, rel=1e-3), name
             else:
-                assert 0.75 * got <= est <= got, name
+                assert 0.7 * got <= est <= got, name
         elif part != "optimizer":
             assert est == got, name
 
