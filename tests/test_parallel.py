@@ -274,8 +274,9 @@ def test_bad_parallel_estimates_are_one_line_errors(tmp_path, overrides, message
 def test_estimate_against_measured_distributed_runs(nproc):
     """The calibration (``python -m peftbench.estimate calibrate-parallel``): one rank's weights
     and the collectives' bytes exact; DDP's peak within 0.1%; FSDP's peak below the measured
-    one by at most 30% (measured 7-18%, and the measured peak varies by up to 5% between runs; its transient all-gather and copy buffers beyond the root and two
-    unsharded layers are not modelled; docs/ESTIMATES.md)."""
+    one by at most 30% (measured 7-18%, and the measured peak varies by up to 5% between runs;
+    its transient all-gather and copy buffers beyond the root and two unsharded layers are not
+    modelled; docs/ESTIMATES.md)."""
     from peftbench.estimate.calibrate import parallel_rows
 
     for method, strategy, part, est, got in parallel_rows(nproc):
