@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -42,8 +43,29 @@ INFORMATIONAL = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--she
 # Launchers that run several jobs of a sweep at once on one machine (timings share it).
 PARALLEL_LAUNCHERS = ("JoblibLauncher", "LocalLauncher")
 SWEEP_SIZE_ENV = "PEFTBENCH_SWEEP_JOBS"
+STAMP = "%Y%m%dT%H%M%S%f"  # sortable UTC time, as a run id begins
+# The class name of the Hydra launcher the command hands its jobs to ("single" without -m), for
+# the checks that depend on where jobs will run (a run across nodes finding its node).
+LAUNCHER_ENV = "PEFTBENCH_LAUNCHER"
 # Where each command's App lives, by Hydra config name: a job in another process finds it here.
 APPS = {"config": "peftbench.cli:APP", "estimate": "peftbench.estimate.app:APP"}
+
+
+class RecordElsewhere(Exception):
+    """This process did its share of a run whose record another process writes (a node other
+    than node 0 of a run across several nodes). ``ok``: whether its share succeeded; the
+    message says what it did. The job leaves a share file instead of a record (``share_file``),
+    so this node's command still knows how its part ended."""
+
+    def __init__(self, message: str, ok: bool) -> None:
+        super().__init__(message)
+        self.ok = ok
+
+
+def share_file(results_dir: str, chash: str) -> Path:
+    """Where a node without the record says how its share of the job of config ``chash``
+    ended (one JSON object: status, note, stamp; not a record, so no reader lists it)."""
+    return Path(results_dir) / f".share-{chash}-{os.uname().nodename}-{os.getpid()}.json.share"
 
 
 @dataclass(frozen=True)
@@ -173,6 +195,18 @@ def sweep_values(o: Any) -> list[str]:
     return list(o.sweep_string_iterator())
 
 
+def launcher_name(overrides: list[str], multirun: bool, config_name: str) -> str:
+    """The class name of the Hydra launcher a command line's jobs go to ("single" without -m)."""
+    from hydra import compose as hydra_compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not multirun:
+        return "single"
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+    hc = hydra_compose(config_name, overrides=fixed, return_hydra_config=True).hydra
+    return str(hc.launcher.get("_target_", "")).rsplit(".", 1)[-1] or "unknown"
+
+
 def check_added_keys(overrides: list[str], config_name: str) -> None:
     """``+key=value`` and ``++key=value`` may add config groups (``+sweep=methods``) and set keys
     the schema has; a key the schema does not know is rejected however it is added."""
@@ -246,6 +280,7 @@ def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
     current = overrides
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=app.prog):
+            os.environ[LAUNCHER_ENV] = launcher_name(overrides, multirun, app.config_name)
             for job in job_overrides(overrides, multirun, app.config_name):
                 current = job
                 check_added_keys(job, app.config_name)
@@ -290,7 +325,8 @@ def run_job(app: App, cfg: Any, extra_provenance: Optional[dict[str, Any]] = Non
     Never raises for a failure inside the run: the record says ``status: failed`` with the
     reason, so one bad job never takes a sweep down. extra_provenance: what only the launching
     side knows (the launcher, the code fingerprint). A record that cannot be written raises
-    ``OSError``.
+    ``OSError``. A process whose record another writes (``RecordElsewhere``) gets its status
+    and note back, and no path.
     """
     import torch
 
@@ -301,6 +337,8 @@ def run_job(app: App, cfg: Any, extra_provenance: Optional[dict[str, Any]] = Non
     try:
         app.execute(cfg, rec)
         rec["status"] = "ok"
+    except RecordElsewhere as e:  # another process writes this run's record
+        return {"status": "ok" if e.ok else "failed", "note": str(e)}, None
     except Exception as e:  # recorded, not raised: a sweep goes on
         rec["status"], rec["error"] = "failed", failure(e)
         if not isinstance(e, ConfigError):
@@ -355,6 +393,13 @@ def job(cfg: Any) -> None:
         running.touch()
         # what only the launching side knows: the code's fingerprint (for resume) and the launcher
         rec, path = run_job(app, cfg, {**now, "launcher": launcher_info()})
+        if path is None:  # this node's share of a run whose record another node writes
+            print(f"{app.prog}: {rec['note']}", file=sys.stderr if rec["status"] != "ok" else sys.stdout)
+            share = share_file(cfg.results_dir, chash)
+            tmp = share.with_name(f".tmp{share.name}")
+            tmp.write_text(json.dumps({**rec, "stamp": dt.datetime.now(dt.timezone.utc).strftime(STAMP)}))
+            tmp.replace(share)
+            return
     except OSError as e:  # the record could not be written (disk full, folder gone)
         where = e.filename or cfg.results_dir
         print(f"{app.prog}: error: cannot write the record {where}: {e.strerror or e}", file=sys.stderr)
@@ -366,13 +411,22 @@ def job(cfg: Any) -> None:
 
 # ------------------------------------------------------------------------------ outcome
 def outcome(job_: Job, since: str, now: dict[str, Any]) -> tuple[str, Optional[dict[str, Any]]]:
-    """What became of a job: ok, reused, failed or missing, with its record."""
+    """What became of a job: ok, reused, failed or missing, with its record; elsewhere (this
+    node did its share of a run whose record another node writes), with its share file."""
     from peftbench.records import reader
 
     found = reader.by_hash(job_.results_dir, job_.config_hash)
     fresh = reader.newest(r for r in found if reader.stamp(r) >= since)
     if fresh is not None:
         return ("ok" if fresh.get("status") == "ok" else "failed"), fresh
+    for path in sorted(Path(job_.results_dir).glob(f".share-{job_.config_hash}-*.share")):
+        try:
+            share = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if share.get("stamp", "") >= since:  # this node's share; the record is another node's
+            share.update({"_path": str(path), "error": share.get("note")})
+            return ("elsewhere" if share.get("status") == "ok" else "failed"), share
     if not job_.force:
         old, _ = reader.reusable(job_.results_dir, job_.config_hash, now)
         if old is not None:
@@ -422,12 +476,12 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
 
     now = reader.code_state()
     unique = list({(j.results_dir, j.config_hash): j for j in jobs}.values())
-    counts = {"ok": 0, "reused": 0, "failed": 0, "missing": 0}
+    counts = {"ok": 0, "reused": 0, "failed": 0, "missing": 0, "elsewhere": 0}
     lines, recs = [], []
     for j in unique:
         state, rec = outcome(j, since, now)
         counts[state] += 1
-        if rec is not None:
+        if rec is not None and state != "elsewhere" and "run_id" in rec:
             recs.append(rec)
         if state == "failed":
             lines.append(f"  failed   {j.label} [{j.config_hash}]: {rec.get('error')}  ({rec['_path']})")
@@ -439,7 +493,8 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
     app.report(recs)
     print(
         f"{app.prog}: sweep of {len(unique)} job(s): {counts['ok']} ran ok, {counts['reused']} reused, "
-        f"{counts['failed']} failed, {counts['missing']} without a record",
+        f"{counts['failed']} failed, {counts['missing']} without a record"
+        + (f", {counts['elsewhere']} run here with the record on another node" if counts["elsewhere"] else ""),
         file=sys.stderr,
     )
     for line in lines:
@@ -501,7 +556,7 @@ def main(app: App, argv: Optional[list[str]] = None) -> int:
     jobs = check_jobs(app, argv)
     if isinstance(jobs, int):
         return jobs
-    since = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    since = dt.datetime.now(dt.timezone.utc).strftime(STAMP)
     os.environ[SWEEP_SIZE_ENV] = str(len(jobs))
     launch(app, argv, jobs, since)
     try:
@@ -510,6 +565,6 @@ def main(app: App, argv: Optional[list[str]] = None) -> int:
         from peftbench.records import reader
 
         state, _ = outcome(jobs[0], since, reader.code_state())
-        return EXIT_OK if state in ("ok", "reused") else EXIT_FAILED
+        return EXIT_OK if state in ("ok", "reused", "elsewhere") else EXIT_FAILED
     finally:
         clear_markers(jobs)

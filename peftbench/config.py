@@ -163,14 +163,23 @@ class ParallelConfig:
     strategy: none (one process) | ddp (a replica per rank, gradients all-reduced) | fsdp
     (FSDP2: every transformer layer and the root sharded across the ranks). nproc: ranks
     (worker processes this job starts, one per device on CUDA); ``train.batch_size`` is the
-    global batch, split evenly. timeout_s: how long a collective waits for a rank before the
-    run fails (seconds). backend: auto (gloo on CPU, NCCL on CUDA) | gloo | nccl.
+    global batch, split evenly. timeout_s: how long a collective waits for a rank, and a node
+    for the others to join, before the run fails (seconds). backend: auto (gloo on CPU, NCCL on
+    CUDA) | gloo | nccl.
+
+    Several nodes (world size ``nnodes x nproc``): every node runs the same job with its
+    ``node_rank`` (0 .. nnodes-1) and the ``master`` (HOST:PORT) of node 0, as ``torchrun
+    --nnodes --node-rank --master-addr`` does; in a submitit SLURM job of ``nnodes`` nodes both
+    come from the job when left null. Where the job runs, not what it is: neither is hashed.
     """
 
     strategy: str = "none"
     nproc: int = 1
     timeout_s: float = 600.0
     backend: str = "auto"
+    nnodes: int = 1
+    node_rank: Optional[int] = None
+    master: Optional[str] = None
 
 
 @dataclass
@@ -288,14 +297,39 @@ def check_parallel(cfg: Any) -> None:
     require(par.backend in BACKENDS, "parallel.backend", par.backend, f"allowed: {', '.join(BACKENDS)}")
     require(par.nproc >= 1, "parallel.nproc", par.nproc, "must be an integer >= 1")
     require(par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds")
+    require(par.nnodes >= 1, "parallel.nnodes", par.nnodes, "must be an integer >= 1")
     if par.strategy == "none":
         require(par.nproc == 1, "parallel.nproc", par.nproc, "must be 1 with parallel=none (choose ddp or fsdp)")
+        require(par.nnodes == 1, "parallel.nnodes", par.nnodes, "must be 1 with parallel=none (choose ddp or fsdp)")
         return
     require(
-        cfg.train.batch_size % par.nproc == 0,
+        par.node_rank is None or 0 <= par.node_rank < par.nnodes,
+        "parallel.node_rank",
+        par.node_rank,
+        f"allowed: 0 to {par.nnodes - 1} (parallel.nnodes={par.nnodes}), or null",
+    )
+    require(
+        par.master is None or re.fullmatch(r"[^:\s]+:\d{1,5}", str(par.master)) is not None,
+        "parallel.master",
+        par.master,
+        "allowed: HOST:PORT of node 0's rendezvous, or null",
+    )
+    from peftbench.parallel import knows_its_node
+
+    require(
+        knows_its_node(par),
+        "parallel.nnodes",
+        par.nnodes,
+        "this process cannot tell which node it is; allowed: parallel.node_rank=K and parallel.master=HOST:PORT "
+        "on every node, a SLURM job (srun, one task per node), or -m hydra/launcher=submitit_slurm",
+    )
+    world = par.nproc * par.nnodes
+    across = f"parallel.nproc={par.nproc}" if par.nnodes == 1 else f"the world size {world} (nnodes x nproc)"
+    require(
+        cfg.train.batch_size % world == 0,
         "train.batch_size",
         cfg.train.batch_size,
-        f"must be a multiple of parallel.nproc={par.nproc} (the global batch is split evenly)",
+        f"must be a multiple of {across} (the global batch is split evenly)",
     )
     device = resolve_device(cfg.device)
     require(

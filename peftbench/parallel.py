@@ -34,8 +34,11 @@ import os
 import signal
 import socket
 import tempfile
+import time
 import traceback
 import uuid
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -70,47 +73,112 @@ def active() -> Optional[Context]:
 
 # ----------------------------------------------------------------------- communication
 class CommCounter:
-    """Bytes and calls of the collectives of the training steps, per optimizer step: ``begin``
-    at a step's start, ``end`` at its end keeps the step's totals (``steps``)."""
+    """Bytes, calls and time of the collectives of the training steps, per optimizer step:
+    ``begin`` at a step's start, ``end`` at its end keeps the step's totals (``steps``) and,
+    for a timed step, the milliseconds during which a collective was in flight (``timed_ms``).
+
+    Time (``issued``): on gloo, from the moment a collective is issued to the moment its work
+    completes (its future's callback, on the gloo thread), so it includes waiting for a late
+    peer, as any collective's time does; a step's figure is the union of its collectives'
+    intervals (busy time: queued collectives are not counted twice). On NCCL the CUDA events of
+    the collective's own stream (``TORCH_NCCL_ENABLE_TIMING``, set by the launcher), summed
+    after the step, which synchronises anyway. Collectives run beside compute (DDP overlaps
+    buckets with the backward), so busy time is an upper bound of what they add to the step.
+    """
 
     def __init__(self) -> None:
         self.current: dict[str, int] = {}
         self.steps: list[dict[str, int]] = []
+        self.intervals: list[list[float]] = []  # this step's [issued, done] (perf_counter, s)
+        self.works: list[Any] = []  # this step's NCCL works, timed by their CUDA events
+        self.untimed = 0  # this step's collectives that could not be timed
+        self.timed_ms: list[Optional[float]] = []  # None: a step with an untimed collective
 
     def add(self, kind: str, nbytes: int) -> None:
         self.current[f"{kind}_bytes"] = self.current.get(f"{kind}_bytes", 0) + int(nbytes)
         self.current[f"{kind}_calls"] = self.current.get(f"{kind}_calls", 0) + 1
 
-    def begin(self) -> None:
-        self.current = {}
+    def issued(self, issue: Callable[[], Any], wait: bool) -> Any:
+        """Issue one collective (``issue()``: its asynchronous ``dist.Work``) and time it to its
+        completion. ``wait``: the caller asked for a synchronous call, so wait here and return
+        None; else return the work. On gloo the end is the return of the wait, or the work's
+        future when the caller waits later (a work without a future leaves the step untimed)."""
+        import torch.distributed as dist
 
-    def end(self) -> None:
+        t0 = time.perf_counter()
+        work = issue()
+        nccl = dist.get_backend() == "nccl"
+        if nccl:
+            self.works.append(work)
+        if wait:
+            work.wait()
+            if not nccl:
+                self.intervals.append([t0, time.perf_counter()])
+            return None
+        if not nccl:
+            span = [t0, math.nan]
+            try:
+                work.get_future().add_done_callback(lambda _fut: span.__setitem__(1, time.perf_counter()))
+            except RuntimeError:  # "getFuture not implemented" for this collective
+                self.untimed += 1
+            else:
+                self.intervals.append(span)
+        return work
+
+    def begin(self) -> None:
+        self.current, self.intervals, self.works, self.untimed = {}, [], [], 0
+
+    def end(self, timed: bool = False) -> None:
         self.steps.append(dict(self.current))
+        if timed:
+            works = sum(w._get_duration() for w in self.works)  # ms, CUDA events (NCCL)
+            self.timed_ms.append(None if self.untimed else busy_ms(self.intervals) + works)
+
+
+def busy_ms(intervals: list[list[float]]) -> float:
+    """Milliseconds covered by at least one of the ``[start, end]`` intervals (seconds)."""
+    total, reach = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if math.isnan(stop):
+            raise RuntimeError("a collective of this step had not completed at the step's end")
+        if stop > reach:
+            total += stop - max(start, reach)
+            reach = stop
+    return total * 1e3
 
 
 def _ddp_hook(counter: CommCounter) -> Any:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    """DDP's default hook (the bucket divided by the world size, then all-reduced), counted and
+    timed."""
+    import torch.distributed as dist
 
     def hook(state, bucket):  # noqa: ANN001, ANN202 (DDP checks the annotations: none or GradBucket)
         buf = bucket.buffer()
         counter.add("all_reduce", buf.numel() * buf.element_size())
-        return default_hooks.allreduce_hook(state, bucket)
+        group = state if state is not None else dist.group.WORLD
+        buf.div_(dist.get_world_size(group))
+        work = counter.issued(lambda: dist.all_reduce(buf, group=group, async_op=True), wait=False)
+        return work.get_future().then(lambda fut: fut.value()[0])
 
     return hook
 
 
 def _fsdp_collectives(counter: CommCounter) -> tuple[Any, Any]:
+    """FSDP2's default all-gather and reduce-scatter, counted and timed: issued asynchronously
+    (so the work can be timed) and waited for here when FSDP asked for a synchronous call."""
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
     class CountedAllGather(DefaultAllGather):
         def __call__(self, output_tensor, input_tensor, group, async_op=False):  # noqa: ANN001
             counter.add("all_gather", output_tensor.numel() * output_tensor.element_size())
-            return super().__call__(output_tensor, input_tensor, group, async_op)
+            issue = super().__call__
+            return counter.issued(lambda: issue(output_tensor, input_tensor, group, True), wait=not async_op)
 
     class CountedReduceScatter(DefaultReduceScatter):
         def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # noqa: ANN001
             counter.add("reduce_scatter", input_tensor.numel() * input_tensor.element_size())
-            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+            issue = super().__call__
+            return counter.issued(lambda: issue(output_tensor, input_tensor, group, op, True), wait=not async_op)
 
     return CountedAllGather(), CountedReduceScatter()
 
@@ -263,7 +331,9 @@ def combine(ranks: list[dict[str, Any]], global_tokens: list[int], global_sample
     breakdown, ``step_ms`` of the timed steps, ``comm``): peak memory and breakdown of the rank
     with the highest peak; each timed step as long as its slowest rank, its throughput the global
     batch's tokens (samples) over that time, medians and IQRs of them; collective bytes of the
-    last step (every step moves the same)."""
+    last step (every step moves the same); time in collectives (``comm_ms``: each timed step's
+    busy time, ``CommCounter``) as the rank that spent most in them per step, and its share of
+    that step's time."""
     from peftbench.timing import stats
 
     out: dict[str, Any] = {}
@@ -287,6 +357,11 @@ def combine(ranks: list[dict[str, Any]], global_tokens: list[int], global_sample
         )
     comm = ranks[0].get("comm") or {}
     out.update({f"comm_{k}_per_step": v for k, v in comm.items()})
+    timed = [(max(ms), s) for ms, s in zip(zip(*(r.get("comm_ms") or [] for r in ranks)), per_step) if None not in ms]
+    if timed:
+        st = stats([c for c, _ in timed])
+        out["comm_ms_per_step_median"], out["comm_ms_per_step_iqr"] = st["median"], st["iqr"]
+        out["comm_share_of_step_median"] = stats([c / s for c, s in timed])["median"]
     return out
 
 
@@ -317,6 +392,8 @@ def _worker(cfg: Any, errors: str) -> Optional[dict[str, Any]]:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
             torch.cuda.set_device(device)
+        if backend(cfg.parallel.backend, device) == "nccl":  # CUDA events per collective (CommCounter)
+            os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
         dist.init_process_group(
             backend(cfg.parallel.backend, device),
             timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
@@ -343,21 +420,113 @@ def _worker(cfg: Any, errors: str) -> Optional[dict[str, Any]]:
             dist.destroy_process_group()
 
 
-def spawn(n: int, fn: Any, *args: Any) -> dict[int, Any]:
-    """Run ``fn(*args)`` in ``n`` fresh processes, ranks 0..n-1 of one local group, through
-    ``torch.distributed``'s elastic launcher (rendezvous on a free local port, no restarts; the
-    environment each process needs to ``init_process_group`` is set); returns {rank: result}.
-    Raises the launcher's ``ChildFailedError`` when a process fails or dies (the others are
-    stopped)."""
+@dataclass(frozen=True)
+class Topology:
+    """Where this job's process sits in a run: ``nnodes`` nodes of ``nproc`` ranks each, this
+    one node ``node_rank``; ``endpoint`` (host:port) is node 0's rendezvous store; ``source``
+    says where the node came from (local, config, or the submitit job environment)."""
+
+    nnodes: int
+    node_rank: int
+    nproc: int
+    endpoint: str
+    source: str
+
+    @property
+    def world(self) -> int:
+        return self.nnodes * self.nproc
+
+
+def job_environment() -> Any:
+    """submitit's description of the scheduler job this process is a task of (its nodes, node
+    id, tasks): a submitit job, or a SLURM step started by ``srun`` (read through submitit's
+    SLURM environment); None outside any."""
+    try:
+        import submitit
+        from submitit.slurm.slurm import SlurmJobEnvironment
+    except ImportError:
+        return None
+    try:
+        return submitit.JobEnvironment()
+    except RuntimeError:
+        return SlurmJobEnvironment() if "SLURM_JOB_ID" in os.environ else None
+
+
+def knows_its_node(par: Any) -> bool:
+    """Whether a job of ``parallel`` settings ``par`` will find its node: one node, both
+    ``node_rank`` and ``master`` given, inside a scheduler job, or submitted through submitit's
+    SLURM launcher (whose tasks are scheduler jobs)."""
+    from peftbench.app import LAUNCHER_ENV
+
+    given = par.node_rank is not None and par.master is not None
+    slurm = os.environ.get(LAUNCHER_ENV, "") == "SlurmLauncher"
+    return par.nnodes == 1 or given or slurm or job_environment() is not None
+
+
+def job_port(job_id: str) -> int:
+    """The rendezvous port every node of one scheduler job derives alike from its id (20000 to
+    39999; two jobs sharing a node are unlikely to meet)."""
+    return 20000 + zlib.crc32(job_id.encode()) % 20000
+
+
+def topology(par: Any) -> Topology:
+    """This process's place in the run of ``parallel`` settings ``par``. One node: a free local
+    port. Several: ``parallel.node_rank`` and ``parallel.master`` as given, else from the
+    scheduler job this process is a task of (``hydra/launcher=submitit_slurm`` with
+    ``hydra.launcher.nodes=M tasks_per_node=1``, or ``srun --ntasks-per-node=1``: node id,
+    first host of the node list, a port from the job id). Raises ``ConfigError`` (one line)
+    when neither says."""
+    from methods import ConfigError
+
+    if par.nnodes == 1:
+        return Topology(1, 0, par.nproc, f"127.0.0.1:{free_port()}", "local")
+    node, master, source = par.node_rank, par.master, "config"
+    if node is None or master is None:
+        env = job_environment()
+        if env is None:
+            raise ConfigError(
+                f"parallel.nnodes={par.nnodes}: this process does not know its node; allowed: "
+                "parallel.node_rank=K parallel.master=HOST:PORT on every node, or a submitit_slurm job of "
+                f"{par.nnodes} nodes"
+            )
+        if env.num_nodes != par.nnodes or env.num_tasks != env.num_nodes:
+            raise ConfigError(
+                f"parallel.nnodes={par.nnodes}: the submitit job has {env.num_tasks} tasks on {env.num_nodes} "
+                f"nodes; allowed: hydra.launcher.nodes={par.nnodes} hydra.launcher.tasks_per_node=1 (each node's "
+                "task starts its parallel.nproc ranks)"
+            )
+        node = env.node if node is None else node
+        master = master or f"{env.hostnames[0]}:{job_port(str(env.job_id))}"
+        source = f"{env.name()} job {env.job_id} (submitit's job environment)"
+    return Topology(par.nnodes, int(node), par.nproc, master, source)
+
+
+def spawn(n: int, fn: Any, *args: Any, topo: Optional[Topology] = None, timeout_s: float = 600.0) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``n`` fresh processes through ``torch.distributed``'s elastic
+    launcher (no restarts; the environment each process needs to ``init_process_group`` is
+    set); returns {global rank: result} for this node's ranks. One node (``topo`` None or of
+    one node): ranks 0..n-1, rendezvous on a free local port. Several: this node's launcher
+    meets the others' at ``topo.endpoint`` (static rendezvous, as ``torchrun --nnodes M
+    --node-rank K --master-addr ...``; node K holds ranks K n .. K n + n - 1), waiting up to
+    ``timeout_s`` seconds for them. Raises the launcher's ``ChildFailedError`` when a process
+    fails or dies (the others on this node are stopped)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if topo is None or topo.nnodes == 1:
+        nodes, endpoint, backend_, run_id = 1, f"127.0.0.1:{free_port()}", "c10d", uuid.uuid4().hex
+        configs: dict[str, Any] = {}
+    else:
+        nodes, endpoint, backend_ = topo.nnodes, topo.endpoint, "static"
+        run_id = f"peftbench-{topo.endpoint}"
+        configs = {"rank": topo.node_rank, "timeout": timeout_s}
     launch_cfg = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=nodes,
+        max_nodes=nodes,
         nproc_per_node=n,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        run_id=run_id,
+        rdzv_backend=backend_,
+        rdzv_endpoint=endpoint,
+        rdzv_configs=configs,
         max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
@@ -396,21 +565,49 @@ class RankFailed(RuntimeError):
 
 
 def launch(cfg: Any) -> dict[str, Any]:
-    """Run the job on ``parallel.nproc`` ranks (this process starts them and waits); returns
-    rank 0's record. Raises ``RankFailed`` naming the first rank that failed and its error (or
-    its exit code or signal when it died without a word)."""
+    """Run the job on this node's ``parallel.nproc`` ranks (this process starts them and
+    waits); returns rank 0's record. Raises ``RankFailed`` naming the first rank of this node
+    that failed and its error (or its exit code or signal when it died without a word). On a
+    node other than node 0 of a run across several, raises ``app.RecordElsewhere`` instead,
+    saying how this node's share ended: node 0's job writes the record."""
+    from peftbench.app import RecordElsewhere, failure
+
+    topo = topology(cfg.parallel)
+    try:
+        rec = _launch(cfg, topo)
+    except Exception as e:
+        if topo.node_rank == 0:
+            raise
+        raise RecordElsewhere(f"node {topo.node_rank} of {topo.nnodes} failed: {failure(e)}", ok=False) from e
+    if topo.node_rank != 0:
+        first, last = topo.node_rank * topo.nproc, (topo.node_rank + 1) * topo.nproc - 1
+        mine = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        raise RecordElsewhere(
+            f"node {topo.node_rank} of {topo.nnodes}: {mine} of {topo.world} trained; node 0 ({topo.endpoint}) "
+            "writes the record",
+            ok=True,
+        )
+    rec.setdefault("parallel", {}).update(
+        {"nnodes": topo.nnodes, "nproc_per_node": topo.nproc, "rendezvous": topo.source}
+    )
+    return rec
+
+
+def _launch(cfg: Any, topo: Topology) -> Optional[dict[str, Any]]:
+    """``launch``'s ranks: rank 0's record (None on a node without rank 0)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    n = cfg.parallel.nproc
+    world = topo.world
+    elsewhere = "; a rank on another node may have failed first (see that node's log)" if topo.nnodes > 1 else ""
     with tempfile.TemporaryDirectory(prefix="peftbench-ranks-") as errors:
         try:
-            results = spawn(n, _worker, cfg, errors)
+            results = spawn(topo.nproc, _worker, cfg, errors, topo=topo, timeout_s=cfg.parallel.timeout_s)
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
             said = Path(errors, f"{rank}.txt")
             if said.is_file():
-                raise RankFailed(f"rank {rank} of {n}: {said.read_text().splitlines()[0]}") from None
+                raise RankFailed(f"rank {rank} of {world}: {said.read_text().splitlines()[0]}{elsewhere}") from None
             code = failure.exitcode
             why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            raise RankFailed(f"rank {rank} of {n} died ({why}); the other ranks were stopped") from None
-    return results[0]
+            raise RankFailed(f"rank {rank} of {world} died ({why}); the other ranks were stopped{elsewhere}") from None
+    return results.get(0)

@@ -232,7 +232,7 @@ def distributed_end(
     metrics = rec["metrics"]
     mine = {k: v for k, v in metrics.items() if k.startswith(("peak_memory", "memory_"))}
     comm = ctx.comm.steps[-1] if ctx.comm.steps else {}
-    local = {"rank": ctx.rank, **mine, "step_ms": result["train_step_ms"], "comm": comm}
+    local = {"rank": ctx.rank, **mine, "step_ms": result["train_step_ms"], "comm": comm, "comm_ms": ctx.comm.timed_ms}
     ranks = parallel.gather(local)
     if ctx.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -181,7 +181,7 @@ def train(
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
         if ctx is not None:
-            ctx.comm.end()
+            ctx.comm.end(timed=step >= untimed)
             if world > 1:  # the global batch's loss, for the record (after the timed region)
                 torch.distributed.all_reduce(loss)
                 loss = loss / world

@@ -68,6 +68,12 @@ def check_against_one_process(cases: list[list[str]], strategies: tuple[str, ...
             closed = parallel.comm_closed_form(plain, s, 2, accum)  # FSDP gathers for every micro-batch
             for k, v in closed.items():
                 assert m[f"comm_{k}_per_step"] == v == m[f"comm_{k}_per_step_closed_form"], (name, k)
+            # time in collectives: every timed step of every rank timed, inside its step
+            for r in rec["parallel"]["ranks"]:
+                assert len(r["comm_ms"]) == len(r["step_ms"]) == m["train_timed_steps"], (name, r["rank"])
+                assert all(0 < c <= s for c, s in zip(r["comm_ms"], r["step_ms"])), (name, r["rank"])
+            assert 0 < m["comm_ms_per_step_median"] <= m["train_step_ms_median"], name
+            assert 0 < m["comm_share_of_step_median"] <= 1, name
             if s == "fsdp":
                 shard = sum(parallel.padded_numel(p, 2) // 2 * p.element_size() for p in plain.parameters())
                 buffers = sum(b.numel() * b.element_size() for b in plain.buffers())
@@ -125,6 +131,72 @@ def test_combine_takes_the_slowest_rank_per_step_and_the_highest_peak():
     assert m["train_step_ms_median"] == 250.0  # steps of 200 and 300 ms
     assert m["train_tokens_per_s"] == pytest.approx((5000 + 1000 / 0.3) / 2)
     assert m["comm_x_per_step"] == 1
+    assert "comm_ms_per_step_median" not in m  # no rank timed its collectives
+
+
+def test_combine_takes_the_rank_longest_in_collectives_per_step():
+    ranks = [
+        {"rank": 0, "step_ms": [100.0, 300.0, 100.0], "comm_ms": [10.0, 90.0, None]},
+        {"rank": 1, "step_ms": [200.0, 100.0, 100.0], "comm_ms": [50.0, 30.0, 5.0]},
+    ]
+    m = parallel.combine(ranks, [1000] * 3, [8] * 3)
+    # the third step had an untimed collective on rank 0: left out; steps 1-2: 50 and 90 ms
+    assert m["comm_ms_per_step_median"] == 70.0
+    assert m["comm_share_of_step_median"] == pytest.approx((50 / 200 + 90 / 300) / 2)
+
+
+# ------------------------------------------------------------------- time in collectives
+def test_busy_time_is_the_union_of_the_collectives_intervals():
+    assert parallel.busy_ms([]) == 0.0
+    assert parallel.busy_ms([[1.0, 1.5]]) == pytest.approx(500.0)
+    # a collective queued behind another is not counted twice; a gap is not counted
+    assert parallel.busy_ms([[0.0, 0.4], [0.1, 0.3], [0.3, 0.6], [1.0, 1.1]]) == pytest.approx(700.0)
+    with pytest.raises(RuntimeError, match="had not completed"):
+        parallel.busy_ms([[0.0, float("nan")]])
+
+
+LATE_S = 0.4  # how late rank 1 comes to each collective
+
+
+def late_collectives() -> list:
+    """In each of 2 gloo ranks: three timed steps of one collective each, rank 1 arriving
+    ``LATE_S`` late to every one: an all-reduce waited on here (as FSDP's synchronous calls),
+    one waited on later through its future (as DDP's buckets), and an FSDP reduce-scatter
+    through the counted collective FSDP is given."""
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    counter = parallel.CommCounter()
+    t = torch.ones(1024)
+    _, reduce_scatter = parallel._fsdp_collectives(counter)
+    steps = [
+        lambda: counter.issued(lambda: dist.all_reduce(t, async_op=True), wait=True),
+        lambda: counter.issued(lambda: dist.all_reduce(t, async_op=True), wait=False).wait(),
+        lambda: reduce_scatter(torch.empty(512), t, dist.group.WORLD, dist.ReduceOp.SUM),
+    ]
+    try:
+        for step in steps:
+            dist.barrier()
+            counter.begin()
+            if rank == 1:
+                time.sleep(LATE_S)
+            step()
+            counter.end(timed=True)
+    finally:
+        dist.destroy_process_group()
+    return counter.timed_ms
+
+
+def test_time_in_a_collective_includes_the_wait_for_a_late_rank():
+    """Rank 0 is in each collective from its call until rank 1 arrives and the work completes;
+    rank 1, arriving last, only for the exchange itself (a 4 kB tensor: well under LATE_S)."""
+    found = parallel.spawn(2, late_collectives)
+    assert len(found[0]) == len(found[1]) == 3
+    assert all(ms >= LATE_S * 1e3 for ms in found[0]), found
+    assert all(ms < LATE_S * 1e3 / 2 for ms in found[1]), found
 
 
 # ------------------------------------------------------------------------- the CLI path
@@ -184,6 +256,19 @@ def test_world_size_one_gives_the_plain_run(tmp_path):
             ["parallel=fsdp", "model.quantize=nf4"],
             "model.quantize=nf4: parallel=fsdp shards dense weights only; allowed with fsdp: null",
         ),
+        (["parallel.nnodes=2"], "parallel.nnodes=2: must be 1 with parallel=none (choose ddp or fsdp)"),
+        (
+            ["parallel=ddp", "parallel.nnodes=2", "parallel.node_rank=2", "parallel.master=h:1"],
+            "parallel.node_rank=2: allowed: 0 to 1 (parallel.nnodes=2), or null",
+        ),
+        (
+            ["parallel=ddp", "parallel.nnodes=2", "parallel.node_rank=1", "parallel.master=h"],
+            "parallel.master=h: allowed: HOST:PORT of node 0's rendezvous, or null",
+        ),
+        (
+            ["parallel=ddp", "parallel.nnodes=2", "parallel.node_rank=0", "parallel.master=h:1", "train.batch_size=2"],
+            "train.batch_size=2: must be a multiple of the world size 4 (nnodes x nproc) (the global batch is split",
+        ),
     ],
 )
 def test_bad_parallel_settings_are_one_line_errors(tmp_path, overrides, message):
@@ -203,6 +288,145 @@ def test_a_one_process_config_hashes_as_before_the_parallel_settings():
     assert records.config_hash(container) == records.config_hash(without)
     ddp = {**container, "parallel": {**container["parallel"], "strategy": "ddp", "nproc": 2}}
     assert records.config_hash(ddp) != records.config_hash(container)
+    # one node hashes as before nnodes existed (the committed distributed records stay reusable)
+    before = {k: v for k, v in ddp["parallel"].items() if k not in ("nnodes", "node_rank", "master")}
+    assert records.config_hash(ddp) == records.config_hash({**ddp, "parallel": before})
+    # every node of a run hashes alike: its place is not what the run is
+    nodes = [{**ddp, "parallel": {**ddp["parallel"], "nnodes": 2, "node_rank": k, "master": "h:1"}} for k in (0, 1)]
+    assert records.config_hash(nodes[0]) == records.config_hash(nodes[1]) != records.config_hash(ddp)
+
+
+# ------------------------------------------------------------------------ several nodes
+def on_nodes(tmp_path, common: list[str], nodes: list[tuple[list[str], dict]]) -> list[subprocess.CompletedProcess]:
+    """One ``python -m peftbench`` per node (its own overrides and environment), all at once on
+    this machine, each its own launcher meeting the others through the rendezvous, as
+    ``nnodes`` hosts would."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "peftbench", *SHORT, f"results_dir={tmp_path}", *common, *own],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        )
+        for own, env in nodes
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def shares(tmp_path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in tmp_path.glob(".share-*.share")]
+
+
+def by_config(port: int) -> list[str]:
+    return ["method=lora", "parallel=ddp", "parallel.nproc=1", "parallel.nnodes=2", f"parallel.master=127.0.0.1:{port}"]
+
+
+def test_two_nodes_train_as_one_process_and_node_0_writes_the_one_record(tmp_path):
+    """``parallel.nnodes=2`` with each node's ``node_rank`` and node 0's address, as torchrun's
+    static rendezvous: the loss curve of one process, one record (node 0's), and node 1's
+    command says how its share ended (exit 0, a share file, no record)."""
+    port = parallel.free_port()
+    done = on_nodes(tmp_path, by_config(port), [(["parallel.node_rank=0"], {}), (["parallel.node_rank=1"], {})])
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    rec = the_record(tmp_path)
+    assert rec["status"] == "ok"
+    par = rec["parallel"]
+    assert (par["world_size"], par["nnodes"], par["nproc_per_node"], par["rendezvous"]) == (2, 2, 1, "config")
+    assert [r["rank"] for r in par["ranks"]] == [0, 1]
+    alone = one_process(["method=lora", *SHORT])
+    assert rec["train_losses"] == pytest.approx(alone["train_losses"], rel=1e-5, abs=1e-6)
+    assert rec["metrics"]["comm_all_reduce_bytes_per_step"] == 4 * 28_672
+    assert f"node 1 of 2: rank 1 of 2 trained; node 0 (127.0.0.1:{port}) writes the record" in done[1].stdout
+    assert [s["status"] for s in shares(tmp_path)] == ["ok"]
+
+
+def test_a_node_that_cannot_tell_which_it_is_is_a_one_line_error(tmp_path):
+    done = cli_run(tmp_path, "method=lora", "parallel=ddp", "parallel.nproc=1", "parallel.nnodes=2")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "peftbench: error: parallel.nnodes=2: this process cannot tell which node it is; allowed: "
+        "parallel.node_rank=K and parallel.master=HOST:PORT on every node, a SLURM job (srun, one task per node), "
+        "or -m hydra/launcher=submitit_slurm"
+    )
+    assert not any(tmp_path.iterdir())
+
+
+def slurm_env(node: int, nodes: int = 2, job: str = "4242") -> dict:
+    """What SLURM and submitit set in the task of node ``node`` of a job of ``nodes`` nodes,
+    one task each (``hydra.launcher.nodes=2 tasks_per_node=1``), all on this host."""
+    return {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": job,
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_NTASKS": str(nodes),
+        "SLURM_NODEID": str(node),
+        "SLURM_PROCID": str(node),
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_NODELIST": ",".join(["localhost"] * nodes),
+    }
+
+
+def test_the_nodes_of_a_slurm_job_find_each_other_through_submitit(tmp_path):
+    """In a submitit SLURM job of 2 nodes the node rank, node 0's host and the port come from
+    the job (submitit's job environment), FSDP across the nodes trains as one process."""
+    common = ["method=lora", "parallel=fsdp", "parallel.nproc=1", "parallel.nnodes=2"]
+    done = on_nodes(tmp_path, common, [([], slurm_env(0)), ([], slurm_env(1))])
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    rec = the_record(tmp_path)
+    par = rec["parallel"]
+    assert par["rendezvous"] == "slurm job 4242 (submitit's job environment)"
+    assert (par["world_size"], par["nnodes"]) == (2, 2)
+    alone = one_process(["method=lora", *SHORT])
+    assert rec["train_losses"] == pytest.approx(alone["train_losses"], rel=1e-5, abs=1e-6)
+    assert f"localhost:{parallel.job_port('4242')}" in done[1].stdout
+
+
+def test_a_slurm_job_of_the_wrong_shape_is_a_one_line_failure(tmp_path):
+    """Two tasks per node would start two launchers per node: refused, naming the fix."""
+    env = {**slurm_env(0), "SLURM_NTASKS": "4"}
+    done = cli_run(tmp_path, "method=lora", "parallel=ddp", "parallel.nproc=1", "parallel.nnodes=2", env=env)
+    assert done.returncode == 1
+    rec = the_record(tmp_path)
+    assert rec["error"] == (
+        "parallel.nnodes=2: the submitit job has 4 tasks on 2 nodes; allowed: hydra.launcher.nodes=2 "
+        "hydra.launcher.tasks_per_node=1 (each node's task starts its parallel.nproc ranks)"
+    )
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_another_node_fails_both_nodes_not_a_hang(tmp_path):
+    """Node 1's rank dies: node 1's command says so (share file, exit 1), node 0's rank loses
+    its peer and node 0's record is failed, pointing at the other node's log."""
+    common = [*by_config(parallel.free_port()), "parallel.timeout_s=60"]
+    kill = {parallel.KILL_RANK: "1"}
+    done = on_nodes(tmp_path, common, [(["parallel.node_rank=0"], kill), (["parallel.node_rank=1"], kill)])
+    assert [d.returncode for d in done] == [1, 1]
+    rec = the_record(tmp_path)
+    assert rec["status"] == "failed"
+    assert rec["error"].startswith("RankFailed: rank 0 of 2: ")
+    assert rec["error"].endswith("a rank on another node may have failed first (see that node's log)")
+    (share,) = shares(tmp_path)
+    assert share["status"] == "failed"
+    assert share["note"].startswith("node 1 of 2 failed: RankFailed: rank 1 of 2 died (killed by signal 9)")
+    assert "node 1 of 2 failed" in done[1].stderr
+
+
+def test_a_multi_node_sweep_through_submitit_slurm_passes_the_check():
+    """Submitted through submitit's SLURM launcher, the jobs are scheduler jobs that know their
+    node: the check lets them through (nothing is submitted here)."""
+    from peftbench import app
+
+    argv = ["-m", "hydra/launcher=submitit_slurm", "method=lora", "parallel=ddp", "parallel.nnodes=2", "device=cpu"]
+    jobs = app.check_jobs(cli.APP, argv)
+    assert isinstance(jobs, list) and len(jobs) == 1
+    assert os.environ[app.LAUNCHER_ENV] == "SlurmLauncher"
+    assert app.check_jobs(cli.APP, [a for a in argv if "launcher" not in a]) == 2
 
 
 # ------------------------------------------------------------------------ the estimator

@@ -58,21 +58,25 @@ ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
 
 
 def check_parallel(cfg: Any) -> None:
-    """``parallel`` as in a run: strategy none, ddp or fsdp; ``nproc`` ranks splitting the
-    global micro-batch of ``batch_size`` evenly; FSDP on a dense base."""
+    """``parallel`` as in a run: strategy none, ddp or fsdp; ``nnodes x nproc`` ranks splitting
+    the global micro-batch of ``batch_size`` evenly; FSDP on a dense base."""
     from peftbench.parallel import STRATEGIES
 
     par = cfg.parallel
     require(par.strategy in STRATEGIES, "parallel.strategy", par.strategy, f"allowed: {', '.join(STRATEGIES)}")
     require(par.nproc >= 1, "parallel.nproc", par.nproc, "must be an integer >= 1")
+    require(par.nnodes >= 1, "parallel.nnodes", par.nnodes, "must be an integer >= 1")
     if par.strategy == "none":
         require(par.nproc == 1, "parallel.nproc", par.nproc, "must be 1 with parallel=none (choose ddp or fsdp)")
+        require(par.nnodes == 1, "parallel.nnodes", par.nnodes, "must be 1 with parallel=none (choose ddp or fsdp)")
         return
+    world = par.nproc * par.nnodes
+    across = f"parallel.nproc={par.nproc}" if par.nnodes == 1 else f"the world size {world} (nnodes x nproc)"
     require(
-        cfg.batch_size % par.nproc == 0,
+        cfg.batch_size % world == 0,
         "batch_size",
         cfg.batch_size,
-        f"must be a multiple of parallel.nproc={par.nproc} (the global micro-batch is split evenly)",
+        f"must be a multiple of {across} (the global micro-batch is split evenly)",
     )
     require(
         par.strategy != "fsdp" or cfg.model.quantize is None,
@@ -124,7 +128,7 @@ def new_record(cfg: Any) -> dict[str, Any]:
             "recomputation": cfg.gradient_checkpointing,
             "quantize": cfg.model.quantize,
             "parallel": cfg.parallel.strategy,
-            "world_size": cfg.parallel.nproc,
+            "world_size": cfg.parallel.nproc * cfg.parallel.nnodes,
             "peak": "the tensor-memory tracker's peak of one optimizer step, run on fake CPU tensors",
         },
     }
@@ -176,7 +180,8 @@ def lever_labels(config: dict[str, Any]) -> list[str]:
     quant = (config.get("model") or {}).get("quantize")
     ckpt = "yes" if config.get("gradient_checkpointing") else "-"
     par = config.get("parallel") or {}
-    ranks = f"{par['strategy']} x{par['nproc']}" if par.get("strategy", "none") != "none" else "-"
+    world = par.get("nproc", 1) * par.get("nnodes", 1)
+    ranks = f"{par['strategy']} x{world}" if par.get("strategy", "none") != "none" else "-"
     return [config["precision"], ckpt, str(config.get("grad_accum", 1)), quant or "-", ranks]
 
 

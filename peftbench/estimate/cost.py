@@ -473,8 +473,9 @@ def korthikanti_bytes(config: Any, batch: int, seq: int, eager: bool) -> Optiona
 
 
 def ranks(cfg: Any) -> int:
-    """The world size of a distributed estimate (1 for ``parallel.strategy: none``)."""
-    return cfg.parallel.nproc if cfg.parallel.strategy != "none" else 1
+    """The world size of a distributed estimate (``nnodes x nproc``; 1 for ``parallel.strategy:
+    none``); ring bytes are those of one flat ring over every rank, whatever the nodes."""
+    return cfg.parallel.nproc * cfg.parallel.nnodes if cfg.parallel.strategy != "none" else 1
 
 
 def per_rank_cfg(cfg: Any) -> Any:

@@ -23,10 +23,19 @@ def config_hash(config: dict[str, Any]) -> str:
     """Short stable hash of a resolved config (everything that defines the run but where its
     record is written and whether it is forced). A one-process run (``parallel.strategy:
     none``) hashes without its ``parallel`` settings: it is the same run as before they existed,
-    so earlier records stay comparable and reusable."""
+    so earlier records stay comparable and reusable; a distributed one without the node's place
+    (``node_rank``, ``master``: every node of a run hashes alike), and without ``nnodes`` on one
+    node."""
     cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force")}
-    if (cfg.get("parallel") or {}).get("strategy", "none") == "none":
+    par = dict(cfg.get("parallel") or {})
+    if par.get("strategy", "none") == "none":
         cfg.pop("parallel", None)
+    elif par:  # where a node runs is not what the run is; one node hashes as before nnodes existed
+        for key in ("node_rank", "master"):
+            par.pop(key, None)
+        if par.get("nnodes", 1) == 1:
+            par.pop("nnodes", None)
+        cfg["parallel"] = par
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
