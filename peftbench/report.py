@@ -768,8 +768,9 @@ def lever_table(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[str]:
 def parallel_table(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[str]:
     """Distributed runs (records with a ``parallel`` block): one rank's peak memory and its
     breakdown (the rank with the highest peak), the collectives' bytes per optimizer step as
-    measured, what one rank sends under ring algorithms, and the final training loss (equal
-    across world sizes when the runs match). Empty when the group holds none."""
+    measured, what one rank sends under ring algorithms, the time in collectives per step (the
+    rank longest in them; its share of the step) and the final training loss (equal across
+    world sizes when the runs match). Empty when the group holds none."""
     rows = [(r, by_id[r["run_id"]]["parallel"]) for _, r in g.iterrows() if by_id[r["run_id"]].get("parallel")]
     if not rows:
         return []
@@ -778,11 +779,14 @@ def parallel_table(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[st
         "",
         "Memory in MiB of the rank with the highest peak; collectives in MiB per optimizer step (message "
         "sizes, measured; equal to the closed form); `sent/rank`: what one rank sends under ring "
-        "algorithms. Step times of ranks that share fewer cores than there are ranks are not comparable.",
+        "algorithms; `in collectives`: median ms per step during which a collective was in flight on the "
+        "rank longest in them (it overlaps compute, and includes waiting for a late rank), with its share "
+        "of the step. `ranks`: nodes x ranks per node when there are several nodes. Step times of ranks "
+        "that share fewer cores than there are ranks are not comparable.",
         "",
         "| method | parallel | ranks | peak | weights | gradients | optimizer | activations | all-reduce "
-        "| all-gather | reduce-scatter | sent/rank | final loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| all-gather | reduce-scatter | sent/rank | in collectives | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def mib(v: Any) -> str:
@@ -790,10 +794,14 @@ def parallel_table(g: pd.DataFrame, by_id: dict[str, dict[str, Any]]) -> list[st
 
     for r, par in sorted(rows, key=lambda t: (str(t[0]["method"]), t[1]["strategy"], t[1]["world_size"])):
         m = by_id[r["run_id"]]["metrics"]
-        cells = [str(r["method"]), par["strategy"], str(par["world_size"]), mib(m.get("peak_memory_bytes"))]
+        nodes = par.get("nnodes", 1)
+        ranks = f"{nodes}x{par['world_size'] // nodes}" if nodes > 1 else str(par["world_size"])
+        cells = [str(r["method"]), par["strategy"], ranks, mib(m.get("peak_memory_bytes"))]
         cells += [mib(m.get(f"memory_{c}_bytes")) for c in ("weights", "gradients", "optimizer", "activations")]
         cells += [mib(m.get(f"comm_{k}_bytes_per_step")) for k in ("all_reduce", "all_gather", "reduce_scatter")]
         cells.append(mib(m.get("comm_ring_bytes_sent_per_rank_per_step")))
+        busy, share = m.get("comm_ms_per_step_median"), m.get("comm_share_of_step_median")
+        cells.append("" if busy is None else f"{busy:,.1f} ms ({share:.0%})")
         loss = m.get("train_loss_final")
         cells.append("" if loss is None else f"{loss:.4f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -530,8 +530,17 @@ def test_the_report_shows_one_ranks_memory_and_the_bytes_moved(tmp_path):
         comm_all_gather_bytes_per_step=3 * 2**20,
         comm_reduce_scatter_bytes_per_step=2**18,
         comm_ring_bytes_sent_per_rank_per_step=13 * 2**17,
+        comm_ms_per_step_median=12.34,
+        comm_share_of_step_median=0.256,
         train_loss_final=5.25,
     )
-    md = report.build([write(tmp_path / "runs", rec)], tmp_path / "report").read_text()
+    two_nodes = make_record("lora", seed=8, extra_config={"parallel": {"strategy": "ddp", "nproc": 2, "nnodes": 2}})
+    two_nodes["parallel"] = {"strategy": "ddp", "world_size": 4, "nnodes": 2, "ranks": []}
+    two_nodes["metrics"].update(comm_all_reduce_bytes_per_step=2**20, train_loss_final=5.5)
+    paths = [write(tmp_path / "runs", r) for r in (rec, two_nodes)]
+    md = report.build(paths, tmp_path / "report").read_text()
     assert "### Distributed runs: one rank's memory and the bytes moved per step" in md
-    assert "| lora | fsdp | 2 | 2.00 | 1.00 | 0.00 | 0.50 | 0.50 |  | 3.00 | 0.25 | 1.62 | 5.2500 |" in md
+    assert (
+        "| lora | fsdp | 2 | 2.00 | 1.00 | 0.00 | 0.50 | 0.50 |  | 3.00 | 0.25 | 1.62 | 12.3 ms (26%) | 5.2500 |" in md
+    )
+    assert "| lora | ddp | 2x2 |" in md and "| 1.00 |  |  |  |  | 5.5000 |" in md
