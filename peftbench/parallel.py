@@ -228,18 +228,25 @@ def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
         ddp = DistributedDataParallel(model, device_ids=ids)
         ddp.register_comm_hook(None, _ddp_hook(ctx.comm))
         return ddp
-    from torch.distributed.fsdp import fully_shard
-
-    follow_fsdp_storage()
     all_gather, reduce_scatter = _fsdp_collectives(ctx.comm)
-    units = shard_units(model)
-    for unit in units:
-        fully_shard(unit)
-    fully_shard(model)
-    for m in [*units, model]:
+    for m in [*shard(model), model]:
         m.set_custom_all_gather(all_gather)
         m.set_custom_reduce_scatter(reduce_scatter)
     return model
+
+
+def shard(model: nn.Module, mesh: Any = None) -> list[nn.Module]:
+    """FSDP2 ``fully_shard`` on every transformer layer (``shard_units``), then on the root, over
+    ``mesh`` (default: the whole default group); the storage frees followed by the memory
+    tracker. Returns the layers."""
+    from torch.distributed.fsdp import fully_shard
+
+    follow_fsdp_storage()
+    units = shard_units(model)
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return units
 
 
 def no_sync(model: nn.Module, last: bool) -> Any:

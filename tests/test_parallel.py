@@ -460,8 +460,42 @@ def test_estimate_per_rank_state_and_communication():
     closed = parallel.comm_closed_form(plain, "fsdp", 2)
     for k, v in closed.items():
         assert fsdp[f"comm_{k}_per_step_closed_form"] == v
-    assert fsdp["world_size"] == 2 and fsdp["memory_unsharded_peak_bytes"] > 0
+    assert fsdp["world_size"] == 2
     assert fsdp["train_flops_per_token"] == pytest.approx(alone["train_flops_per_token"])
+
+
+@pytest.mark.parametrize(
+    "family, method, world", [("tiny-llama", "full", 4), ("tiny-gpt2", "lora", 2), ("tiny-llama", "adapter", 2)]
+)
+def test_the_fsdp_trace_grows_by_the_same_bytes_per_layer_from_three_layers(family, method, world):
+    """The estimate traces FSDP2 on a fake group of ``world`` ranks at 3 and 4 layers and
+    extrapolates: every figure of a 6-layer model's trace, to the byte."""
+    from peftbench import app
+    from peftbench.estimate import cost
+
+    cfg = app.compose(
+        f"model={family}",
+        f"method={method}",
+        "precision=fp32",
+        f"batch_size={2 * world}",
+        "seq_length=32",
+        "parallel=fsdp",
+        f"parallel.nproc={world}",
+        config_name="estimate",
+    )
+    config = cost.with_layers(cost.build(cfg)[0].config, 6)
+    rank = cost.per_rank_cfg(cfg)
+    assert cost.trace_model(config, rank) == cost.trace(config, rank)
+
+
+def test_an_fsdp_estimate_needs_its_own_fake_group():
+    from peftbench.estimate import cost
+
+    with cost.fake_group(2):
+        with pytest.raises(RuntimeError, match="runs on a fake process group of its own"):
+            with cost.fake_group(2):
+                pass
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize(
@@ -497,10 +531,10 @@ def test_bad_parallel_estimates_are_one_line_errors(tmp_path, overrides, message
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_estimate_against_measured_distributed_runs(nproc):
     """The calibration (``python -m peftbench.estimate calibrate-parallel``): one rank's weights
-    and the collectives' bytes exact; DDP's peak within 0.1%; FSDP's peak below the measured
-    one by at most 30% (measured 7-18%, and the measured peak varies by up to 5% between runs;
-    its transient all-gather and copy buffers beyond the root and two unsharded layers are not
-    modelled; docs/ESTIMATES.md)."""
+    and the collectives' bytes exact; DDP's peak within 0.1%; FSDP's peak (FSDP2 traced on a
+    fake group) never more than 0.1% above the measured one and at most 6% below: identical
+    measured runs peak up to 3-5% apart, as frees land before or after the peak depending on
+    when asynchronous work finishes, and the estimate is the quiet run's (docs/ESTIMATES.md)."""
     from peftbench.estimate.calibrate import parallel_rows
 
     for method, strategy, part, est, got in parallel_rows(nproc):
@@ -509,7 +543,7 @@ def test_estimate_against_measured_distributed_runs(nproc):
             if strategy == "ddp":
                 assert est == pytest.approx(got, rel=1e-3), name
             else:
-                assert 0.7 * got <= est <= got, name
+                assert 0.94 * got <= est <= 1.001 * got, name
         elif part != "optimizer":
             assert est == got, name
 

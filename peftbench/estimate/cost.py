@@ -414,12 +414,20 @@ def trace(config: Any, cfg: Any) -> dict[str, int]:
     Attention runs as the fused CPU kernel (``AttentionKernel``); under ``attention=eager``
     the probabilities are added in closed form to the activations and the peak (under
     checkpointing only one layer's, to the peak). ``quantized_saving``: the bytes the
-    quantized base saves (``quantize_base``'s own account)."""
+    quantized base saves (``quantize_base``'s own account). Under ``parallel=fsdp`` the model is
+    sharded as a run shards it (``parallel.shard``) over a fake group of the world size
+    (``fake_group``), and the step is rank 0's: its shards, and the unsharded parameters,
+    all-gather and reduce-scatter buffers FSDP2 allocates and frees around each layer."""
     model, mode, quantized = fake_model(config, cfg)
     with mode:
         micro = [{k: torch.empty_like(v) for k, v in b.items()} for b in micro_batches(cfg, 2)]
     kernel = AttentionKernel(cfg.attention)
-    with kernel.installed(), unpacked():
+    sharded = cfg.parallel.strategy == "fsdp" and ranks(cfg) > 1
+    with kernel.installed(), unpacked(), fake_group(ranks(cfg)) if sharded else contextlib.nullcontext() as mesh:
+        if sharded:
+            from peftbench import parallel
+
+            parallel.shard(model, mesh)
         got = tracked_step(model, cfg, micro, mode, pass_mask=False)
     eager = kernel.eager_bytes
     if cfg.gradient_checkpointing:
@@ -429,6 +437,25 @@ def trace(config: Any, cfg: Any) -> dict[str, int]:
         got["peak_memory_bytes"] += sum(eager)
     got["quantized_saving"] = quantized["dense_weight_bytes"] - quantized["quantized_weight_bytes"] if quantized else 0
     return got
+
+
+@contextlib.contextmanager
+def fake_group(world: int) -> Iterator[Any]:
+    """A default process group of ``world`` ranks held by this one process as rank 0, whose
+    collectives move nothing (torch's ``fake`` backend, the one torchtitan's memory estimation
+    runs FSDP2 on): FSDP2 pads, allocates and frees on it exactly as on a real group, so a
+    traced step shows one rank's memory. Yields its one-dimensional CPU device mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("an FSDP estimate runs on a fake process group of its own; this process is in a group")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
 
 
 def with_layers(config: Any, layers: int) -> Any:
@@ -445,15 +472,19 @@ def trace_model(config: Any, cfg: Any) -> dict[str, int]:
 
     Every layer after the first is the same code on the same shapes, so each figure is
     c(2) + (L - 2) * (c(3) - c(2)) (the first layer differs: nothing below it trains, so no
-    input gradient); exact for bytes held and FLOPs; for the peak, exact as long as the peak
-    falls in the same part of the step for every depth (``tests/test_estimate.py`` compares
-    whole traces). A 96-layer trace costs far more than two small ones.
+    input gradient; under FSDP2, c(3) + (L - 3) * (c(4) - c(3))); exact for bytes held and
+    FLOPs; for the peak, exact as long as the peak falls in the same part of the step for every
+    depth (``tests/test_estimate.py`` and, for FSDP2, ``tests/test_parallel.py`` compare whole
+    traces). A 96-layer trace costs far more than two small ones.
     """
     layers = config.num_hidden_layers
-    if layers <= 3:
+    # FSDP2: the root's unsharding and the first prefetches overlap the first layers differently,
+    # so depth adds the same bytes only from 3 layers on (tests/test_estimate.py)
+    low = 3 if cfg.parallel.strategy == "fsdp" and ranks(cfg) > 1 else 2
+    if layers <= low + 1:
         return trace(config, cfg)
-    two, three = (trace(with_layers(config, n), cfg) for n in (2, 3))
-    return {k: two[k] + (layers - 2) * (three[k] - two[k]) for k in two}
+    a, b = (trace(with_layers(config, n), cfg) for n in (low, low + 1))
+    return {k: a[k] + (layers - low) * (b[k] - a[k]) for k in a}
 
 
 def korthikanti_bytes(config: Any, batch: int, seq: int, eager: bool) -> Optional[int]:
@@ -512,30 +543,13 @@ def sharded_state_bytes(model: nn.Module, precision: str, world: int) -> dict[st
     }
 
 
-def unsharded_peak_bytes(model: nn.Module, world: int) -> int:
-    """Bytes of parameters FSDP2 holds unsharded at the step's peak, early in backward: the
-    root's (kept from forward to backward) and two transformer layers' (the one being
-    differentiated and the next one, prefetched), each padded to a multiple of ``world`` rows.
-    Calibrated against measured runs (docs/ESTIMATES.md, "Distributed")."""
-    from peftbench.parallel import padded_numel, shard_units
-
-    def padded(ps: Any) -> int:
-        return sum(padded_numel(p, world) * p.element_size() for p in unique(ps))
-
-    units = shard_units(model)
-    in_units = {id(p) for u in units for p in u.parameters()}
-    root = padded(p for p in model.parameters() if id(p) not in in_units)
-    layers = sorted((padded(u.parameters()) for u in units), reverse=True)
-    return root + sum(layers[:2])
-
-
-def distributed(model: nn.Module, cfg: Any, metrics: dict[str, Any], traced: dict[str, int]) -> None:
-    """One rank's figures of a distributed step, from the one-rank trace at its share of the batch
-    (``metrics``, updated in place): DDP adds the gradient buckets (a flat copy of the trainable
-    gradients, live throughout) to the activations and the peak; FSDP2 holds shards of the
-    weights, gradients and optimizer state (``sharded_state_bytes``) and, at the peak, the
-    unsharded parameters of ``unsharded_peak_bytes``. Communication: the closed form of the
-    measured run (``parallel.comm_closed_form``)."""
+def distributed(model: nn.Module, cfg: Any, metrics: dict[str, Any]) -> None:
+    """One rank's figures of a distributed step (``metrics``, updated in place; the step was
+    traced at one rank's share of the batch): DDP adds the gradient buckets (a flat copy of the
+    trainable gradients, live throughout) to the activations and the peak; under FSDP2 the
+    traced step was already one rank's (``trace``), and its weights, gradients and optimizer
+    state are the shards in closed form (``sharded_state_bytes``). Communication: the closed
+    form of the measured run (``parallel.comm_closed_form``)."""
     from peftbench import parallel
 
     world, strategy = ranks(cfg), cfg.parallel.strategy
@@ -545,18 +559,7 @@ def distributed(model: nn.Module, cfg: Any, metrics: dict[str, Any], traced: dic
         metrics["memory_activations_bytes"] += buckets
         metrics["peak_memory_bytes"] += buckets
     else:
-        shards = sharded_state_bytes(model, cfg.precision, world)
-        peak = metrics["peak_memory_bytes"]
-        for k in ("memory_weights_bytes", "memory_optimizer_bytes"):
-            peak -= metrics[k] - shards[k]
-        full_grads = metrics["memory_gradients_bytes"]
-        at_peak = traced.get("peak_gradients_bytes", 0)
-        if full_grads and at_peak:
-            peak -= at_peak - at_peak * shards["memory_gradients_bytes"] // full_grads
-        unsharded = unsharded_peak_bytes(model, world)
-        metrics.update(shards)
-        metrics["memory_unsharded_peak_bytes"] = unsharded
-        metrics["peak_memory_bytes"] = peak + unsharded
+        metrics.update(sharded_state_bytes(model, cfg.precision, world))
     closed = parallel.comm_closed_form(model, strategy, world, cfg.grad_accum)
     metrics.update({f"comm_{k}_per_step_closed_form": v for k, v in closed.items()})
     metrics["comm_ring_bytes_sent_per_rank_per_step"] = parallel.ring_bytes_sent(closed, world)
@@ -577,9 +580,16 @@ def estimate(cfg: Any) -> dict[str, Any]:
     traced = trace_model(model.config, per_rank_cfg(cfg))  # one rank's share of each micro-batch
     states["memory_weights_bytes"] -= traced["quantized_saving"]
     peak = traced["peak_memory_bytes"]
-    if cfg.precision == MASTER:
-        trained = unique(p for p in model.parameters() if p.requires_grad)
-        peak += optimizer_bytes(trained, MASTER) - optimizer_bytes(trained, "bf16")
+    if cfg.precision == MASTER:  # the fp32 master copies and moments (FSDP: their shards)
+        if cfg.parallel.strategy == "fsdp":
+            world = ranks(cfg)
+            peak += (
+                sharded_state_bytes(model, MASTER, world)["memory_optimizer_bytes"]
+                - sharded_state_bytes(model, "bf16", world)["memory_optimizer_bytes"]
+            )
+        else:
+            trained = unique(p for p in model.parameters() if p.requires_grad)
+            peak += optimizer_bytes(trained, MASTER) - optimizer_bytes(trained, "bf16")
     attention = traced["attention_flops"]
     executed = traced["flops"] - (0 if cfg.flops_attention else attention)
     trainable = methods.trainable_parameters(model)
@@ -603,5 +613,5 @@ def estimate(cfg: Any) -> dict[str, Any]:
         recomputed = traced["recomputed_flops"] - (0 if cfg.flops_attention else traced["recomputed_attention_flops"])
         metrics["train_model_flops_per_token"] = (executed - recomputed) / rank_tokens
     if ranks(cfg) > 1 or cfg.parallel.strategy != "none":
-        distributed(model, cfg, metrics, traced)
+        distributed(model, cfg, metrics)
     return {"metrics": metrics, "method_config": method.describe(model), "model_config": model.config.to_dict()}
