@@ -417,6 +417,16 @@ def test_a_rank_killed_on_another_node_fails_both_nodes_not_a_hang(tmp_path):
     assert "node 1 of 2 failed" in done[1].stderr
 
 
+@pytest.mark.slow
+def test_a_node_that_never_arrives_fails_the_rendezvous_after_the_timeout(tmp_path):
+    common = [*by_config(parallel.free_port()), "parallel.node_rank=0", "parallel.timeout_s=5"]
+    (done,) = on_nodes(tmp_path, common, [([], {})])
+    assert done.returncode == 1
+    rec = the_record(tmp_path)
+    assert rec["error"].startswith("DistStoreError: Timed out after")
+    assert "1/2 clients joined" in rec["error"]
+
+
 def test_a_multi_node_sweep_through_submitit_slurm_passes_the_check():
     """Submitted through submitit's SLURM launcher, the jobs are scheduler jobs that know their
     node: the check lets them through (nothing is submitted here)."""
