@@ -131,7 +131,10 @@ class CommCounter:
     def end(self, timed: bool = False) -> None:
         self.steps.append(dict(self.current))
         if timed:
-            works = sum(w._get_duration() for w in self.works)  # ms, CUDA events (NCCL)
+            try:
+                works = sum(w._get_duration() for w in self.works)  # ms, CUDA events (NCCL)
+            except RuntimeError:  # timing not enabled in this process group: untimed, not guessed
+                self.untimed += 1
             self.timed_ms.append(None if self.untimed else busy_ms(self.intervals) + works)
 
 

@@ -155,6 +155,32 @@ def test_busy_time_is_the_union_of_the_collectives_intervals():
         parallel.busy_ms([[0.0, float("nan")]])
 
 
+def test_on_nccl_a_steps_time_in_collectives_is_the_sum_of_their_cuda_event_durations(monkeypatch):
+    """The NCCL branch (no GPU here): each work's ``_get_duration`` (ms between the CUDA events
+    of its stream) is summed after the step; a work that cannot say leaves the step untimed."""
+
+    class Work:
+        def __init__(self, ms: float | None) -> None:
+            self.ms = ms
+
+        def _get_duration(self) -> float:
+            if self.ms is None:
+                raise RuntimeError("Work::getDuration not supported: enable TORCH_NCCL_ENABLE_TIMING")
+            return self.ms
+
+        def wait(self) -> bool:
+            return True
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    counter = parallel.CommCounter()
+    for durations in ([2.5, 1.25], [3.0, None]):
+        counter.begin()
+        for ms in durations:
+            assert counter.issued(lambda ms=ms: Work(ms), wait=False).ms == ms
+        counter.end(timed=True)
+    assert counter.timed_ms == [3.75, None]
+
+
 LATE_S = 0.4  # how late rank 1 comes to each collective
 
 
