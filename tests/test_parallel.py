@@ -413,6 +413,34 @@ def test_the_nodes_of_a_slurm_job_find_each_other_through_submitit(tmp_path):
     assert f"localhost:{parallel.job_port('4242')}" in done[1].stdout
 
 
+def test_a_node_of_an_srun_step_reads_its_place_from_slurm(monkeypatch):
+    """``srun --ntasks-per-node=1 python -m peftbench ...`` inside one's own sbatch script: no
+    submitit job, the SLURM variables read through submitit's SLURM environment."""
+    from omegaconf import OmegaConf
+
+    env = {**slurm_env(1, nodes=3, job="777"), "SLURM_JOB_NODELIST": "gpu[07-09]"}
+    del env["SUBMITIT_EXECUTOR"]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    par = OmegaConf.create({"nnodes": 3, "nproc": 8, "node_rank": None, "master": None})
+    topo = parallel.topology(par)
+    assert (topo.nnodes, topo.node_rank, topo.nproc, topo.world) == (3, 1, 8, 24)
+    assert topo.endpoint == f"gpu07:{parallel.job_port('777')}" and 20000 <= parallel.job_port("777") < 40000
+    assert topo.source == "slurm job 777 (submitit's job environment)"
+    # given values win over the job's
+    par.node_rank, par.master = 2, "head:29500"
+    assert (parallel.topology(par).node_rank, parallel.topology(par).endpoint) == (2, "head:29500")
+
+
+def test_the_estimate_of_two_nodes_is_that_of_their_world_size():
+    two_nodes = estimate("method=full", "parallel=fsdp", "parallel.nproc=2", "parallel.nnodes=2")
+    one_node = estimate("method=full", "parallel=fsdp", "parallel.nproc=4")
+    assert two_nodes["world_size"] == one_node["world_size"] == 4
+    for k in ("peak_memory_bytes", "memory_weights_bytes", "comm_all_gather_bytes_per_step_closed_form"):
+        assert two_nodes[k] == one_node[k], k
+
+
 def test_a_slurm_job_of_the_wrong_shape_is_a_one_line_failure(tmp_path):
     """Two tasks per node would start two launchers per node: refused, naming the fix."""
     env = {**slurm_env(0), "SLURM_NTASKS": "4"}
