@@ -143,16 +143,19 @@ PARALLEL_RUN = (
 PARALLEL_PARTS = ("weights", "optimizer", "peak")
 
 
-def parallel_rows(nproc: int, methods_: tuple[str, ...] = ("full", "lora")) -> list[tuple[str, str, str, int, int]]:
+def parallel_rows(
+    nproc: int, methods_: tuple[str, ...] = ("full", "lora"), model: tuple[str, ...] = ()
+) -> list[tuple[str, str, str, int, int]]:
     """(method, strategy, part, estimated, measured) for each method under DDP and FSDP on
     ``nproc`` gloo ranks: the measured figures are those of the rank with the highest peak,
-    weights and optimizer state at that peak."""
+    weights and optimizer state at that peak. ``model``: overrides of tiny-llama's shape
+    (``model.arch.num_hidden_layers=12``), given to the run and the estimate alike."""
     from peftbench import parallel
 
     cases = [(m, s) for m in methods_ for s in ("ddp", "fsdp")]
     batch = 2 * nproc
     configs = [
-        [f"method={m}", *PARALLEL_RUN, f"train.batch_size={batch}", f"parallel={s}", f"parallel.nproc={nproc}"]
+        [f"method={m}", *PARALLEL_RUN, *model, f"train.batch_size={batch}", f"parallel={s}", f"parallel.nproc={nproc}"]
         for m, s in cases
     ]
     recs = parallel.spawn(nproc, parallel.run_configs, configs)[0]
@@ -160,6 +163,7 @@ def parallel_rows(nproc: int, methods_: tuple[str, ...] = ("full", "lora")) -> l
     for (m, s), rec in zip(cases, recs):
         cfg = app.compose(
             "model=tiny-llama",
+            *model,
             f"method={m}",
             "precision=fp32",
             f"batch_size={batch}",
@@ -181,21 +185,23 @@ def parallel_rows(nproc: int, methods_: tuple[str, ...] = ("full", "lora")) -> l
 
 
 def calibrate_parallel(argv: list[str]) -> int:
-    """``python -m peftbench.estimate calibrate-parallel [nproc=2,4]``: one rank's estimated
-    weights, optimizer state and peak, and the collectives' bytes, beside a measured
-    distributed run of full fine-tuning and LoRA under DDP and FSDP on tiny-llama (the rank with
-    the highest peak). Exit status 1 if the weights or the collectives' bytes differ (the
-    optimizer state at the peak may be 0: a peak in the first step comes before the state)."""
+    """``python -m peftbench.estimate calibrate-parallel [nproc=2,4] [model.arch.KEY=VALUE ...]``:
+    one rank's estimated weights, optimizer state and peak, and the collectives' bytes, beside a
+    measured distributed run of full fine-tuning and LoRA under DDP and FSDP on tiny-llama
+    (reshaped by the ``model.`` overrides; the rank with the highest peak). Exit status 1 if
+    the weights or the collectives' bytes differ (the optimizer state at the peak may be 0: a
+    peak in the first step comes before the state)."""
     opts = dict(a.split("=", 1) for a in argv if "=" in a)
     nprocs = [int(n) for n in opts.get("nproc", "2,4").split(",")]
+    model = tuple(a for a in argv if a.startswith("model."))
     print(
         "CALIBRATION (distributed): one rank's estimate vs a measured gloo run on CPU, "
-        "tiny-llama, 2 x 32 tokens per rank"
+        f"tiny-llama{' ' + ' '.join(model) if model else ''}, 2 x 32 tokens per rank"
     )
     print(f"{'ranks':<6} {'method':<7} {'parallel':<9} {'part':<15} {'estimated':>14} {'measured':>14} {'error':>8}")
     exact = True
     for n in nprocs:
-        for m, s, part, e, g in parallel_rows(n):
+        for m, s, part, e, g in parallel_rows(n, model=model):
             if part not in ("optimizer", "peak") and e != g:  # weights and bytes moved are exact
                 exact = False
             print(f"{n:<6} {m:<7} {s:<9} {part:<15} {e:>14,} {g:>14,} {100 * error(e, g):>+7.2f}%")
