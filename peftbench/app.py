@@ -481,7 +481,7 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
     for j in unique:
         state, rec = outcome(j, since, now)
         counts[state] += 1
-        if rec is not None and state != "elsewhere" and "run_id" in rec:
+        if rec is not None and "run_id" in rec:  # a record, not another node's share file
             recs.append(rec)
         if state == "failed":
             lines.append(f"  failed   {j.label} [{j.config_hash}]: {rec.get('error')}  ({rec['_path']})")

@@ -288,6 +288,18 @@ def check_quantize(cfg: Any) -> None:
     )
 
 
+def world_size(par: Any) -> int:
+    """Ranks of a run of ``parallel`` settings ``par``: ``nnodes x nproc`` (1 with strategy none)."""
+    return par.nproc * par.nnodes if par.strategy != "none" else 1
+
+
+def split_across(par: Any) -> str:
+    """What a global batch must be a multiple of under ``par``, as error messages say it."""
+    if par.nnodes == 1:
+        return f"parallel.nproc={par.nproc}"
+    return f"the world size {world_size(par)} (nnodes x nproc)"
+
+
 def check_parallel(cfg: Any) -> None:
     """The ``parallel`` settings: a known strategy and backend, ranks that split the batch."""
     from peftbench.parallel import BACKENDS, STRATEGIES
@@ -323,13 +335,11 @@ def check_parallel(cfg: Any) -> None:
         "this process cannot tell which node it is; allowed: parallel.node_rank=K and parallel.master=HOST:PORT "
         "on every node, a SLURM job (srun, one task per node), or -m hydra/launcher=submitit_slurm",
     )
-    world = par.nproc * par.nnodes
-    across = f"parallel.nproc={par.nproc}" if par.nnodes == 1 else f"the world size {world} (nnodes x nproc)"
     require(
-        cfg.train.batch_size % world == 0,
+        cfg.train.batch_size % world_size(par) == 0,
         "train.batch_size",
         cfg.train.batch_size,
-        f"must be a multiple of {across} (the global batch is split evenly)",
+        f"must be a multiple of {split_across(par)} (the global batch is split evenly)",
     )
     device = resolve_device(cfg.device)
     require(

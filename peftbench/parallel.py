@@ -93,6 +93,7 @@ class CommCounter:
         self.works: list[Any] = []  # this step's NCCL works, timed by their CUDA events
         self.untimed = 0  # this step's collectives that could not be timed
         self.timed_ms: list[Optional[float]] = []  # None: a step with an untimed collective
+        self.nccl: Optional[bool] = None  # the group's backend, looked up at the first collective
 
     def add(self, kind: str, nbytes: int) -> None:
         self.current[f"{kind}_bytes"] = self.current.get(f"{kind}_bytes", 0) + int(nbytes)
@@ -105,9 +106,11 @@ class CommCounter:
         future when the caller waits later (a work without a future leaves the step untimed)."""
         import torch.distributed as dist
 
+        if self.nccl is None:
+            self.nccl = dist.get_backend() == "nccl"
+        nccl = self.nccl
         t0 = time.perf_counter()
         work = issue()
-        nccl = dist.get_backend() == "nccl"
         if nccl:
             self.works.append(work)
         if wait:

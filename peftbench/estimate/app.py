@@ -70,13 +70,11 @@ def check_parallel(cfg: Any) -> None:
         require(par.nproc == 1, "parallel.nproc", par.nproc, "must be 1 with parallel=none (choose ddp or fsdp)")
         require(par.nnodes == 1, "parallel.nnodes", par.nnodes, "must be 1 with parallel=none (choose ddp or fsdp)")
         return
-    world = par.nproc * par.nnodes
-    across = f"parallel.nproc={par.nproc}" if par.nnodes == 1 else f"the world size {world} (nnodes x nproc)"
     require(
-        cfg.batch_size % world == 0,
+        cfg.batch_size % config_mod.world_size(par) == 0,
         "batch_size",
         cfg.batch_size,
-        f"must be a multiple of {across} (the global micro-batch is split evenly)",
+        f"must be a multiple of {config_mod.split_across(par)} (the global micro-batch is split evenly)",
     )
     require(
         par.strategy != "fsdp" or cfg.model.quantize is None,
@@ -128,7 +126,7 @@ def new_record(cfg: Any) -> dict[str, Any]:
             "recomputation": cfg.gradient_checkpointing,
             "quantize": cfg.model.quantize,
             "parallel": cfg.parallel.strategy,
-            "world_size": cfg.parallel.nproc * cfg.parallel.nnodes,
+            "world_size": config_mod.world_size(cfg.parallel),
             "peak": "the tensor-memory tracker's peak of one optimizer step, run on fake CPU tensors",
         },
     }

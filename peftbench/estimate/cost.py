@@ -422,7 +422,7 @@ def trace(config: Any, cfg: Any) -> dict[str, int]:
     with mode:
         micro = [{k: torch.empty_like(v) for k, v in b.items()} for b in micro_batches(cfg, 2)]
     kernel = AttentionKernel(cfg.attention)
-    sharded = cfg.parallel.strategy == "fsdp" and ranks(cfg) > 1
+    sharded = fsdp_sharded(cfg)
     with kernel.installed(), unpacked(), fake_group(ranks(cfg)) if sharded else contextlib.nullcontext() as mesh:
         if sharded:
             from peftbench import parallel
@@ -479,8 +479,8 @@ def trace_model(config: Any, cfg: Any) -> dict[str, int]:
     """
     layers = config.num_hidden_layers
     # FSDP2: the root's unsharding and the first prefetches overlap the first layers differently,
-    # so depth adds the same bytes only from 3 layers on (tests/test_estimate.py)
-    low = 3 if cfg.parallel.strategy == "fsdp" and ranks(cfg) > 1 else 2
+    # so depth adds the same bytes only from 3 layers on (tests/test_parallel.py)
+    low = 3 if fsdp_sharded(cfg) else 2
     if layers <= low + 1:
         return trace(config, cfg)
     a, b = (trace(with_layers(config, n), cfg) for n in (low, low + 1))
@@ -506,7 +506,12 @@ def korthikanti_bytes(config: Any, batch: int, seq: int, eager: bool) -> Optiona
 def ranks(cfg: Any) -> int:
     """The world size of a distributed estimate (``nnodes x nproc``; 1 for ``parallel.strategy:
     none``); ring bytes are those of one flat ring over every rank, whatever the nodes."""
-    return cfg.parallel.nproc * cfg.parallel.nnodes if cfg.parallel.strategy != "none" else 1
+    return config_mod.world_size(cfg.parallel)
+
+
+def fsdp_sharded(cfg: Any) -> bool:
+    """Whether the traced step is one FSDP2 rank's (``parallel=fsdp`` on more than one rank)."""
+    return cfg.parallel.strategy == "fsdp" and ranks(cfg) > 1
 
 
 def per_rank_cfg(cfg: Any) -> Any:
@@ -581,15 +586,9 @@ def estimate(cfg: Any) -> dict[str, Any]:
     states["memory_weights_bytes"] -= traced["quantized_saving"]
     peak = traced["peak_memory_bytes"]
     if cfg.precision == MASTER:  # the fp32 master copies and moments (FSDP: their shards)
-        if cfg.parallel.strategy == "fsdp":
-            world = ranks(cfg)
-            peak += (
-                sharded_state_bytes(model, MASTER, world)["memory_optimizer_bytes"]
-                - sharded_state_bytes(model, "bf16", world)["memory_optimizer_bytes"]
-            )
-        else:
-            trained = unique(p for p in model.parameters() if p.requires_grad)
-            peak += optimizer_bytes(trained, MASTER) - optimizer_bytes(trained, "bf16")
+        world = ranks(cfg) if cfg.parallel.strategy == "fsdp" else 1
+        opt = "memory_optimizer_bytes"
+        peak += sharded_state_bytes(model, MASTER, world)[opt] - sharded_state_bytes(model, "bf16", world)[opt]
     attention = traced["attention_flops"]
     executed = traced["flops"] - (0 if cfg.flops_attention else attention)
     trainable = methods.trainable_parameters(model)
