@@ -16,7 +16,8 @@ are printed. Within matched groups, runs are paired by seed (then the rest in se
   (relative where lower is better, absolute for accuracy). Runs that differ only in seed are
   one group (``records.seed_groups``); where both sides have n >= 2 values of a metric, its
   group means are compared and the margin is the larger of that tolerance and 2 standard
-  errors of the difference (``Spread``); each seed's other figures are compared as usual.
+  errors of the difference (``peftbench.stats.Spread``); each seed's other figures are
+  compared as usual.
 - timing (only between runs on the same device name): a median that is slower by more than
   ``--time-tolerance`` is a slowdown if it is also significant: a one-sided Mann-Whitney U test
   (p < ``--alpha``) where both records store per-step samples (``train_step_ms``), else a gap
@@ -31,13 +32,16 @@ record, no records), in one line on standard error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, cast
 
+import methods
 from peftbench.records import reader as records
+from peftbench.stats import Spread, combined_se, is_finite_number, mann_whitney_p
 
 EXIT_OK, EXIT_REGRESSION, EXIT_INPUT = 0, 1, 2
 EXACT_KEYS = ("trainable_params", "total_params", "checkpoint_bytes", "checkpoint_params", "checkpoint_tensors")
@@ -45,7 +49,6 @@ QUALITY = {"eval_loss": "lower", "train_loss_final": "lower", "eval_accuracy": "
 # quality beyond QUALITY, by name: (suffix or prefix, direction)
 QUALITY_SUFFIXES = (("_accuracy", "higher"), ("_perplexity", "lower"))
 QUALITY_PREFIXES = (("forgetting_", "lower"),)
-MIN_SAMPLES = 5  # per side, for the rank test
 # numeric options: what is allowed, and the test (infinities and NaN are never allowed)
 LIMITS = {
     "time_tolerance": ("a finite number >= 0", lambda x: x >= 0),
@@ -55,7 +58,7 @@ LIMITS = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class Row:
     """One compared figure: run, metric, both values, the change and the verdict."""
 
@@ -95,44 +98,6 @@ def quality_direction(key: str) -> Optional[str]:
     return None
 
 
-@dataclass(frozen=True)
-class Spread:
-    """A quality metric over the runs of one group (records that differ only in seed): mean,
-    sample standard deviation (ddof=1; NaN for one value) and the number of values."""
-
-    mean: float
-    std: float
-    n: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> Spread:
-        n = len(values)
-        mean = math.fsum(values) / n
-        std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n >= 2 else math.nan
-        return cls(mean, std, n)
-
-    @property
-    def se(self) -> float:
-        """Standard error of the mean over seeds, std / sqrt(n) (NaN for n = 1)."""
-        return self.std / math.sqrt(self.n) if self.n >= 2 else math.nan
-
-    def text(self) -> str:
-        return f"{self.mean:.4g} ± {self.std:.2g} (n={self.n})" if self.n >= 2 else f"{self.mean:.4g} (n=1)"
-
-
-def binomial_se(accuracy: float, examples: Any) -> Optional[float]:
-    """Standard error of one accuracy (a fraction) measured on ``examples`` eval examples,
-    sqrt(p (1 - p) / N), or None when N is not a positive number or p is not in [0, 1]."""
-    if not (_num(examples) and examples > 0 and _num(accuracy) and 0 <= accuracy <= 1):
-        return None
-    return math.sqrt(accuracy * (1 - accuracy) / examples)
-
-
-def combined_se(se1: float, se2: float) -> float:
-    """Standard error of the difference of two independent means: sqrt(se1^2 + se2^2)."""
-    return math.hypot(se1, se2)
-
-
 def is_timing(key: str) -> bool:
     return "iqr" not in key and key.endswith(("_ms", "_ms_median", "_ms_per_token"))
 
@@ -144,14 +109,10 @@ def iqr_of(metrics: dict[str, Any], key: str) -> Optional[float]:
     return None
 
 
-def _num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def pick(recs: list[dict[str, Any]]) -> dict[str, Any]:
     """The newest ok record of several for one run (the newest of all if none is ok)."""
     ok = [r for r in recs if r.get("status") == "ok"]
-    return records.newest(ok or recs)
+    return cast(dict[str, Any], records.newest(ok or recs))  # recs is never empty: newest is a record
 
 
 def index(recs: list[dict[str, Any]], key: Any) -> dict[str, dict[str, Any]]:
@@ -221,12 +182,9 @@ def method_label(rec: dict[str, Any]) -> list[tuple[str, Any]]:
     """The method settings that name a run: those the method's class lists in ``label_keys``,
     then, in key order, those whose value differs from its config class's default (none for a
     method this code does not know)."""
-    import dataclasses
-
-    import methods
-
     cfg = (rec.get("config") or {}).get("method") or {}
-    cls = methods.REGISTRY.get(rec.get("method"))
+    name = rec.get("method")
+    cls = methods.REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None:
         return []
     defaults = {f.name: f for f in dataclasses.fields(cls.config_class)}
@@ -234,7 +192,7 @@ def method_label(rec: dict[str, Any]) -> list[tuple[str, Any]]:
 
     def default(k: str) -> Any:
         f = defaults[k]
-        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return cast(Callable[[], Any], f.default_factory)() if f.default is dataclasses.MISSING else f.default
 
     rest = sorted(k for k in cfg if k not in head and k != "name" and k in defaults and cfg[k] != default(k))
     return [(k, cfg[k]) for k in head + rest]
@@ -254,13 +212,23 @@ def seed_name(rec: dict[str, Any], group_size: int) -> str:
     return f"{run_name(rec)} seed={records.run_seed(rec)}" if group_size > 1 else run_name(rec)
 
 
-def mann_whitney_p(base: list[float], cur: list[float]) -> Optional[float]:
-    """One-sided p-value that ``cur`` tends to be larger (slower) than ``base``."""
-    if len(base) < MIN_SAMPLES or len(cur) < MIN_SAMPLES:
-        return None
-    from scipy.stats import mannwhitneyu
+def status_row(name: str, b: dict[str, Any], c: dict[str, Any]) -> Row:
+    """The one row for a pair where a run did not end ok: a current run that failed fails (only
+    warns when the baseline run failed too); a baseline failure that now runs is better."""
+    if c.get("status") != "ok":
+        verdict = "FAIL" if b.get("status") == "ok" else "warn"
+        return Row(name, "status", b.get("status"), c.get("status"), "", verdict, str(c.get("error") or ""))
+    return Row(name, "status", b.get("status"), c.get("status"), "", "better")
 
-    return float(mannwhitneyu(cur, base, alternative="greater").pvalue)
+
+def weights_rows(name: str, b: dict[str, Any], c: dict[str, Any]) -> list[Row]:
+    """The base weights' checksums (first 12 hex digits) where both runs recorded one: a change fails."""
+    if not (b.get("base_weights_sha256") and c.get("base_weights_sha256")):
+        return []
+    b_sha, c_sha = b["base_weights_sha256"], c["base_weights_sha256"]
+    same = b_sha == c_sha
+    note = "" if same else "the base model's weights differ"
+    return [Row(name, "base_weights_sha256", b_sha[:12], c_sha[:12], "", "same" if same else "FAIL", note)]
 
 
 class Comparer:
@@ -288,7 +256,7 @@ class Comparer:
 
     @staticmethod
     def values(g: Group, key: str) -> list[float]:
-        return [r["metrics"][key] for r in g if r.get("status") == "ok" and _num(r["metrics"].get(key))]
+        return [r["metrics"][key] for r in g if r.get("status") == "ok" and is_finite_number(r["metrics"].get(key))]
 
     def pooled_keys(self, bg: Group, cg: Group) -> list[str]:
         """Quality metrics with at least two values on each side."""
@@ -314,63 +282,40 @@ class Comparer:
         """Rows for one baseline run and its current run; quality metrics in ``skip`` are left
         to ``spread_quality``."""
         name = name or run_name(b)
-        if c.get("status") != "ok":
-            return [
-                Row(
-                    name,
-                    "status",
-                    b.get("status"),
-                    c.get("status"),
-                    "",
-                    "FAIL" if b.get("status") == "ok" else "warn",
-                    str(c.get("error") or ""),
-                )
+        if c.get("status") != "ok" or b.get("status") != "ok":
+            return [status_row(name, b, c)]
+        rows = weights_rows(name, b, c) + self.figure_rows(name, b, c, skip)
+        b_device, c_device = records.recorded_device(b), records.recorded_device(c)
+        if b_device != c_device:
+            return rows + [
+                Row(name, "timing", b_device, c_device, "", "note", "different devices: timings not compared")
             ]
-        if b.get("status") != "ok":
-            return [Row(name, "status", b.get("status"), c.get("status"), "", "better")]
+        return rows + self.timing_rows(name, b, c)
+
+    def figure_rows(self, name: str, b: dict[str, Any], c: dict[str, Any], skip: Any) -> list[Row]:
+        """The exact figures (``is_exact``) and the quality metrics not in ``skip`` of two ok runs."""
         bm, cm = b["metrics"], c["metrics"]
         both_cpu = records.recorded_device_type(b) == "cpu" and records.recorded_device_type(c) == "cpu"
         rows = []
-        if b.get("base_weights_sha256") and c.get("base_weights_sha256"):
-            same = b["base_weights_sha256"] == c["base_weights_sha256"]
-            rows.append(
-                Row(
-                    name,
-                    "base_weights_sha256",
-                    b["base_weights_sha256"][:12],
-                    c["base_weights_sha256"][:12],
-                    "",
-                    "same" if same else "FAIL",
-                    "" if same else "the base model's weights differ",
-                )
-            )
         for key in sorted(set(bm) | set(cm)):
             if is_exact(key, both_cpu):
                 rows += self.exact(name, key, bm.get(key), cm.get(key))
             elif quality_direction(key) and key not in skip:
                 rows += self.quality(name, key, bm.get(key), cm.get(key))
-        same_device = records.recorded_device(b) == records.recorded_device(c)
-        if not same_device:
-            rows.append(
-                Row(
-                    name,
-                    "timing",
-                    records.recorded_device(b),
-                    records.recorded_device(c),
-                    "",
-                    "note",
-                    "different devices: timings not compared",
-                )
-            )
-            return rows
+        return rows
+
+    def timing_rows(self, name: str, b: dict[str, Any], c: dict[str, Any]) -> list[Row]:
+        """The timings both ok runs have (the median step with its per-step samples), then the
+        latency grid; for two runs on the same device."""
+        bm, cm = b["metrics"], c["metrics"]
         parallel = records.launched_in_parallel(b) or records.launched_in_parallel(c)
+        rows = []
         for key in sorted(k for k in set(bm) & set(cm) if is_timing(k)):
             samples = (
                 (b.get("train_step_ms"), c.get("train_step_ms")) if key == "train_step_ms_median" else (None, None)
             )
             rows += self.timing(name, key, bm[key], cm[key], iqr_of(bm, key), iqr_of(cm, key), samples, parallel)
-        rows += self.grid(name, b, c, parallel)
-        return rows
+        return rows + self.grid(name, b, c, parallel)
 
     def exact(self, name: str, key: str, bv: Any, cv: Any) -> list[Row]:
         if bv is None and cv is None:
@@ -379,11 +324,11 @@ class Comparer:
             return [Row(name, key, bv, cv, "", "changed", "present on one side only")]
         if bv == cv:
             return [Row(name, key, bv, cv, "", "same")]
-        change = f"{cv - bv:+,}" if _num(bv) and _num(cv) else ""
+        change = f"{cv - bv:+,}" if is_finite_number(bv) and is_finite_number(cv) else ""
         return [Row(name, key, bv, cv, change, "FAIL", "exact figure changed")]
 
     def quality(self, name: str, key: str, bv: Any, cv: Any) -> list[Row]:
-        if not (_num(bv) and _num(cv)):
+        if not (is_finite_number(bv) and is_finite_number(cv)):
             return [] if bv is None and cv is None else [Row(name, key, bv, cv, "", "warn", "not comparable")]
         tol, direction = self.a.quality_tolerance, quality_direction(key)
         worse = (cv - bv) / abs(bv) if direction == "lower" and bv else bv - cv if direction == "higher" else 0.0
@@ -401,7 +346,7 @@ class Comparer:
         samples: tuple[Any, Any],
         parallel: bool,
     ) -> list[Row]:
-        if self.a.timing == "off" or not (_num(bv) and _num(cv)) or bv <= 0:
+        if self.a.timing == "off" or not (is_finite_number(bv) and is_finite_number(cv)) or bv <= 0:
             return []
         ratio = cv / bv
         note = ""

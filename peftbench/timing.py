@@ -1,18 +1,22 @@
 """Timing: wall-clock on CPU, CUDA events on GPU, always after warm-up and synchronised.
 
-Every function returns per-repeat times in milliseconds; ``stats`` reduces them to the median
-and the interquartile range, the figures peftbench reports.
+Every function returns per-repeat times in milliseconds; ``stats`` (``peftbench.stats.median_iqr``,
+re-exported here for the timing code) reduces them to the median and the interquartile range,
+the figures peftbench reports.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+
+from peftbench.stats import median_iqr as stats
+
+__all__ = ["Stopwatch", "current_device", "repeat", "stats", "synchronize"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -63,13 +67,3 @@ def repeat(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
             fn()
         out.append(sw.ms)
     return out
-
-
-def stats(ms: list[float]) -> dict[str, float]:
-    """Median and interquartile range (p75 - p25) of times in ms."""
-    if not ms:
-        return {"median": float("nan"), "iqr": float("nan")}
-    if len(ms) == 1:
-        return {"median": ms[0], "iqr": 0.0}
-    q = statistics.quantiles(ms, n=4, method="inclusive")
-    return {"median": statistics.median(ms), "iqr": q[2] - q[0]}

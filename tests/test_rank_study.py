@@ -60,7 +60,7 @@ def test_smallest_rank_within_noise_of_the_best(tmp_path):
 def test_total_standard_error_adds_seeds_and_eval_set():
     import pandas as pd
 
-    from peftbench.compare import Spread
+    from peftbench.stats import Spread
 
     r = pd.Series(
         {

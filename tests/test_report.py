@@ -103,7 +103,7 @@ def test_an_out_path_that_cannot_be_written_is_refused_first(results, tmp_path, 
         "read-only": (tmp_path / "new", f"cannot be written: no permission to write in {tmp_path}"),
     }[where]
     if where == "read-only":  # as root, permissions would not stop the write: the check is what is tested
-        monkeypatch.setattr(report.os, "access", lambda path, mode: False)
+        monkeypatch.setattr(os, "access", lambda path, mode: False)
     before = sorted(tmp_path.rglob("*"))
     assert report.main(["--results", str(results), "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"peftbench.report: error: --out={out}: {why}\n"

@@ -12,6 +12,7 @@ import pytest
 from test_compare import make_record, write
 
 from peftbench import report
+from peftbench.report import render
 
 from conftest import REPO
 
@@ -139,7 +140,7 @@ def test_time_axis_is_median_step_times_steps():
 def test_both_pareto_plots_use_the_selected_quality_and_its_direction(tmp_path, monkeypatch):
     seen = []
     real = report.pareto
-    monkeypatch.setattr(report, "pareto", lambda pts, higher: seen.append((pts, higher)) or real(pts, higher))
+    monkeypatch.setattr(render, "pareto", lambda pts, higher: seen.append((pts, higher)) or real(pts, higher))
     recs = [
         llm("full", gen=0.70, step_ms=200.0),  # 47.7 MiB, 6 s
         llm("lora", rank=4, gen=0.60, step_ms=100.0),  # 15.3 MiB, 3 s

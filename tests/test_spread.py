@@ -5,14 +5,13 @@ two rows, or a change against the baseline, has to beat."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from test_compare import make_record, write
 
-from peftbench import cli, compare, report
+from peftbench import app, cli, compare, report
 from peftbench.records import reader as records
 
 from conftest import compose_config
@@ -41,14 +40,14 @@ def markdown(tmp_path, *recs: dict) -> str:
 
 # ------------------------------------------------------------------------------ the sweep
 def test_the_seeds_sweep_is_three_jobs_that_differ_only_in_seed():
-    jobs = cli.check_all(["-m", "+sweep=seeds", "method=lora"])
+    jobs = app.check_jobs(cli.APP, ["-m", "+sweep=seeds", "method=lora"])
     assert not isinstance(jobs, int), jobs
     assert len(jobs) == 3 and len({j.config_hash for j in jobs}) == 3
     configs = [OmegaConf.to_container(compose_config(*j.overrides), resolve=True) for j in jobs]
     assert [c.pop("seed") for c in configs] == [0, 1, 2]
     assert configs[0] == configs[1] == configs[2]
     # the same three runs as a sweep on the command line: resume treats them as one
-    by_hand = cli.check_all(["-m", "seed=0,1,2", "method=lora"])
+    by_hand = app.check_jobs(cli.APP, ["-m", "seed=0,1,2", "method=lora"])
     assert [j.config_hash for j in by_hand] == [j.config_hash for j in jobs]
 
 
@@ -85,19 +84,6 @@ def test_records_are_grouped_by_everything_but_the_seed():
 )
 def test_one_definition_of_a_quality_metric(key, direction):
     assert compare.quality_direction(key) == direction
-
-
-def test_mean_sample_std_and_n_pinned():
-    spread = compare.Spread.of([0.80, 0.82, 0.78])
-    assert (spread.mean, spread.std, spread.n) == (pytest.approx(0.80), pytest.approx(0.02), 3)
-    assert spread.se == pytest.approx(0.011547005, abs=1e-9)  # 0.02 / sqrt(3)
-    assert spread.text() == "0.8 ± 0.02 (n=3)"
-    one = compare.Spread.of([0.8])
-    assert one.n == 1 and math.isnan(one.std) and math.isnan(one.se)
-    # the binomial standard error of one accuracy of 0.8 on 1,066 examples: 1.2 points
-    assert compare.binomial_se(0.8, 1066) == pytest.approx(0.012251278, abs=1e-9)
-    assert compare.binomial_se(0.8, None) is None and compare.binomial_se(80.0, 1066) is None
-    assert compare.combined_se(0.03, 0.04) == pytest.approx(0.05)
 
 
 def test_the_report_pools_seeds_into_one_row(tmp_path):

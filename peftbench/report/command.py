@@ -1,0 +1,87 @@
+"""Turn a folder of run records into a table (CSV) and a Markdown page with plots.
+
+    python -m peftbench.report --results results/runs --out reports/latest
+
+Writes ``records.csv`` (one row per record, every scalar metric), ``latency.csv`` (the latency
+grids, long form), ``report.md`` and PNG plots. Runs are grouped by (device, model, task):
+numbers of different devices or models never share a chart, and ratios against full
+fine-tuning are taken within a group. Failed runs are listed, not plotted; estimates
+(``kind: estimate``) get their own table. A file that is not a record is reported and skipped.
+For several records of one config on one device, the newest ok one is shown. Records that
+differ only in seed are one row of the Markdown tables (``aggregate.pool_seeds``): the mean of every
+figure, quality as mean ± sample standard deviation with n, and a sentence under the quality
+table for two rows whose quality differs by less than the noise (``aggregate.within_noise``);
+``records.csv`` keeps one row per record.
+
+The ``quality`` column is the first of ``aggregate.QUALITY_ORDER`` a record has (accuracy by generation,
+by choice, classification accuracy, eval loss). A group with instruction metrics (accuracy by
+generation or choice) also gets "Quality before and after training", "Peak training memory,
+breakdown (MiB)" and quality against training time (s per run) beside quality against memory.
+
+Exit status: 0 written; 1 a write failed (the path and the OS reason, in one line); 2 unusable
+input (a results path missing, or an ``--out`` that cannot be written, checked before any work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from peftbench.records import reader as records
+from peftbench.report import aggregate, render
+from peftbench.report.render import WriteError, writing
+
+
+def unwritable(out: Path) -> Optional[str]:
+    """Why the report cannot be written to folder ``out``, or None."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    nearest = next(p for p in (out, *out.parents) if p.exists())
+    if not nearest.is_dir():
+        return f"cannot be created: {nearest} is not a folder"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"cannot be written: no permission to write in {nearest}"
+    return None
+
+
+def build(sources: list[str], out: str | Path) -> Path:
+    """Load, tabulate, plot and render; returns the path of ``report.md``."""
+    loaded = records.load(sources)
+    for skipped, why in loaded.skipped:
+        print(f"peftbench.report: skipped {skipped}: {why}", file=sys.stderr)
+    out = Path(out)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    df = aggregate.frame(loaded.records)
+    with writing(out / "records.csv") as path:
+        df.to_csv(path, index=False)
+    with writing(out / "latency.csv") as path:
+        aggregate.latency_frame(loaded.records).to_csv(path, index=False)
+    text = render.page(df, loaded.records, loaded.skipped, out, [str(s) for s in sources])
+    with writing(out / "report.md") as page:
+        page.write_text(text + "\n")
+    return page
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m peftbench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", nargs="+", default=["results/runs"], help="record folders or files")
+    p.add_argument("--out", default="reports/latest", help="folder for report.md, CSVs and plots")
+    a = p.parse_args(argv)
+    why = unwritable(Path(a.out))
+    if why:
+        print(f"peftbench.report: error: --out={a.out}: {why}", file=sys.stderr)
+        return 2
+    try:
+        page = build(a.results, a.out)
+    except records.RecordError as e:
+        print(f"peftbench.report: error: {e}", file=sys.stderr)
+        return 2
+    except WriteError as e:
+        print(f"peftbench.report: error: {e}", file=sys.stderr)
+        return 1
+    print(f"peftbench.report: wrote {page}")
+    return 0
