@@ -79,7 +79,7 @@ def overrides(model: str, method: str, steps: int, device: str, out: str) -> lis
 
 def run_one(model: str, method: str, steps: int, out: str) -> dict[str, Any]:
     from peftbench import cli
-    from peftbench.run import run
+    from peftbench.cli import run_and_write as run
 
     rec, _ = run(cli.checked_config(*overrides(model, method, steps, "cuda", out)))
     return rec

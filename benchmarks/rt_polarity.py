@@ -67,7 +67,7 @@ def run_method(
     extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run one method and return a table row (its record's path included)."""
-    from peftbench.run import run
+    from peftbench.cli import run_and_write as run
 
     rec, path = run(compose(overrides(method, data, results, steps, list(extra))))
     m = rec["metrics"]

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     points = [tuple(int(v) for v in pt.lower().split("x")) for pt in args.points.split(",")]
     bottleneck = {"adapter-l": args.bottleneck_l, "adapter-h": args.bottleneck_h}
 
-    from methods import ConfigError
+    from peftbench.errors import ConfigError
 
     try:
         built = build(args.model, args.device, bottleneck, args.overrides)

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol
 
+import torch
 from torch import nn
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key, the value and what
-    is allowed, in one line."""
+from peftbench.errors import ConfigError  # noqa: F401 (the harness's error type, raised by every method)
 
 
 class Method(Protocol):
@@ -69,10 +67,23 @@ class Method(Protocol):
     def describe(self, model: nn.Module) -> dict[str, Any]: ...
 
 
-REGISTRY: dict[str, type] = {}
+class QuantizedBase(Protocol):
+    """What a method reads of a frozen linear layer stored quantized (``peftbench.quantize``'s
+    ``QuantizedLinear``, found by ``hasattr(layer, "dense_weight")``): its dense weight (out,
+    in), and a dense delta folded into it and taken back out bit for bit. Declared here so that
+    the methods need nothing of the layer that stores the base."""
+
+    def dense_weight(self) -> torch.Tensor: ...
+
+    def merge_delta(self, delta: torch.Tensor) -> None: ...
+
+    def unmerge_delta(self) -> None: ...
 
 
-def register(cls: type) -> type:
+REGISTRY: dict[str, type[Any]] = {}
+
+
+def register(cls: type[Any]) -> type[Any]:
     """Class decorator: make ``cls`` available as ``method=<cls.name>``."""
     if cls.name in REGISTRY:
         raise RuntimeError(f"method name {cls.name!r} registered twice")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class AdapterConfig:
 
 def output_features(module: nn.Module) -> int:
     """d: the size of the last dimension a Linear or GPT-2 Conv1D returns."""
-    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
+    return module.out_features if isinstance(module, nn.Linear) else cast(torch.Tensor, module.weight).shape[1]
 
 
 class BottleneckAdapter(nn.Module):
@@ -91,7 +91,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Module, m: int, activation: str):
         super().__init__()
         self.base = base
-        w = base.weight
+        w = cast(torch.Tensor, base.weight)
         self.adapter = BottleneckAdapter(output_features(base), m, activation, w.dtype, w.device)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -107,7 +107,7 @@ class Adapter:
     context_tokens = 0
     label_keys = ("variant",)  # the setting that names a run (compare.run_name)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: AdapterConfig):
         check(cfg)
         self.cfg = cfg
         self.insertions: dict[str, list[str]] = {"attn": [], "ffn": []}
@@ -127,12 +127,13 @@ class Adapter:
         """Module-name patterns for each insertion kind this variant uses."""
         cfg = self.cfg
         kinds = ("attn", "ffn") if cfg.variant == "houlsby" else ("ffn",)
-        user = {"attn": cfg.attn_modules, "ffn": cfg.ffn_modules}
+        user: dict[str, Optional[list[str]]] = {"attn": cfg.attn_modules, "ffn": cfg.ffn_modules}
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         out = {}
         for kind in kinds:
-            if user[kind]:
-                out[kind] = list(user[kind])
+            given = user[kind]
+            if given:
+                out[kind] = list(given)
             elif model_type in INSERTION_POINTS:
                 out[kind] = [dict(zip(("attn", "ffn"), INSERTION_POINTS[model_type]))[kind]]
             else:
@@ -217,7 +218,7 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def check(cfg: Any) -> None:
+def check(cfg: AdapterConfig) -> None:
     """Reject values that cannot work, before any model is built."""
     if cfg.variant not in VARIANTS:
         raise ConfigError(f"method.variant={cfg.variant}: allowed: {', '.join(VARIANTS)}")

@@ -16,18 +16,20 @@ characters is a regular expression over the full dotted name.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
+import torch
 from torch import nn
 
 from methods import ConfigError
 
+Conv1D: Optional[type[nn.Module]]
 try:  # GPT-2's transposed linear layer
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = None
 
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D) if Conv1D is not None else (nn.Linear,)
 
 
 def is_transposed(module: nn.Module) -> bool:
@@ -37,7 +39,7 @@ def is_transposed(module: nn.Module) -> bool:
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     """(in, out) features of a Linear or a Conv1D."""
-    w = module.weight
+    w = cast(torch.Tensor, module.weight)
     return (w.shape[0], w.shape[1]) if is_transposed(module) else (w.shape[1], w.shape[0])
 
 

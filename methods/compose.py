@@ -25,7 +25,7 @@ learning rate trains every part: ``method.lr`` (or ``train.lr``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -57,7 +57,7 @@ def part_config(i: int, item: Any) -> Any:
     if isinstance(item, str):
         name, overrides = item, {}
     elif OmegaConf.is_dict(item) or isinstance(item, dict):
-        overrides = dict(OmegaConf.to_container(item) if OmegaConf.is_dict(item) else item)
+        overrides = dict(cast(dict[str, Any], OmegaConf.to_container(item)) if OmegaConf.is_dict(item) else item)
         name = overrides.pop("name", None)
     else:
         raise ConfigError(f"{key}={item}: allowed: a method name or a mapping with a name, e.g. {{name:lora,rank:4}}")
@@ -89,7 +89,7 @@ class Compose:
     config_class = ComposeConfig
     label_keys = ("parts",)  # the setting that names a run (compare.run_name)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: ComposeConfig):
         if cfg.lr is not None and not cfg.lr > 0:
             raise ConfigError(f"method.lr={cfg.lr}: must be > 0 (or null to require train.lr)")
         if not cfg.parts:
@@ -117,7 +117,7 @@ class Compose:
 
     def trainable_closed_form(self, model: nn.Module) -> Optional[int]:
         """The sum of the parts' closed forms, when every part declares one."""
-        forms = [getattr(p, "trainable_closed_form", None) for p in self.parts]
+        forms: list[Any] = [getattr(p, "trainable_closed_form", None) for p in self.parts]
         return sum(f(model) for f in forms) if all(forms) else None
 
     def merge(self, model: nn.Module) -> bool:

@@ -24,12 +24,12 @@ norm n used is kept, so that unmerge can recover W = W' n / m - s B A (exact up 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
 
-from methods import register
+from methods import QuantizedBase, register
 from methods.arch import in_out_features
 from methods.lora import LoRA, LoRAConfig, LoRALayer
 
@@ -47,7 +47,7 @@ class DoRALayer(LoRALayer):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool):
         super().__init__(base, rank, alpha, dropout, rslora)
-        w = base.weight
+        w = cast(torch.Tensor, base.weight)
         self.lora_magnitude = nn.Parameter(torch.empty(in_out_features(base)[1], dtype=w.dtype, device=w.device))
         if w.device.type != "meta":
             with torch.no_grad():
@@ -57,8 +57,8 @@ class DoRALayer(LoRALayer):
     def base_weight(self) -> torch.Tensor:
         """W as (out, in), whatever the base layer's layout."""
         if hasattr(self.base, "dense_weight"):  # a quantized base (peftbench.quantize): dequantized
-            return self.base.dense_weight()
-        w = self.base.weight
+            return cast(QuantizedBase, self.base).dense_weight()
+        w = cast(torch.Tensor, self.base.weight)
         return w.T if self.transposed else w
 
     @torch.no_grad()
@@ -78,6 +78,7 @@ class DoRALayer(LoRALayer):
             delta = scale * (w + low_rank) - w
         else:
             merged = self.base_weight()
+            assert self.merged_norm is not None  # kept by merge's call of the branch above
             scale = (self.lora_magnitude / self.merged_norm)[:, None]
             delta = merged - (merged / scale - low_rank)
         return delta.T if self.transposed else delta

@@ -31,7 +31,7 @@ class Full:
     context_tokens = 0
     trains_base = True  # the base weights are trained: no quantized base (model.quantize)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: FullConfig):
         self.cfg = cfg
 
     def apply(self, model: nn.Module) -> nn.Module:

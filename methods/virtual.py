@@ -26,7 +26,7 @@ class VirtualTokenModel(nn.Module):
 
     def __init__(self, base: nn.Module, n: int, taker: str = "method.num_virtual_tokens"):
         super().__init__()
-        self.base_model = base
+        self.base_model: Any = base  # a transformers model, read duck-typed (generate, get_input_embeddings, dtype)
         self.num_virtual_tokens = n
         self.taker = taker
 

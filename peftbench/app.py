@@ -21,7 +21,6 @@ ones it lost are named in the summary.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import itertools
 import json
 import os
@@ -30,11 +29,26 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from methods import ConfigError
+import hydra
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
+from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+from peftbench import config as config_mod
+from peftbench.errors import ConfigError, RecordElsewhere, failure, one_line  # noqa: F401 (re-exported)
+from peftbench.records import config_hash, reader, writer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -47,19 +61,6 @@ STAMP = "%Y%m%dT%H%M%S%f"  # sortable UTC time, as a run id begins
 # The class name of the Hydra launcher the command hands its jobs to ("single" without -m), for
 # the checks that depend on where jobs will run (a run across nodes finding its node).
 LAUNCHER_ENV = "PEFTBENCH_LAUNCHER"
-# Where each command's App lives, by Hydra config name: a job in another process finds it here.
-APPS = {"config": "peftbench.cli:APP", "estimate": "peftbench.estimate.app:APP"}
-
-
-class RecordElsewhere(Exception):
-    """This process did its share of a run whose record another process writes (a node other
-    than node 0 of a run across several nodes). ``ok``: whether its share succeeded; the
-    message says what it did. The job leaves a share file instead of a record (``share_file``),
-    so this node's command still knows how its part ended."""
-
-    def __init__(self, message: str, ok: bool) -> None:
-        super().__init__(message)
-        self.ok = ok
 
 
 def share_file(results_dir: str, chash: str) -> Path:
@@ -76,7 +77,8 @@ class App:
     meta). new_record(cfg): the record a job starts with. execute(cfg, rec): do the work, filling
     ``rec`` (raise on failure). print_record(rec, path): what a job prints when it ends.
     report(recs): what the command prints after all jobs, from the records read back.
-    resume: reuse an ok record of the same config and code instead of running.
+    resume: reuse an ok record of the same config and code instead of running. renamed: keys
+    the command no longer takes, each with the key that replaced it (refused in one line).
     """
 
     prog: str
@@ -87,6 +89,7 @@ class App:
     print_record: Callable[[dict[str, Any], Path], None]
     report: Callable[[list[dict[str, Any]]], None] = lambda recs: None
     resume: bool = False
+    renamed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,32 +104,16 @@ class Job:
 
 
 # ------------------------------------------------------------------------------- compose
-def register_schemas() -> None:
-    from peftbench import config as config_mod
-
-    config_mod.register_configs()
-
-
 def compose(*overrides: str, config_name: str = "config") -> Any:
     """The config ``python -m peftbench <overrides>`` (or the estimator, by ``config_name``) would
     run, composed as Hydra composes it; no job runs. Used by the CLI, the tests and benchmarks."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_schemas()
-    if config_name == "estimate":
-        importlib.import_module("peftbench.estimate.app")  # registers the estimate schema
+    config_mod.register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             return hydra_compose(config_name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
-
-
-def one_line(text: Any) -> str:
-    return " ".join(str(text).split())
 
 
 def given_value(key: str, overrides: list[str]) -> Optional[str]:
@@ -137,9 +124,6 @@ def given_value(key: str, overrides: list[str]) -> Optional[str]:
 
 def explain(e: BaseException, overrides: list[str]) -> str:
     """One line for a composition or parse error: the override, and what is allowed."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
-
     if isinstance(e, ConfigError):
         return str(e)
     if isinstance(e, OverrideParseException):
@@ -166,29 +150,24 @@ def explain(e: BaseException, overrides: list[str]) -> str:
 
 def job_overrides(overrides: list[str], multirun: bool, config_name: str) -> list[list[str]]:
     """The override list of every job a command would launch (one for a single run)."""
-    from hydra import compose as hydra_compose
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     if not multirun:
         return [overrides]
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    fixed = [str(o.input_line) for o in parsed if not o.is_sweep_override()]
     primary = hydra_compose(config_name, overrides=fixed, return_hydra_config=True)
     params = primary.hydra.sweeper.get("params") or {}
     by_key: dict[str, list[str]] = {}
     # the sweep config's params first, so that the command line wins for a key in both
     for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed:
         key = o.get_key_element()
-        by_key[key] = [f"{key}={v}" for v in sweep_values(o)] if o.is_sweep_override() else [o.input_line]
+        by_key[key] = [f"{key}={v}" for v in sweep_values(o)] if o.is_sweep_override() else [str(o.input_line)]
     return [list(combo) for combo in itertools.product(*by_key.values())]
 
 
 def sweep_values(o: Any) -> list[str]:
     """The values of one sweep override; ``glob(*)`` over a config group is its options, sorted
     (``method=glob(*)``: every ``conf/method/*.yaml``, so a new method joins every such sweep)."""
-    from hydra.core.override_parser.types import Glob
-
     if isinstance(o.value(), Glob):
         group = Path(CONF_DIR) / o.key_or_group
         return o.value().filter(sorted(p.stem for p in group.glob("*.yaml")))
@@ -197,12 +176,11 @@ def sweep_values(o: Any) -> list[str]:
 
 def launcher_name(overrides: list[str], multirun: bool, config_name: str) -> str:
     """The class name of the Hydra launcher a command line's jobs go to ("single" without -m)."""
-    from hydra import compose as hydra_compose
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     if not multirun:
         return "single"
-    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+    fixed = [
+        str(o.input_line) for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()
+    ]
     hc = hydra_compose(config_name, overrides=fixed, return_hydra_config=True).hydra
     return str(hc.launcher.get("_target_", "")).rsplit(".", 1)[-1] or "unknown"
 
@@ -210,14 +188,10 @@ def launcher_name(overrides: list[str], multirun: bool, config_name: str) -> str
 def check_added_keys(overrides: list[str], config_name: str) -> None:
     """``+key=value`` and ``++key=value`` may add config groups (``+sweep=methods``) and set keys
     the schema has; a key the schema does not know is rejected however it is added."""
-    from hydra import compose as hydra_compose
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
     added = [
         o
         for o in OverridesParser.create().parse_overrides(overrides)
-        if o.input_line.startswith("+")
+        if str(o.input_line).startswith("+")
         and not o.key_or_group.startswith("hydra")
         and not (Path(CONF_DIR) / o.key_or_group).is_dir()
     ]
@@ -227,7 +201,7 @@ def check_added_keys(overrides: list[str], config_name: str) -> None:
     base = hydra_compose(config_name, overrides=plain)
     for o in added:
         if OmegaConf.select(base, o.key_or_group, default="\0missing") == "\0missing":
-            value = o.input_line.split("=", 1)[1] if "=" in o.input_line else ""
+            value = str(o.input_line).split("=", 1)[1] if "=" in str(o.input_line) else ""
             raise ConfigError(
                 f"{o.key_or_group}={value}: no such key in the config; allowed: the keys that "
                 f"`python -m {'peftbench' if config_name == 'config' else 'peftbench.estimate'} "
@@ -253,10 +227,7 @@ def check_results_dir(path: str) -> None:
         ) from None
 
 
-def plan_job(cfg: Any, overrides: list[str]) -> Job:
-    from peftbench import config as config_mod
-    from peftbench.records import config_hash
-
+def plan_job(cfg: DictConfig, overrides: list[str]) -> Job:
     chash = config_hash(config_mod.to_container(cfg))
     task = cfg.get("task")
     label = f"{cfg.method.name}/{cfg.model.name}" + (f"/{task.name}" if task is not None else "")
@@ -265,20 +236,26 @@ def plan_job(cfg: Any, overrides: list[str]) -> Job:
     )
 
 
+def check_renamed(overrides: list[str], renamed: dict[str, str]) -> None:
+    """An override of a key the command no longer takes: one line naming the key that replaced it."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        new = renamed.get(key.lstrip("+~"))
+        if new is not None:
+            raise ConfigError(f"{key.lstrip('+~')}={value}: renamed; allowed: {new}={value}")
+
+
 def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
     """Compose and check every job of a command line; the jobs if all are valid, else print one
     line and return 2."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    register_schemas()
+    config_mod.register_configs()
     GlobalHydra.instance().clear()
     jobs: list[Job] = []
     current = overrides
     try:
+        check_renamed(overrides, app.renamed)
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=app.prog):
             os.environ[LAUNCHER_ENV] = launcher_name(overrides, multirun, app.config_name)
             for job in job_overrides(overrides, multirun, app.config_name):
@@ -300,9 +277,6 @@ def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
 def launcher_info() -> dict[str, Any]:
     """How this job was launched: the launcher's class, and whether other jobs of the same sweep
     may run on this machine at the same time (then its timings are shared-machine timings)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return {"name": "single", "parallel": False}
@@ -314,12 +288,9 @@ def launcher_info() -> dict[str, Any]:
     return {"name": name, "parallel": parallel, "sweep_jobs": sweep_jobs or None}
 
 
-def failure(e: BaseException) -> str:
-    """A run-time failure in one line (a config error is already one line)."""
-    return one_line(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {one_line(e)}"
-
-
-def run_job(app: App, cfg: Any, extra_provenance: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], Path]:
+def run_job(
+    app: App, cfg: DictConfig, extra_provenance: Optional[dict[str, Any]] = None
+) -> tuple[dict[str, Any], Optional[Path]]:
     """Create the record, run, and write it atomically, ok or failed; returns it and its path.
 
     Never raises for a failure inside the run: the record says ``status: failed`` with the
@@ -328,10 +299,6 @@ def run_job(app: App, cfg: Any, extra_provenance: Optional[dict[str, Any]] = Non
     ``OSError``. A process whose record another writes (``RecordElsewhere``) gets its status
     and note back, and no path.
     """
-    import torch
-
-    from peftbench.records import writer
-
     rec = app.new_record(cfg)
     t0 = time.perf_counter()
     try:
@@ -350,10 +317,8 @@ def run_job(app: App, cfg: Any, extra_provenance: Optional[dict[str, Any]] = Non
     return rec, writer.write(rec, cfg.results_dir)
 
 
-def reuse(cfg: Any, chash: str, now: dict[str, Any]) -> Optional[dict[str, Any]]:
+def reuse(cfg: DictConfig, chash: str, now: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The record to reuse instead of running this job, or None (and say why when it matters)."""
-    from peftbench.records import reader
-
     if cfg.force:
         return None
     try:
@@ -371,15 +336,19 @@ def marker(results_dir: str, chash: str) -> Path:
     return Path(results_dir) / f".running-{chash}-{os.getpid()}"
 
 
-def job(cfg: Any) -> None:
-    """Hydra's task function for every command: one job, in whatever process the launcher chose."""
-    from hydra.core.hydra_config import HydraConfig
+@dataclass(frozen=True)
+class Task:
+    """Hydra's task function of one command: ``job(app, cfg)``. An object, not a closure, so the
+    launchers that run jobs in other processes (joblib, submitit) carry the command with it."""
 
-    from peftbench import config as config_mod
-    from peftbench.records import config_hash, reader
+    app: App
 
-    module, attr = APPS[HydraConfig.get().job.config_name].split(":")
-    app: App = getattr(importlib.import_module(module), attr)
+    def __call__(self, cfg: DictConfig) -> None:
+        job(self.app, cfg)
+
+
+def job(app: App, cfg: DictConfig) -> None:
+    """One job of ``app``'s command, in whatever process the launcher chose."""
     chash = config_hash(config_mod.to_container(cfg))
     now = reader.code_state()
     old = reuse(cfg, chash, now) if app.resume else None
@@ -413,8 +382,6 @@ def job(cfg: Any) -> None:
 def outcome(job_: Job, since: str, now: dict[str, Any]) -> tuple[str, Optional[dict[str, Any]]]:
     """What became of a job: ok, reused, failed or missing, with its record; elsewhere (this
     node did its share of a run whose record another node writes), with its share file."""
-    from peftbench.records import reader
-
     found = reader.by_hash(job_.results_dir, job_.config_hash)
     fresh = reader.newest(r for r in found if reader.stamp(r) >= since)
     if fresh is not None:
@@ -472,8 +439,6 @@ def clear_markers(jobs: list[Job]) -> None:
 
 def summarize(app: App, jobs: list[Job], since: str) -> int:
     """Print one line per job that did not end ok, and a count; 1 if any failed or is missing."""
-    from peftbench.records import reader
-
     now = reader.code_state()
     unique = list({(j.results_dir, j.config_hash): j for j in jobs}.values())
     counts = {"ok": 0, "reused": 0, "failed": 0, "missing": 0, "elsewhere": 0}
@@ -484,6 +449,7 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
         if rec is not None and "run_id" in rec:  # a record, not another node's share file
             recs.append(rec)
         if state == "failed":
+            assert rec is not None  # a failed job has its record (or share file)
             lines.append(f"  failed   {j.label} [{j.config_hash}]: {rec.get('error')}  ({rec['_path']})")
         elif state == "missing":
             lines.append(
@@ -504,15 +470,13 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
 
 # --------------------------------------------------------------------------------- main
 def hydra_main(app: App, argv: list[str]) -> None:
-    """Hand ``argv`` to Hydra with ``job`` as the task function. A launcher's exception is
+    """Hand ``argv`` to Hydra with ``app``'s job (``Task``) as the task function. A launcher's exception is
     raised here (``HYDRA_FULL_ERROR``) instead of being printed by Hydra as a traceback."""
-    import hydra
-
     sys.argv = [sys.argv[0], *argv]
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        hydra.main(config_path=CONF_DIR, config_name=app.config_name, version_base=None)(job)()
+        hydra.main(config_path=CONF_DIR, config_name=app.config_name, version_base=None)(Task(app))()
     finally:
         if full_error is None:
             del os.environ["HYDRA_FULL_ERROR"]
@@ -536,8 +500,6 @@ def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
             "then the ones it never started run here",
             file=sys.stderr,
         )
-    from peftbench.records import reader
-
     wait_for_running(jobs)
     now = reader.code_state()
     for j in jobs:
@@ -562,8 +524,6 @@ def main(app: App, argv: Optional[list[str]] = None) -> int:
     try:
         if any(a in ("-m", "--multirun") for a in argv):
             return summarize(app, jobs, since)
-        from peftbench.records import reader
-
         state, _ = outcome(jobs[0], since, reader.code_state())
         return EXIT_OK if state in ("ok", "reused", "elsewhere") else EXIT_FAILED
     finally:

@@ -7,20 +7,37 @@ cannot work. Both end in a one-line error naming the key, the value and what is 
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, cast
 
+import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 import methods
-from methods import ConfigError
+from peftbench.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 TASK_KINDS = ("causal-lm", "classification")
 DTYPES = ("float32", "bfloat16", "float16")
+# The values the runtime accepts, declared here so that the config layer checks them without
+# importing the runtime (``peftbench.precision``, ``peftbench.quantize``, ``peftbench.ranks``,
+# ``peftbench.launch``); ``tests/test_layers.py`` holds the runtime to the same tuples.
+PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")  # train.precision
+MIXED_PRECISIONS = ("bf16-mixed", "fp16-mixed")  # float32 master weights, autocast compute
+# bf16-master (estimator only): bf16 weights with fp32 master copies and moments of the trained
+# ones, as Megatron and DeepSpeed (``peftbench.estimate.cost``)
+MASTER = "bf16-master"
+ESTIMATE_PRECISIONS = (*PRECISIONS, MASTER)
+QUANTIZE_SCHEMES = ("nf4", "int8")  # model.quantize
+STRATEGIES = ("none", "ddp", "fsdp")  # parallel.strategy
+BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend
+ATTENTION = ("flash", "eager")  # the estimator's attention kernel
+MAX_ESTIMATE_TOKENS = 2**32  # per step: keeps every meta tensor's element count far below 2**63
 
 
 @dataclass
@@ -158,7 +175,8 @@ class MeasureConfig:
 
 @dataclass
 class ParallelConfig:
-    """One job across several processes (``peftbench.parallel``, docs/SWEEPS.md).
+    """One job across several processes (``peftbench.launch`` starts the ranks; ``peftbench.ranks``
+    is what each needs while training; docs/SWEEPS.md).
 
     strategy: none (one process) | ddp (a replica per rank, gradients all-reduced) | fsdp
     (FSDP2: every transformer layer and the root sharded across the ranks). nproc: ranks
@@ -199,28 +217,84 @@ class Config:
     force: bool = False
 
 
+@dataclass
+class EstimateTrainConfig:
+    """The levers of an estimated step, spelled as a run spells them (``train.*``; the keys a
+    run has and an estimate does not use are left out). precision: ``train.precision``'s
+    values or bf16-master (``ESTIMATE_PRECISIONS``). batch_size: examples per micro-batch (the
+    global one, split across the ranks); grad_accum: micro-batches per optimizer step."""
+
+    batch_size: int = 1
+    grad_accum: int = 1
+    precision: str = MASTER
+    gradient_checkpointing: bool = False
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EstimateConfig:
+    """Settings of one estimate (``python -m peftbench.estimate``).
+
+    train: the levers, as in a run (``EstimateTrainConfig``); ``model.quantize`` (nf4 | int8 |
+    null) and ``parallel`` as in a run. seq_length: tokens per example. vocab_size: vocabulary
+    of a preset whose ``arch`` does not fix one (the tiny models; the default task's word
+    tokenizer size). attention: flash (a fused kernel saves q, k, v, output and log-sum-exp) or
+    eager (the probabilities too, as in Korthikanti et al.). flops_attention: include the
+    attention score/value products in ``train_flops_per_token``. rank: interpolated into
+    methods that have one.
+    """
+
+    method: Any = MISSING
+    model: ModelConfig = MISSING
+    rank: int = 8
+    train: EstimateTrainConfig = field(default_factory=EstimateTrainConfig)
+    seq_length: int = 1024
+    vocab_size: int = 1024
+    attention: str = "flash"
+    flops_attention: bool = True
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    results_dir: str = "results/estimates"
+
+
+# The estimator's keys before it read a run's shape: refused in one line naming the new key.
+RENAMED_ESTIMATE_KEYS = {
+    "precision": "train.precision",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "grad_accum": "train.grad_accum",
+    "batch_size": "train.batch_size",
+}
+
+
 def package_model_path(package: str) -> str:
     """Directory of a model shipped inside a Python package (``get_model_path()``)."""
-    import importlib
-
     return importlib.import_module(package).get_model_path()
 
 
 def repo_path(relative: str) -> str:
     """A path inside the peftbench checkout (its shipped data, e.g. ``data/rt-polarity``), absolute."""
-    from pathlib import Path
-
     return str(Path(__file__).resolve().parent.parent / relative)
 
 
-for _name, _resolver in (("package_model_path", package_model_path), ("repo_path", repo_path)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _resolver)
+def register_resolvers() -> None:
+    """Register the config files' resolvers (``${repo_path:...}``, ``${package_model_path:...}``)
+    in OmegaConf; idempotent. Run when this module is imported, so that every process that
+    reads a config (a launcher's job, a rank) can resolve it."""
+    for name, resolver in (("package_model_path", package_model_path), ("repo_path", repo_path)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()
 
 
 def register_configs() -> None:
+    """Store the schemas (the run's, the estimator's, each method's) in Hydra's ConfigStore;
+    idempotent. Called by the app layer before any config is composed."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="estimate_schema", node=EstimateConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
@@ -231,10 +305,8 @@ def register_configs() -> None:
 MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed and random.Random, offset by a few
 
 
-def resolve_device(name: str) -> Any:
+def resolve_device(name: str) -> torch.device:
     """The ``torch.device`` for ``device=``; ConfigError for a device this machine lacks."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
@@ -257,7 +329,74 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value}: {allowed}")
 
 
-def check_method(cfg: Any) -> None:
+# ------------------------------------------------------------------------------ the levers
+@dataclass(frozen=True)
+class Levers:
+    """What the cost levers decide for every optimizer step, built once from a run's or an
+    estimate's config (``levers``) and read by the training loop, the run and the estimator.
+
+    precision: ``train.precision`` (the estimator also takes bf16-master). grad_accum:
+    micro-batches per optimizer step. batch_size: examples per micro-batch across all ranks
+    (the global micro-batch); world_size: ranks it is split across (``world_size``). lr: the
+    learning rate, ``train.lr`` or else the method's default ``method.lr``. grad_clip: max
+    gradient norm (0: no clipping). weight_decay: AdamW's. warmup_steps: linear warm-up steps
+    of the schedule. gradient_checkpointing: recompute each layer's activations in backward.
+    """
+
+    precision: str
+    grad_accum: int
+    batch_size: int
+    world_size: int
+    lr: float
+    grad_clip: float
+    weight_decay: float
+    warmup_steps: int
+    gradient_checkpointing: bool
+
+    @property
+    def rank_batch(self) -> int:
+        """Examples per micro-batch on one rank (the global micro-batch split evenly)."""
+        return self.batch_size // self.world_size
+
+
+def learning_rate(cfg: DictConfig) -> Optional[float]:
+    """``train.lr``, or the method's default learning rate when it is null (None if neither)."""
+    return cfg.train.lr if cfg.train.get("lr") is not None else cfg.method.get("lr")
+
+
+def levers(cfg: DictConfig) -> Levers:
+    """The ``Levers`` of a run's or an estimate's config (both spell them ``train.*``)."""
+    t = cfg.train
+    return Levers(
+        precision=t.precision,
+        grad_accum=t.grad_accum,
+        batch_size=t.batch_size,
+        world_size=world_size(cfg.parallel),
+        lr=float(learning_rate(cfg) or 0.0),
+        grad_clip=t.grad_clip,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.get("warmup_steps", 0),
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
+
+
+def world_size(par: Any) -> int:
+    """Ranks of a run of ``parallel`` settings ``par`` (a config node, or a record's plain dict):
+    ``nnodes x nproc``, 1 with strategy none."""
+    if par.get("strategy", "none") == "none":
+        return 1
+    return int(par.get("nproc", 1)) * int(par.get("nnodes", 1))
+
+
+def split_across(par: DictConfig) -> str:
+    """What a global batch must be a multiple of under ``par``, as error messages say it."""
+    if par.nnodes == 1:
+        return f"parallel.nproc={par.nproc}"
+    return f"the world size {world_size(par)} (nnodes x nproc)"
+
+
+# ------------------------------------------------------------------------------ the checks
+def check_method(cfg: DictConfig) -> None:
     """The method exists and accepts its settings (each method checks its own keys)."""
     require(
         cfg.method.name in methods.REGISTRY,
@@ -269,15 +408,13 @@ def check_method(cfg: Any) -> None:
     check_quantize(cfg)
 
 
-def check_quantize(cfg: Any) -> None:
+def check_quantize(cfg: DictConfig) -> None:
     """``model.quantize`` names a scheme, and the method leaves the base frozen (a method class
     that trains the base weights says so with ``trains_base = True``)."""
-    from peftbench.quantize import SCHEMES
-
     scheme = cfg.model.get("quantize")
     if scheme is None:
         return
-    require(scheme in SCHEMES, "model.quantize", scheme, f"allowed: {', '.join(SCHEMES)}, null")
+    require(scheme in QUANTIZE_SCHEMES, "model.quantize", scheme, f"allowed: {', '.join(QUANTIZE_SCHEMES)}, null")
     frozen = sorted(n for n, cls in methods.REGISTRY.items() if not getattr(cls, "trains_base", False))
     require(
         not getattr(methods.REGISTRY[cfg.method.name], "trains_base", False),
@@ -288,75 +425,25 @@ def check_quantize(cfg: Any) -> None:
     )
 
 
-def world_size(par: Any) -> int:
-    """Ranks of a run of ``parallel`` settings ``par``: ``nnodes x nproc`` (1 with strategy none)."""
-    return par.nproc * par.nnodes if par.strategy != "none" else 1
-
-
-def split_across(par: Any) -> str:
-    """What a global batch must be a multiple of under ``par``, as error messages say it."""
-    if par.nnodes == 1:
-        return f"parallel.nproc={par.nproc}"
-    return f"the world size {world_size(par)} (nnodes x nproc)"
-
-
-def check_parallel(cfg: Any) -> None:
-    """The ``parallel`` settings: a known strategy and backend, ranks that split the batch."""
-    from peftbench.parallel import BACKENDS, STRATEGIES
-
+def check_world(cfg: DictConfig, batch_key: str) -> None:
+    """The ``parallel`` settings a run and an estimate share: a known strategy, ranks that split
+    the global batch (``batch_key``, a key of ``train``) evenly, FSDP on a dense base. Returns
+    early for strategy none."""
     par = cfg.parallel
     require(par.strategy in STRATEGIES, "parallel.strategy", par.strategy, f"allowed: {', '.join(STRATEGIES)}")
-    require(par.backend in BACKENDS, "parallel.backend", par.backend, f"allowed: {', '.join(BACKENDS)}")
     require(par.nproc >= 1, "parallel.nproc", par.nproc, "must be an integer >= 1")
-    require(par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds")
     require(par.nnodes >= 1, "parallel.nnodes", par.nnodes, "must be an integer >= 1")
     if par.strategy == "none":
         require(par.nproc == 1, "parallel.nproc", par.nproc, "must be 1 with parallel=none (choose ddp or fsdp)")
         require(par.nnodes == 1, "parallel.nnodes", par.nnodes, "must be 1 with parallel=none (choose ddp or fsdp)")
         return
+    batch = cfg.train[batch_key.rsplit(".", 1)[-1]]
     require(
-        par.node_rank is None or 0 <= par.node_rank < par.nnodes,
-        "parallel.node_rank",
-        par.node_rank,
-        f"allowed: 0 to {par.nnodes - 1} (parallel.nnodes={par.nnodes}), or null",
-    )
-    require(
-        par.master is None or re.fullmatch(r"[^:\s]+:\d{1,5}", str(par.master)) is not None,
-        "parallel.master",
-        par.master,
-        "allowed: HOST:PORT of node 0's rendezvous, or null",
-    )
-    from peftbench.parallel import knows_its_node
-
-    require(
-        knows_its_node(par),
-        "parallel.nnodes",
-        par.nnodes,
-        "this process cannot tell which node it is; allowed: parallel.node_rank=K and parallel.master=HOST:PORT "
-        "on every node, a SLURM job (srun, one task per node), or -m hydra/launcher=submitit_slurm",
-    )
-    require(
-        cfg.train.batch_size % world_size(par) == 0,
-        "train.batch_size",
-        cfg.train.batch_size,
+        batch % world_size(par) == 0,
+        batch_key,
+        batch,
         f"must be a multiple of {split_across(par)} (the global batch is split evenly)",
     )
-    device = resolve_device(cfg.device)
-    require(
-        par.backend != "nccl" or device.type == "cuda",
-        "parallel.backend",
-        par.backend,
-        f"nccl needs a CUDA device (the run's device is {device.type}); allowed here: auto, gloo",
-    )
-    if device.type == "cuda":
-        import torch
-
-        require(
-            par.nproc <= torch.cuda.device_count(),
-            "parallel.nproc",
-            par.nproc,
-            f"one CUDA device per rank: at most {torch.cuda.device_count()} here",
-        )
     require(
         par.strategy != "fsdp" or cfg.model.quantize is None,
         "model.quantize",
@@ -365,10 +452,73 @@ def check_parallel(cfg: Any) -> None:
     )
 
 
-def check(cfg: Any) -> None:
-    """Reject a composed config whose values cannot work (one-line ``ConfigError``)."""
+def check_parallel(cfg: DictConfig) -> None:
+    """A run's ``parallel`` settings (``check_world``, then where the ranks run: backend, node
+    and device count). Whether this process can find its node is the launcher's check
+    (``peftbench.launch.check_topology``)."""
+    par = cfg.parallel
+    require(par.backend in BACKENDS, "parallel.backend", par.backend, f"allowed: {', '.join(BACKENDS)}")
+    require(par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds")
+    if par.strategy in STRATEGIES and par.strategy != "none":
+        require(
+            par.node_rank is None or 0 <= par.node_rank < par.nnodes,
+            "parallel.node_rank",
+            par.node_rank,
+            f"allowed: 0 to {par.nnodes - 1} (parallel.nnodes={par.nnodes}), or null",
+        )
+        require(
+            par.master is None or re.fullmatch(r"[^:\s]+:\d{1,5}", str(par.master)) is not None,
+            "parallel.master",
+            par.master,
+            "allowed: HOST:PORT of node 0's rendezvous, or null",
+        )
+    check_world(cfg, "train.batch_size")
+    if par.strategy == "none":
+        return
+    device = resolve_device(cfg.device)
+    require(
+        par.backend != "nccl" or device.type == "cuda",
+        "parallel.backend",
+        par.backend,
+        f"nccl needs a CUDA device (the run's device is {device.type}); allowed here: auto, gloo",
+    )
+    if device.type == "cuda":
+        require(
+            par.nproc <= torch.cuda.device_count(),
+            "parallel.nproc",
+            par.nproc,
+            f"one CUDA device per rank: at most {torch.cuda.device_count()} here",
+        )
+
+
+def check_precision(precision: str, device_type: str, model_dtype: str) -> None:
+    """One-line ConfigError for a ``train.precision`` that cannot run here or with these weights."""
+    require(precision in PRECISIONS, "train.precision", precision, f"allowed: {', '.join(PRECISIONS)}")
+    require(
+        precision != "fp16-mixed" or device_type == "cuda",
+        "train.precision",
+        precision,
+        f"needs a CUDA device (the run's device is {device_type}); allowed here: fp32, bf16-mixed, bf16",
+    )
+    require(
+        precision not in MIXED_PRECISIONS or model_dtype == "float32",
+        "model.dtype",
+        model_dtype,
+        f"train.precision={precision} keeps float32 master weights; "
+        "allowed: model.dtype=float32 (or train.precision=bf16 for bfloat16 weights)",
+    )
+    require(
+        precision != "bf16" or model_dtype != "float16",
+        "model.dtype",
+        model_dtype,
+        "train.precision=bf16 casts the weights to bfloat16; allowed: float32, bfloat16",
+    )
+
+
+def check(cfg: DictConfig) -> None:
+    """Reject a composed run config whose values cannot work (one-line ``ConfigError``)."""
     check_method(cfg)
-    lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
+    lr = learning_rate(cfg)
     require(lr is not None and lr > 0, "train.lr", lr, "must be > 0 (or set method.lr)")
     require(
         cfg.device in DEVICES or re.fullmatch(r"cuda:\d+", str(cfg.device)) is not None,
@@ -380,19 +530,50 @@ def check(cfg: Any) -> None:
     check_numbers(cfg)
     require(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0 measures latency only)")
     check_parallel(cfg)
-    require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
-    require(cfg.train.grad_accum >= 1, "train.grad_accum", cfg.train.grad_accum, "must be an integer >= 1")
-    require(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
-    require(cfg.train.timing_warmup >= 0, "train.timing_warmup", cfg.train.timing_warmup, "must be >= 0")
-    require(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables)")
-    require(cfg.train.weight_decay >= 0, "train.weight_decay", cfg.train.weight_decay, "must be >= 0")
-    require(cfg.measure.memory_steps >= 1, "measure.memory_steps", cfg.measure.memory_steps, "must be >= 1")
-    require(cfg.measure.latency_batch >= 1, "measure.latency_batch", cfg.measure.latency_batch, "must be >= 1")
-    require(cfg.measure.latency_length >= 1, "measure.latency_length", cfg.measure.latency_length, "must be >= 1")
-    require(cfg.measure.latency_repeats >= 1, "measure.latency_repeats", cfg.measure.latency_repeats, "must be >= 1")
-    require(cfg.measure.latency_warmup >= 0, "measure.latency_warmup", cfg.measure.latency_warmup, "must be >= 0")
+    check_train(cfg.train)
+    check_measure(cfg.measure)
+    check_task(cfg.task)
+    require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
+    check_precision(cfg.train.precision, resolve_device(cfg.device).type, cfg.model.dtype)
+    check_output_and_model(cfg, "a random-init model needs model.arch (or set model.name_or_path)")
+
+
+def check_output_and_model(cfg: DictConfig, no_model: str) -> None:
+    """A results folder is named, and the model is either built from ``model.arch`` or loaded
+    from ``model.name_or_path`` (``no_model``: what the error says when neither is set)."""
+    require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
+    require(cfg.model.name_or_path is not None or bool(cfg.model.arch), "model.arch", "{}", no_model)
+
+
+def check_train(t: DictConfig) -> None:
+    """``train``'s sizes and rates."""
+    require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be an integer >= 1")
+    require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    require(t.timing_warmup >= 0, "train.timing_warmup", t.timing_warmup, "must be >= 0")
+    require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
+    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+
+
+# measure's keys that count something at least once (``check_measure``)
+AT_LEAST_ONE = (
+    "memory_steps",
+    "latency_batch",
+    "latency_length",
+    "latency_repeats",
+    "forgetting_tokens",
+    "skill_examples",
+    "decode_repeats",
+)
+
+
+def check_measure(m: DictConfig) -> None:
+    """``measure``'s counts: each at least one, or at least zero where 0 means skip."""
+    for key in AT_LEAST_ONE:
+        require(m[key] >= 1, f"measure.{key}", m[key], "must be >= 1")
+    require(m.latency_warmup >= 0, "measure.latency_warmup", m.latency_warmup, "must be >= 0")
     for key in ("latency_grid_batches", "latency_grid_lengths"):
-        values = list(cfg.measure[key])
+        values = list(m[key])
         require(
             bool(values) and all(v >= 1 for v in values),
             f"measure.{key}",
@@ -400,41 +581,44 @@ def check(cfg: Any) -> None:
             "must be a non-empty list of integers >= 1",
         )
     require(
-        cfg.measure.decode_tokens >= 0,
-        "measure.decode_tokens",
-        cfg.measure.decode_tokens,
-        "must be >= 0 (0 skips the decode measurement)",
-    )
-    require(
-        cfg.measure.forgetting_tokens >= 1, "measure.forgetting_tokens", cfg.measure.forgetting_tokens, "must be >= 1"
-    )
-    require(cfg.measure.skill_examples >= 1, "measure.skill_examples", cfg.measure.skill_examples, "must be >= 1")
-    require(cfg.measure.decode_repeats >= 1, "measure.decode_repeats", cfg.measure.decode_repeats, "must be >= 1")
-    require(cfg.task.kind in TASK_KINDS, "task.kind", cfg.task.kind, f"allowed: {', '.join(TASK_KINDS)}")
-    require(cfg.task.max_length >= 8, "task.max_length", cfg.task.max_length, "must be >= 8 tokens")
-    require(
-        cfg.task.num_train is None or cfg.task.num_train >= 1,
-        "task.num_train",
-        cfg.task.num_train,
-        "must be >= 1 or null",
-    )
-    require(
-        cfg.task.num_eval is None or cfg.task.num_eval >= 1, "task.num_eval", cfg.task.num_eval, "must be >= 1 or null"
-    )
-    require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
-    from peftbench import precision
-
-    precision.check(cfg.train.precision, resolve_device(cfg.device).type, cfg.model.dtype)
-    require(bool(str(cfg.results_dir).strip()), "results_dir", repr(cfg.results_dir), "must be a folder path")
-    require(
-        cfg.model.name_or_path is not None or bool(cfg.model.arch),
-        "model.arch",
-        "{}",
-        "a random-init model needs model.arch (or set model.name_or_path)",
+        m.decode_tokens >= 0, "measure.decode_tokens", m.decode_tokens, "must be >= 0 (0 skips the decode measurement)"
     )
 
 
-def check_numbers(cfg: Any) -> None:
+def check_task(task: DictConfig) -> None:
+    """The task's kind and sizes (what its data allows is ``peftbench.tasks.check``'s)."""
+    require(task.kind in TASK_KINDS, "task.kind", task.kind, f"allowed: {', '.join(TASK_KINDS)}")
+    require(task.max_length >= 8, "task.max_length", task.max_length, "must be >= 8 tokens")
+    require(task.num_train is None or task.num_train >= 1, "task.num_train", task.num_train, "must be >= 1 or null")
+    require(task.num_eval is None or task.num_eval >= 1, "task.num_eval", task.num_eval, "must be >= 1 or null")
+
+
+def check_estimate(cfg: DictConfig) -> None:
+    """Reject an estimate config whose values cannot work (one-line ``ConfigError``)."""
+    check_method(cfg)
+    t = cfg.train
+    require(
+        t.precision in ESTIMATE_PRECISIONS,
+        "train.precision",
+        t.precision,
+        f"allowed: {', '.join(ESTIMATE_PRECISIONS)}",
+    )
+    require(cfg.attention in ATTENTION, "attention", cfg.attention, f"allowed: {', '.join(ATTENTION)}")
+    require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be an integer >= 1")
+    require(cfg.seq_length >= 1, "seq_length", cfg.seq_length, "must be >= 1 token")
+    require(
+        t.batch_size * cfg.seq_length <= MAX_ESTIMATE_TOKENS,
+        "train.batch_size",
+        t.batch_size,
+        f"train.batch_size x seq_length must be <= {MAX_ESTIMATE_TOKENS:,} tokens per step",
+    )
+    require(cfg.vocab_size >= 1, "vocab_size", cfg.vocab_size, "must be >= 1")
+    check_world(cfg, "train.batch_size")
+    check_output_and_model(cfg, "needs model.arch (or set model.name_or_path to a folder with a config.json)")
+
+
+def check_numbers(cfg: DictConfig) -> None:
     """Every float of the config is finite, and every seed fits the random generators."""
     for key, value in flat_items(OmegaConf.to_container(cfg, resolve=True)):
         if isinstance(value, float):
@@ -451,7 +635,7 @@ def flat_items(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def context_needs(cfg: Any) -> dict[str, int]:
+def context_needs(cfg: DictConfig) -> dict[str, int]:
     """Input lengths (tokens) a run feeds the model, by the config key that sets each."""
     m = cfg.measure
     needs = {
@@ -464,7 +648,7 @@ def context_needs(cfg: Any) -> dict[str, int]:
     return needs
 
 
-def check_context(cfg: Any, method: Any, model_config: Any) -> None:
+def check_context(cfg: DictConfig, method: Any, model_config: Any) -> None:
     """Inputs plus the positions a method takes itself (prefix tuning's virtual tokens) must fit
     in the model's context; otherwise the run would fail half-way (``methods.check_context``)."""
     methods.check_context(
@@ -472,6 +656,8 @@ def check_context(cfg: Any, method: Any, model_config: Any) -> None:
     )
 
 
-def to_container(cfg: Any) -> dict[str, Any]:
+def to_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain Python data (for the run record)."""
-    return OmegaConf.to_container(cfg, resolve=True)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    return cast(dict[str, Any], out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -57,7 +57,9 @@ def cuda_reset(device: torch.device, release: bool = True) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def cuda_phase_stats(device: torch.device, phase: str, tracker: Optional[TensorMemoryTracker] = None) -> dict[str, int]:
+def cuda_phase_stats(
+    device: torch.device, phase: str, tracker: Optional[TensorMemoryTracker] = None
+) -> dict[str, Optional[int]]:
     """The caching allocator's figures since the last ``cuda_reset`` (empty off CUDA).
 
     ``cuda_<phase>_max_allocated_bytes`` / ``_max_reserved_bytes``: ``torch.cuda`` peaks.
@@ -86,7 +88,7 @@ def cuda_phase_stats(device: torch.device, phase: str, tracker: Optional[TensorM
 
 def phase_memory(
     model: nn.Module, device: torch.device, phase: str, fn: Callable[[], Any], extra: Iterable[torch.Tensor] = ()
-) -> dict[str, int]:
+) -> dict[str, Optional[int]]:
     """Run ``fn`` once under the tensor tracker (and the CUDA allocator's peak counters).
 
     Returns ``<phase>_peak_memory_bytes`` with its ``<phase>_memory_weights_bytes`` and
@@ -102,7 +104,7 @@ def phase_memory(
         full = tracker.summary()
     finally:
         tracker.close()
-    out = {
+    out: dict[str, Optional[int]] = {
         f"{phase}_peak_memory_bytes": full["peak_memory_bytes"],
         f"{phase}_memory_weights_bytes": full["memory_weights_bytes"],
         f"{phase}_memory_activations_bytes": full["memory_activations_bytes"],
@@ -234,7 +236,9 @@ def decode_latency(
 
     def gen(n: int) -> float:
         with Stopwatch(device) as sw:
-            model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id)
+            cast(Callable[..., Any], model.generate)(
+                **inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id
+            )
         return sw.ms
 
     per_token = []

@@ -34,11 +34,14 @@ import itertools
 import weakref
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
+
+if TYPE_CHECKING:
+    from torch.utils._python_dispatch import TraceableWrapperSubclass
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # trackers not closed yet
@@ -52,7 +55,7 @@ def storage_resized(t: torch.Tensor) -> None:
         tracker._see(t)
 
 
-def plain_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
+def plain_tensors(t: torch.Tensor | TraceableWrapperSubclass) -> Iterator[torch.Tensor]:
     """The tensors that hold ``t``'s bytes: ``t`` itself, or for a traceable wrapper subclass (a
     quantized weight: torchao's ``NF4Tensor``, ``Int8Tensor``) its inner tensors, recursively."""
     if is_traceable_wrapper_subclass(t):

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from methods import ConfigError, context_length  # noqa: F401 (re-exported for the harness)
+from methods import context_length  # noqa: F401 (re-exported for the harness)
 from methods.arch import TASK_HEADS
 from peftbench import weights
+from peftbench.config import ModelConfig
+from peftbench.errors import ConfigError
 
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta")
 
@@ -46,15 +48,15 @@ def has_tokenizer(name_or_path: str) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
-def checkpoint(cfg: Any) -> Optional[str]:
+def checkpoint(cfg: ModelConfig) -> Optional[str]:
     """What ``from_pretrained`` reads for this model (a folder or a hub id; a GGUF file is
     dequantized into a cache folder once), or None for a random-init model."""
     if cfg.name_or_path is None:
         return None
-    return weights.resolve(cfg.name_or_path, cfg.get("install"))
+    return weights.resolve(cfg.name_or_path, getattr(cfg, "install", None))
 
 
-def load_tokenizer(cfg: Any):
+def load_tokenizer(cfg: ModelConfig):
     """The pretrained model's own tokenizer; None for a random-init model or a local checkpoint
     saved without one (the task then fits a word-level tokenizer on its training text)."""
     path = checkpoint(cfg)
@@ -74,7 +76,7 @@ def load_tokenizer(cfg: Any):
 
 
 def model_config(
-    cfg: Any, kind: str, vocab_size: Optional[int], pad_token_id: Optional[int] = None, num_labels: int = 2
+    cfg: ModelConfig, kind: str, vocab_size: Optional[int], pad_token_id: Optional[int] = None, num_labels: int = 2
 ) -> Any:
     """The transformers config that both the real build and the meta-device build use, with
     every check a build makes, so that the dry run checks exactly what the run builds.
@@ -88,7 +90,11 @@ def model_config(
 
     extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
     if cfg.name_or_path is None:
-        arch = OmegaConf.to_container(cfg.arch, resolve=True) if not isinstance(cfg.arch, dict) else dict(cfg.arch)
+        arch = (
+            cast(dict[str, Any], OmegaConf.to_container(cfg.arch, resolve=True))
+            if not isinstance(cfg.arch, dict)
+            else dict(cfg.arch)
+        )
         model_type = arch.pop("model_type", None)
         rows = arch.pop("vocab_size", vocab_size)  # a preset may fix the real vocabulary
         if model_type is None:
@@ -108,7 +114,7 @@ def model_config(
         except ValueError as e:
             raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
     else:
-        config = pretrained_config(checkpoint(cfg), cfg.name_or_path, **extra)
+        config = pretrained_config(cast(str, checkpoint(cfg)), cfg.name_or_path, **extra)  # name_or_path is set
         rows = getattr(config, "vocab_size", None)
         if vocab_size is not None and rows is not None and vocab_size > rows:
             raise ConfigError(
@@ -119,10 +125,10 @@ def model_config(
     return config
 
 
-def tokens_in_use(cfg: Any, word_vocab_size: int) -> Optional[int]:
+def tokens_in_use(cfg: ModelConfig, word_vocab_size: int) -> Optional[int]:
     """The tokenizer size a run will have, known before anything loads: None for a checkpoint
     with its own tokenizer, else the word-level tokenizer's ``word_vocab_size``."""
-    if cfg.name_or_path is not None and has_tokenizer(checkpoint(cfg)):
+    if cfg.name_or_path is not None and has_tokenizer(cast(str, checkpoint(cfg))):
         return None
     return word_vocab_size
 
@@ -133,7 +139,7 @@ def auto_class(kind: str) -> Any:
     return AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
 
 
-def build(cfg: Any, kind: str, vocab_size: int, pad_token_id: int, num_labels: int) -> nn.Module:
+def build(cfg: ModelConfig, kind: str, vocab_size: int, pad_token_id: int, num_labels: int) -> nn.Module:
     """The base model for a task of ``kind``; random weights are seeded by ``cfg.init_seed``.
 
     vocab_size / pad_token_id come from the tokenizer in use; num_labels from the task.
@@ -195,12 +201,13 @@ def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
         if layers and all(vars(m).get("_can_checkpoint_with_cache") for m in layers):
             for m in top.modules():
                 if hasattr(m, "gradient_checkpointing") and not isinstance(m, GradientCheckpointingLayer):
-                    m.gradient_checkpointing = False
+                    # a plain flag: the stub of Module.__setattr__ takes tensors and modules only
+                    m.gradient_checkpointing = False  # type: ignore[assignment]
     else:
         top.activation_checkpointing_disable()
 
 
-def build_meta(cfg: Any, kind: str, vocab_size: Optional[int], num_labels: int = 2) -> nn.Module:
+def build_meta(cfg: ModelConfig, kind: str, vocab_size: Optional[int], num_labels: int = 2) -> nn.Module:
     """The model's structure on the meta device: no weight memory, no weight download.
 
     Used to check a method's settings against the real module tree before anything is built,

@@ -12,6 +12,7 @@
 - ``fp16-mixed``: as bf16-mixed with float16, plus a dynamic loss scaler
   (``torch.amp.GradScaler``) against float16's narrow range. CUDA only, as in practice.
 
+Which precision may run where is checked with the config (``config.check_precision``).
 Evaluation, generation, forgetting and the inference measurements run under the same
 autocast as training, so a run's figures all describe one numeric setting.
 """
@@ -23,30 +24,9 @@ from typing import Any, Optional
 
 import torch
 
-from methods import ConfigError
+from peftbench.config import PRECISIONS  # noqa: F401 (the values, declared with the checks)
 
-PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")
-MIXED = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
-
-
-def check(precision: str, device_type: str, model_dtype: str) -> None:
-    """One-line ConfigError for a precision that cannot run here or with these weights."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={precision}: allowed: {', '.join(PRECISIONS)}")
-    if precision == "fp16-mixed" and device_type != "cuda":
-        raise ConfigError(
-            f"train.precision=fp16-mixed: needs a CUDA device (the run's device is {device_type}); "
-            "allowed here: fp32, bf16-mixed, bf16"
-        )
-    if precision in MIXED and model_dtype != "float32":
-        raise ConfigError(
-            f"model.dtype={model_dtype}: train.precision={precision} keeps float32 master weights; "
-            "allowed: model.dtype=float32 (or train.precision=bf16 for bfloat16 weights)"
-        )
-    if precision == "bf16" and model_dtype == "float16":
-        raise ConfigError(
-            "model.dtype=float16: train.precision=bf16 casts the weights to bfloat16; allowed: float32, bfloat16"
-        )
+MIXED = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}  # config.MIXED_PRECISIONS
 
 
 def weight_dtype(precision: str) -> Optional[torch.dtype]:

@@ -39,7 +39,7 @@ unmerging puts the very same quantized tensor back, bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from torch import nn
 
 from methods import module_parent
 from methods.arch import HEAD_NAMES, LINEAR_TYPES
+
+if TYPE_CHECKING:
+    from torch.utils._python_dispatch import TraceableWrapperSubclass
 
 SCHEMES = ("nf4", "int8")
 NF4_BLOCK = 64  # values per absmax block (QLoRA's 64)
@@ -86,7 +89,7 @@ def quantized_bytes(shape: tuple[int, int], scheme: str, dtype: torch.dtype = to
     return n // 2 + n // NF4_BLOCK + factors * e + e + NF4_CODES * e
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def _compact(t: TraceableWrapperSubclass) -> torch.Tensor:
     """``t`` rebuilt from inner tensors that own exactly their bytes: torchao keeps NF4's one
     quantization factor as a view of a whole scaler block when there is a single block."""
     names, meta = t.__tensor_flatten__()
@@ -117,7 +120,7 @@ def dequantize(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The dense (out, in) weight of a quantized tensor, in ``dtype``."""
     if hasattr(w, "get_original_weight"):  # NF4Tensor
         return w.get_original_weight().to(dtype)
-    return w.dequantize(dtype)
+    return w.dequantize(dtype)  # type: ignore[call-arg]  # torchao's Int8Tensor.dequantize takes the output dtype
 
 
 class _Int8Linear(torch.autograd.Function):
@@ -156,8 +159,8 @@ class QuantizedLinear(nn.Linear):
     @classmethod
     def from_module(cls, module: nn.Module, scheme: str) -> QuantizedLinear:
         """The quantized copy of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight (in, out))."""
-        w = module.weight if isinstance(module, nn.Linear) else module.weight.T
-        return cls(w, module.bias, scheme)
+        w = module.weight if isinstance(module, nn.Linear) else cast(torch.Tensor, module.weight).T
+        return cls(w, cast(Optional[nn.Parameter], module.bias), scheme)
 
     @property
     def merged(self) -> bool:
@@ -193,6 +196,7 @@ class QuantizedLinear(nn.Linear):
     def unmerge_delta(self) -> None:
         """Put the stored quantized weight back (bit for bit) and drop the dense one."""
         if self.merged:
+            assert self._quantized is not None  # merged means kept aside
             self.weight = self._quantized
             object.__setattr__(self, "_quantized", None)
 
@@ -225,8 +229,8 @@ def quantize_base(model: nn.Module, scheme: str, skip_names: tuple[str, ...] = H
     dense_bytes = quant_bytes = 0
     left_dense, scaler_blocks = [], set()
     for name, m in targets:
-        w = m.weight if isinstance(m, nn.Linear) else m.weight.T
-        shape = tuple(w.shape)
+        w = m.weight if isinstance(m, nn.Linear) else cast(torch.Tensor, m.weight).T
+        shape = cast(tuple[int, int], tuple(w.shape))  # (out, in)
         if not can_quantize(shape, scheme):
             left_dense.append(name)
             continue

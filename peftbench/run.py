@@ -1,5 +1,6 @@
 """One run, top to bottom: setup -> train -> evaluate -> measure (the record is saved by the
-app layer, ``peftbench.app.run_job``, ok or failed).
+app layer, ``peftbench.app.run_job``, ok or failed). In a distributed run this is one rank's
+share, with its ``ranks.Rank`` passed in by the launcher (``peftbench.launch``), which sits above.
 
 ``run(cfg)`` never raises for a failure inside the run: the record says ``status: failed``
 with the reason, so one bad job never takes a sweep down. Configuration errors are caught
@@ -10,26 +11,27 @@ checkpoint size are still measured.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
+from omegaconf import DictConfig
 
 import methods
-from methods import ConfigError
 from peftbench import config as config_mod
-from peftbench import measure, models, parallel, precision, tasks, timing, weights
-from peftbench.quality import answers, forgetting, generation
+from peftbench import measure, models, precision, quantize, ranks, tasks, timing, weights
+from peftbench.config import Levers
+from peftbench.errors import ConfigError
+from peftbench.quality import forgetting, generation
 from peftbench.records import writer as record
+from peftbench.tasks import answers, chat
 from peftbench.train import evaluate, train
 
 ACCURACY_METRIC = Path(__file__).parent / "metrics" / "accuracy.py"
-# the record keys ``new_record`` sets from the job's config: rank 0's record (its config names the
-# rank's own device) gives everything else
-IDENTITY = ("schema_version", "run_id", "kind", "status", "error", "method", "model", "task", "config_hash", "config")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Setup:
     reference: Optional[forgetting.Reference] = None
 
 
-def measures_forgetting(cfg: Any) -> bool:
+def measures_forgetting(cfg: DictConfig) -> bool:
     """Forgetting is measured for pretrained causal LMs (a random-init model has no general
     ability to lose)."""
     return bool(cfg.measure.forgetting) and cfg.model.name_or_path is not None and cfg.task.kind == "causal-lm"
@@ -55,12 +57,10 @@ def measures_forgetting(cfg: Any) -> bool:
 def tokenizer_text(raw: tasks.RawTask) -> list[str]:
     """The text a word-level tokenizer is fitted on: the training texts, and for an instruction
     task also its prompts as the plain template renders them (else every prompt word is [UNK])."""
-    from peftbench.tasks import chat
-
     return raw.train_text + [chat.plain_prompt(p) for p in raw.train_prompts or []]
 
 
-def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
+def setup(cfg: DictConfig, rec: dict[str, Any]) -> Setup:
     """Data, tokenizer, base model and method; fills the record's model and parameter fields."""
     device = config_mod.resolve_device(cfg.device)
     kind = cfg.task.kind
@@ -73,14 +73,12 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     model = models.build(cfg.model, kind, len(tokenizer), tokenizer.pad_token_id, raw.num_labels)
     if precision.weight_dtype(cfg.train.precision) is not None:  # pure bf16: before the method exists
         model.to(precision.weight_dtype(cfg.train.precision))
-    base_config = model.config
+    base_config: Any = model.config
     rec["model_config"] = base_config.to_dict()
     if cfg.model.name_or_path is not None:
         rec["model_weights"] = weights.provenance(cfg.model.name_or_path, cfg.model.install)
     rec["base_weights_sha256"] = models.weights_sha256(model)
     if cfg.model.quantize is not None:  # the frozen base stored quantized (QLoRA), before the method
-        from peftbench import quantize
-
         rec["quantization"] = quantize.quantize_base(model, cfg.model.quantize)
     reference = None
     if measures_forgetting(cfg):  # the base model's own responses, before the method changes it
@@ -115,162 +113,217 @@ def setup(cfg: Any, rec: dict[str, Any]) -> Setup:
     return Setup(model, method, tokenizer, raw, base_config, head, device, reference)
 
 
-def execute(cfg: Any, rec: dict[str, Any]) -> None:
-    """Set up, train, evaluate and measure; fills ``rec`` in place as it goes. The run's GPU is
-    the current CUDA device throughout (``cuda:1``: its streams, events and kernels). With
-    ``parallel`` other than none, this process starts the ranks and takes rank 0's record
-    (``peftbench.parallel.launch``); in a rank, it is that rank's share of the run."""
+def check_run(cfg: DictConfig) -> None:
+    """Check a run's config before anything runs: the values (``config.check``), the task's
+    data, the batch against the training examples, then the method applied to the model's
+    structure on the meta device, so that a setting the model cannot take (a LoRA target it
+    lacks, an input longer than the context) fails before any real work. The meta build is the
+    real build's config builder."""
     config_mod.check(cfg)
-    if cfg.parallel.strategy != "none" and parallel.active() is None:
-        found = parallel.launch(cfg)  # the job's identity (run id, config, hash) stays this process's
-        rec.update({k: v for k, v in found.items() if k not in IDENTITY})
-        return
+    tasks.check(cfg.task)
+    n = tasks.num_train_examples(cfg.task)
+    config_mod.require(
+        n is None or cfg.train.steps == 0 or cfg.train.batch_size <= n,
+        "train.batch_size",
+        cfg.train.batch_size,
+        f"larger than the {n} training examples; allowed: at most {n}",
+    )
+    meta = models.build_meta(cfg.model, cfg.task.kind, models.tokens_in_use(cfg.model, cfg.task.vocab_size))
+    method = methods.build(cfg.method)
+    method.apply(meta)
+    config_mod.check_context(cfg, method, meta.config)
+
+
+def execute(cfg: DictConfig, rec: dict[str, Any], rank: Optional[ranks.Rank] = None) -> None:
+    """Set up, train, evaluate and measure; fills ``rec`` in place as it goes. The run's GPU is
+    the current CUDA device throughout (``cuda:1``: its streams, events and kernels). ``rank``:
+    this process's rank of a distributed run (its share: training on its slice, rank 0 alone
+    evaluating and measuring); a distributed config without one is refused, since only the
+    launcher starts ranks."""
+    config_mod.check(cfg)
+    if cfg.parallel.strategy != "none" and rank is None:
+        raise RuntimeError(f"parallel={cfg.parallel.strategy}: its ranks are started by peftbench.launch.execute")
     with timing.current_device(config_mod.resolve_device(cfg.device)):
-        _execute(cfg, rec)
+        _execute(cfg, rec, rank)
 
 
-def _execute(cfg: Any, rec: dict[str, Any]) -> None:
-    """``execute`` once the run's device is current."""
-    rec["provenance"] = record.provenance(config_mod.resolve_device(cfg.device))
-    s = setup(cfg, rec)
-    model, device, kind = s.model, s.device, cfg.task.kind
-    config_mod.check_context(cfg, s.method, s.base_config)  # before training
-    metrics: dict[str, Any] = rec["metrics"]
-    lr = cfg.train.lr if cfg.train.lr is not None else cfg.method.lr
-    rec["train_lr"] = lr
+@dataclass
+class Evaluation:
+    """A run's evaluation pieces: the tokenized splits, the levers, whether the task is an
+    instruction task (accuracy by generation and choice), and the record's metrics to fill."""
 
-    instruction = s.raw.eval_prompts is not None
-    if cfg.train.steps > 0 or instruction:  # an instruction task is evaluated even untrained
-        train_split, eval_split = tasks.tokenize(s.raw, s.tokenizer, cfg.task.max_length, cfg.task.template)
-        pad_id, bs = s.tokenizer.pad_token_id, cfg.train.batch_size
+    cfg: DictConfig
+    s: Setup
+    lev: Levers
+    train_split: tasks.Split
+    eval_split: tasks.Split
+    metrics: dict[str, Any]
+    rec: dict[str, Any]
 
-        def run_eval() -> dict[str, Any]:
-            with precision.autocast(cfg.train.precision, device):
-                return evaluate(model, tasks.eval_batches(eval_split, bs, pad_id, kind), kind, device)
+    @property
+    def instruction(self) -> bool:
+        return self.s.raw.eval_prompts is not None
 
-        def quality(suffix: str) -> None:
-            """Accuracy and forgetting as the model is now (``_initial``: before training)."""
-            with precision.autocast(cfg.train.precision, device):
-                quality_now(suffix)
+    def loss(self) -> dict[str, Any]:
+        """Eval loss (and classification predictions) of the model as it is now."""
+        kind, bs, pad_id = self.cfg.task.kind, self.cfg.train.batch_size, self.s.tokenizer.pad_token_id
+        with precision.autocast(self.lev.precision, self.s.device):
+            batches = tasks.eval_batches(self.eval_split, bs, pad_id, kind)
+            return evaluate(self.s.model, batches, kind, self.s.device)
 
-        def quality_now(suffix: str) -> None:
-            if instruction:
-                found, predictions = instruction_quality(cfg, s, eval_split)
-                metrics.update({f"eval_{k}{suffix}": v for k, v in found.items()})
-                rec.setdefault("predictions", {})[suffix.strip("_") or "final"] = predictions
+    def quality(self, suffix: str) -> None:
+        """Accuracy and forgetting as the model is now (``_initial``: before training)."""
+        s, cfg = self.s, self.cfg
+        with precision.autocast(self.lev.precision, s.device):
+            if self.instruction:
+                found, predictions = instruction_quality(cfg, s, self.eval_split)
+                self.metrics.update({f"eval_{k}{suffix}": v for k, v in found.items()})
+                self.rec.setdefault("predictions", {})[suffix.strip("_") or "final"] = predictions
             if s.reference is not None:
                 found = {
-                    **forgetting.divergence(model, s.reference, device),
-                    **forgetting.skill(model, s.tokenizer, cfg.task.template, cfg.measure.skill_examples, device),
+                    **forgetting.divergence(s.model, s.reference, s.device),
+                    **forgetting.skill(s.model, s.tokenizer, cfg.task.template, cfg.measure.skill_examples, s.device),
                 }
-                metrics.update({f"{k}{suffix}": v for k, v in found.items()})
+                self.metrics.update({f"{k}{suffix}": v for k, v in found.items()})
 
-        # ---- before training: loss, accuracy (zero-shot for an instruction task), forgetting
-        metrics["eval_loss_initial"] = run_eval()["eval_loss"]
-        quality("_initial")
-
-        # ---- train (distributed: every rank, on its slice of each global batch)
-        if cfg.train.steps > 0:
-            batches = tasks.train_batches(train_split, bs, cfg.seed, pad_id, kind)
-            ctx = parallel.active()
-            trained = parallel.wrap(model, ctx, device) if ctx is not None else model
-            groups = methods.param_groups(s.method, model, lr)  # after wrap: FSDP replaces parameters
-            switch = (
-                (lambda on: models.set_gradient_checkpointing(model, on)) if cfg.train.gradient_checkpointing else None
-            )
-            result = train(
-                trained, batches, cfg.train.steps, lr, cfg.train, cfg.measure.memory_steps, device, groups, switch
-            )
-            metrics.update(result["metrics"])
-            rec["train_losses"] = result["train_losses"]
-            rec["train_step_ms"] = result["train_step_ms"]
-            if ctx is not None:
-                model = s.model = distributed_end(cfg, s, ctx, trained, result, rec)
-                if ctx.rank != 0:
-                    return  # rank 0 alone evaluates and measures inference
-
-        # ---- evaluate, under the memory tracker (untimed)
+    def final(self) -> None:
+        """After training: eval loss under the memory tracker (untimed), perplexity or accuracy,
+        quality and forgetting, the predictions file."""
         ev: dict[str, Any] = {}
-        metrics.update(measure.phase_memory(model, device, "eval", lambda: ev.update(run_eval())))
+        model, device, kind, metrics = self.s.model, self.s.device, self.cfg.task.kind, self.metrics
+        metrics.update(measure.phase_memory(model, device, "eval", lambda: ev.update(self.loss())))
         metrics["eval_loss"] = ev["eval_loss"]
-        metrics["eval_examples"] = len(eval_split.ids)
+        metrics["eval_examples"] = len(self.eval_split.ids)
         if kind == "causal-lm":
             metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 700.0))
         if kind == "classification":
-            import evaluate as hf_evaluate
+            import evaluate as hf_evaluate  # heavy (3.5 s: transformers' pipelines); classification only
 
             acc = hf_evaluate.load(str(ACCURACY_METRIC))
-            metrics["eval_accuracy"] = acc.compute(predictions=ev["predictions"], references=ev["references"])[
-                "accuracy"
-            ]
-        quality("")
-        if instruction:
-            rec["predictions_file"] = save_predictions(cfg, rec)
+            found = acc.compute(predictions=ev["predictions"], references=ev["references"])
+            metrics["eval_accuracy"] = found["accuracy"]
+        self.quality("")
+        if self.instruction:
+            self.rec["predictions_file"] = save_predictions(self.cfg, self.rec)
 
-    # ---- inference: memory, FLOPs, latency grid, decode (merged where the method merges)
-    with precision.autocast(cfg.train.precision, device):
+
+def _execute(cfg: DictConfig, rec: dict[str, Any], rank: Optional[ranks.Rank]) -> None:
+    """``execute`` once the run's device is current."""
+    rec["provenance"] = record.provenance(config_mod.resolve_device(cfg.device))
+    s = setup(cfg, rec)
+    config_mod.check_context(cfg, s.method, s.base_config)  # before training
+    lev = config_mod.levers(cfg)
+    rec["train_lr"] = lev.lr
+    if cfg.train.steps > 0 or s.raw.eval_prompts is not None:  # an instruction task is evaluated even untrained
+        train_split, eval_split = tasks.tokenize(s.raw, s.tokenizer, cfg.task.max_length, cfg.task.template)
+        ev = Evaluation(cfg, s, lev, train_split, eval_split, rec["metrics"], rec)
+        ev.metrics["eval_loss_initial"] = ev.loss()["eval_loss"]  # zero-shot for an instruction task
+        ev.quality("_initial")
+        if cfg.train.steps > 0 and not train_model(ev, rank):
+            return  # a rank other than 0: rank 0 alone evaluates and measures inference
+        ev.final()
+    measure_inference(cfg, s, lev, rec)
+
+
+def train_model(ev: Evaluation, rank: Optional[ranks.Rank]) -> bool:
+    """Train (distributed: every rank, on its slice of each global batch) and put the loop's
+    figures in the record; distributed, gather the ranks' figures (``distributed_end``). Returns
+    whether this process goes on to evaluate and measure (a plain run, or rank 0)."""
+    cfg, s, lev, rec = ev.cfg, ev.s, ev.lev, ev.rec
+    batches = tasks.train_batches(
+        ev.train_split, cfg.train.batch_size, cfg.seed, s.tokenizer.pad_token_id, cfg.task.kind
+    )
+    trained = rank.wrap(s.model, s.device) if rank is not None else s.model
+    groups = methods.param_groups(s.method, s.model, lev.lr)  # after wrap: FSDP replaces parameters
+    switch = None
+    if cfg.train.gradient_checkpointing:
+        switch = functools.partial(models.set_gradient_checkpointing, s.model)
+    result = train(
+        trained, batches, cfg.train.steps, lev, cfg.train.timing_warmup, cfg.measure.memory_steps, s.device,
+        groups, switch, rank,
+    )  # fmt: skip
+    ev.metrics.update(result["metrics"])
+    rec["train_losses"] = result["train_losses"]
+    rec["train_step_ms"] = result["train_step_ms"]
+    if rank is None:
+        return True
+    s.model = distributed_end(cfg, s, rank, trained, result, rec)
+    return rank.rank == 0
+
+
+def measure_inference(cfg: DictConfig, s: Setup, lev: Levers, rec: dict[str, Any]) -> None:
+    """Inference memory, FLOPs, latency grid and decode (merged where the method merges), the
+    checkpoint's size and MFU, into the record."""
+    metrics, device = rec["metrics"], s.device
+    with precision.autocast(lev.precision, device):
         inf, grid = measure.inference(
-            model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, kind, device, cfg.measure
+            s.model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, cfg.task.kind, device, cfg.measure
         )
     metrics.update(inf)
     rec["latency_grid"] = grid
     if "quantization" in rec:  # a merging method's deployed form is the dequantize-merged model
         merged = "inference_latency_unmerged_ms" in inf
         rec["quantization"]["inference_weights"] = "dequantize-merged (dense)" if merged else "quantized"
-    metrics.update(measure.checkpoint_size(model, s.method.adapter_names(model) | s.head))
-    compute = precision.compute_dtype(cfg.train.precision, models.torch_dtype(cfg.model.dtype))
+    metrics.update(measure.checkpoint_size(s.model, s.method.adapter_names(s.model) | s.head))
+    compute = precision.compute_dtype(lev.precision, models.torch_dtype(cfg.model.dtype))
     metrics.update(measure.mfu(metrics, device, compute))
 
 
 def distributed_end(
-    cfg: Any, s: Setup, ctx: parallel.Context, trained: torch.nn.Module, result: dict[str, Any], rec: dict[str, Any]
+    cfg: DictConfig,
+    s: Setup,
+    rank: ranks.Rank,
+    trained: torch.nn.Module,
+    result: dict[str, Any],
+    rec: dict[str, Any],
 ) -> torch.nn.Module:
     """After distributed training (every rank calls it): gather the ranks' figures into rank 0's
-    record (``parallel.combine``), with the communication's closed form beside its measurement,
+    record (``ranks.combine``), with the communication's closed form beside its measurement,
     and return the plain trained model rank 0 goes on with (DDP: the replica; FSDP: a fresh
     build with the gathered full weights loaded)."""
     metrics = rec["metrics"]
     mine = {k: v for k, v in metrics.items() if k.startswith(("peak_memory", "memory_"))}
-    comm = ctx.comm.steps[-1] if ctx.comm.steps else {}
-    local = {"rank": ctx.rank, **mine, "step_ms": result["train_step_ms"], "comm": comm, "comm_ms": ctx.comm.timed_ms}
-    ranks = parallel.gather(local)
-    if ctx.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    comm = rank.comm.steps[-1] if rank.comm.steps else {}
+    local = {"rank": rank.rank, **mine, "step_ms": result["train_step_ms"], "comm": comm, "comm_ms": rank.comm.timed_ms}
+    gathered = ranks.gather(local)
+    if rank.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # FSDP only: heavy
 
         full = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.rank != 0:
+    if rank.rank != 0:
         return s.model
-    metrics.update(parallel.combine(ranks, result["step_tokens"], result["step_samples"]))
-    plain = trained.module if ctx.strategy == "ddp" else None
+    metrics.update(ranks.combine(gathered, result["steps"]))
+    plain = cast(torch.nn.Module, trained.module) if rank.strategy == "ddp" else None
     if plain is None:
         scratch: dict[str, Any] = {"metrics": {}}
         torch.manual_seed(cfg.seed)
         plain = setup(cfg, scratch).model
         plain.load_state_dict(full, strict=True)
-    closed = parallel.comm_closed_form(plain, ctx.strategy, ctx.world, cfg.train.grad_accum)
+    closed = ranks.comm_closed_form(plain, rank.strategy, rank.world, cfg.train.grad_accum)
     metrics.update({f"comm_{k}_per_step_closed_form": v for k, v in closed.items()})
-    metrics["comm_ring_bytes_sent_per_rank_per_step"] = parallel.ring_bytes_sent(closed, ctx.world)
-    metrics["world_size"] = ctx.world
+    metrics["comm_ring_bytes_sent_per_rank_per_step"] = ranks.ring_bytes_sent(closed, rank.world)
+    metrics["world_size"] = rank.world
     rec["parallel"] = {
-        "strategy": ctx.strategy,
-        "world_size": ctx.world,
+        "strategy": rank.strategy,
+        "world_size": rank.world,
         "backend": torch.distributed.get_backend(),
         "sharding": (
             "replicated (DDP): every rank holds the whole model, gradients all-reduced"
-            if ctx.strategy == "ddp"
+            if rank.strategy == "ddp"
             else "FSDP2 fully_shard: each transformer layer, then the root, parameters sharded on dim 0"
         ),
-        "ranks": ranks,
+        "ranks": gathered,
     }
     return plain
 
 
-def instruction_quality(cfg: Any, s: Setup, eval_split: tasks.Split) -> tuple[dict[str, float], list[dict]]:
+def instruction_quality(cfg: DictConfig, s: Setup, eval_split: tasks.Split) -> tuple[dict[str, float], list[dict]]:
     """Accuracy by generation (and by choice) on the first ``task.num_generate`` eval examples,
     and the per-example predictions."""
     n = len(eval_split.ids) if cfg.task.num_generate is None else min(cfg.task.num_generate, len(eval_split.ids))
     if n == 0:
         return {}, []
+    assert s.raw.eval_answers is not None and eval_split.prompt_lengths is not None  # an instruction task
     prompts = [eval_split.ids[i][: eval_split.prompt_lengths[i]] for i in range(n)]
     refs = s.raw.eval_answers[:n]
     extract = answers.rule(cfg.task.answer_rule, cfg.task.answer_regex)
@@ -282,7 +335,7 @@ def instruction_quality(cfg: Any, s: Setup, eval_split: tasks.Split) -> tuple[di
             "index": i,
             "reference": refs[i],
             "generated": pred.generated[i],
-            "answer": extract(pred.generated[i]),
+            "answer": extract(cast(str, pred.generated[i])),  # every example was generated
             "chosen": pred.chosen[i],
         }
         for i in range(n)
@@ -290,7 +343,7 @@ def instruction_quality(cfg: Any, s: Setup, eval_split: tasks.Split) -> tuple[di
     return {**found, "generate_examples": n}, rows
 
 
-def save_predictions(cfg: Any, rec: dict[str, Any]) -> str:
+def save_predictions(cfg: DictConfig, rec: dict[str, Any]) -> str:
     """Write the per-example predictions beside the record (``<run_id>.predictions.jsonl``, one
     line per eval example: before and after training); returns the file name."""
     found = rec.pop("predictions", {})
@@ -306,13 +359,5 @@ def save_predictions(cfg: Any, rec: dict[str, Any]) -> str:
     return name
 
 
-def new_record(cfg: Any) -> dict[str, Any]:
+def new_record(cfg: DictConfig) -> dict[str, Any]:
     return record.new_record(cfg, kind="measured", task=cfg.task.name)
-
-
-def run(cfg: Any, extra_provenance: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
-    """Execute one run and write its record, ok or failed; returns the record and its path."""
-    from peftbench import app
-    from peftbench.cli import APP
-
-    return app.run_job(APP, cfg, extra_provenance)

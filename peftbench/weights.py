@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from methods import ConfigError
+from peftbench.errors import ConfigError
 
 PACKAGE_SCHEME = "pkg://"
 CACHE_ENV = "PEFTBENCH_CACHE"

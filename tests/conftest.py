@@ -41,7 +41,7 @@ TINY_RUN = (
 @pytest.fixture
 def tiny_run(tmp_path):
     """Run peftbench in-process with tiny settings; returns (record, path)."""
-    from peftbench.run import run
+    from peftbench.cli import run_and_write as run
 
     def go(*overrides: str):
         cfg = compose_config(

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import methods
-from methods import ConfigError
 from methods.adapter import INSERTION_POINTS, AdapterConfig, AdapterLayer
+from peftbench.errors import ConfigError
 
 from conftest import REPO
 

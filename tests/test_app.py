@@ -19,15 +19,15 @@ import torch
 from omegaconf import OmegaConf
 
 import methods
-from methods import ConfigError
 from peftbench import app, cli, models
-from peftbench.estimate import app as estimate_app
+from peftbench.errors import ConfigError
+from peftbench.estimate import cli as estimate_app
 from peftbench.records import writer
 
 from conftest import REPO, TINY_RUN
 
 TINY = list(TINY_RUN)
-ESTIMATE_TINY = ["model=tiny-llama", "batch_size=2", "seq_length=16", "precision=fp32"]
+ESTIMATE_TINY = ["model=tiny-llama", "train.batch_size=2", "seq_length=16", "train.precision=fp32"]
 
 
 def one_error_line(capsys, prog: str = "peftbench") -> str:
@@ -69,9 +69,9 @@ def test_bad_values_are_one_line_exit_2_and_no_record(args, expected, tmp_path, 
 
 
 def test_a_config_group_can_still_be_added_with_plus():
-    jobs = cli.check_all(["-m", "+sweep=methods"])
+    jobs = app.check_jobs(cli.APP, ["-m", "+sweep=methods"])
     assert [j.label.split("/")[0] for j in jobs] == sorted(methods.REGISTRY)
-    assert not isinstance(cli.check_all(["++train.steps=3"]), int)  # a key the schema has
+    assert not isinstance(app.check_jobs(cli.APP, ["++train.steps=3"]), int)  # a key the schema has
 
 
 def test_cuda_index_beyond_the_visible_devices(monkeypatch, tmp_path, capsys):
@@ -84,7 +84,10 @@ def test_cuda_index_beyond_the_visible_devices(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["batch_size=100000000000000000"], "batch_size=100000000000000000: batch_size x seq_length must be <="),
+        (
+            ["train.batch_size=100000000000000000"],
+            "train.batch_size=100000000000000000: train.batch_size x seq_length must be <=",
+        ),
         (["+foo=1"], "foo=1: no such key in the config"),
         (["seq_length=4096", "model=gpt3-175b"], "seq_length=4096: 4096 tokens exceed the model's context of 2048"),
     ],
@@ -255,10 +258,10 @@ def test_estimate_sweep_under_joblib_with_a_failing_job(tmp_path):
     (plant / "sitecustomize.py").write_text(
         "import peftbench.estimate.cost as cost\n"
         "real = cost.trace_model\n"
-        "def planted(model, cfg):\n"
+        "def planted(model, cfg, lev=None):\n"
         "    if cfg.model.name == 'tiny-gpt2':\n"
         "        raise RuntimeError('planted failure')\n"
-        "    return real(model, cfg)\n"
+        "    return real(model, cfg, lev)\n"
         "cost.trace_model = planted\n"
     )
     env = {"PYTHONPATH": os.pathsep.join([str(plant), str(REPO)])}
@@ -269,7 +272,7 @@ def test_estimate_sweep_under_joblib_with_a_failing_job(tmp_path):
         "hydra.launcher.n_jobs=2",
         "model=tiny-llama,tiny-gpt2",
         "method=lora",
-        "batch_size=2",
+        "train.batch_size=2",
         "seq_length=16",
         env=env,
     )

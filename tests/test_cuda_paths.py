@@ -144,21 +144,24 @@ def lm_batches(vocab: int, batch: int, length: int):
 def test_train_allocator_figures_cover_the_tracked_steps_and_the_phase_leaves_the_flop_step_out(fake_cuda):
     """The FLOP step holds activations longer: the allocator's train figures must cover the
     memory steps, as the tracker's do, and the whole-phase figure must leave the FLOP step out."""
+    from peftbench.config import Levers
     from peftbench.train import train
 
     model = tiny_llama()
     fake_cuda.alloc.track([*model.parameters(), *model.buffers()])  # on the GPU from the start
-    cfg = SimpleNamespace(
+    lev = Levers(
+        precision="fp32",
+        grad_accum=1,
+        batch_size=4,
+        world_size=1,
+        lr=1e-3,
+        grad_clip=1.0,
         weight_decay=0.0,
         warmup_steps=0,
-        timing_warmup=0,
-        grad_clip=1.0,
-        grad_accum=1,
-        precision="fp32",
         gradient_checkpointing=False,
     )
     with fake_cuda.alloc:
-        m = train(model, lm_batches(512, 4, 64), 5, 1e-3, cfg, 2, CUDA)["metrics"]
+        m = train(model, lm_batches(512, 4, 64), 5, lev, 0, 2, CUDA)["metrics"]
     assert m["cuda_train_max_allocated_bytes"] == m["cuda_train_requested_peak_bytes"]  # one window
     assert abs(m["cuda_train_max_allocated_bytes"] - m["peak_memory_bytes"]) < MIB
     assert m["cuda_train_phase_steps"] == 4  # 5 steps, the FLOP step left out

@@ -17,23 +17,23 @@ import torch
 
 import methods
 from peftbench import app
-from peftbench.estimate import app as EA
 from peftbench.estimate import calibrate as EC
+from peftbench.estimate import cli as EA
 from peftbench.estimate import cost as E
 
 from conftest import REPO
 
 METHODS = sorted(methods.REGISTRY)  # every method, a new one included
-TINY = ["batch_size=2", "seq_length=16", "precision=fp32"]
+TINY = ["train.batch_size=2", "seq_length=16", "train.precision=fp32"]
 QLORA_65B = (
     "model=llama-65b",
     "method=lora",
     "method.targets=all-linear",
     "rank=64",
     "model.quantize=nf4",
-    "gradient_checkpointing=true",
-    "precision=bf16-mixed",
-    "batch_size=1",
+    "train.gradient_checkpointing=true",
+    "train.precision=bf16-mixed",
+    "train.batch_size=1",
     "seq_length=512",
 )
 
@@ -56,7 +56,7 @@ def real_model(cfg):
 def test_counts_equal_the_real_model(model, method):
     cfg = compose_estimate(f"model={model}", f"method={method}", *TINY)
     built, _ = E.build(cfg)
-    states = E.state_bytes(built, cfg.precision)
+    states = E.state_bytes(built, cfg.train.precision)
     real = real_model(cfg)
     assert methods.trainable_parameters(built) == methods.trainable_parameters(real)
     assert methods.total_parameters(built) == methods.total_parameters(real)
@@ -125,11 +125,11 @@ def test_calibrate_command_prints_every_part(capsys):
 
 def test_precision_bf16_master_closed_form_on_llama2_7b():
     """bf16 weights and gradients; 12 B of AdamW state per trained element plus a 4 B step."""
-    cfg = compose_estimate("model=llama2-7b", "method=full", "precision=bf16-master")
+    cfg = compose_estimate("model=llama2-7b", "method=full", "train.precision=bf16-master")
     model, _ = E.build(cfg)
     n = methods.total_parameters(model)
     assert n == 6_738_415_616  # Llama-2-7B's published count
-    states = E.state_bytes(model, cfg.precision)
+    states = E.state_bytes(model, cfg.train.precision)
     tensors = len(E.unique(model.parameters()))
     buffers = sum(E.nbytes(b) for b in model.buffers())
     assert states["memory_weights_bytes"] == 2 * n + buffers
@@ -141,10 +141,10 @@ def test_precision_bf16_master_closed_form_on_llama2_7b():
 def test_precision_closed_forms_of_the_run_levers(precision, weight, optim):
     """As the run keeps them: bf16-mixed keeps fp32 weights, gradients and moments (its bf16
     copies are activations); pure bf16 halves all three."""
-    cfg = compose_estimate("model=llama2-7b", "method=full", f"precision={precision}")
+    cfg = compose_estimate("model=llama2-7b", "method=full", f"train.precision={precision}")
     model, _ = E.build(cfg)
     n = methods.total_parameters(model)
-    states = E.state_bytes(model, cfg.precision)
+    states = E.state_bytes(model, cfg.train.precision)
     tensors = len(E.unique(model.parameters()))
     assert states["memory_gradients_bytes"] == weight * n
     assert states["memory_optimizer_bytes"] == optim * n + 4 * tensors
@@ -194,7 +194,7 @@ def test_flops_full_fine_tuning_is_6n_plus_attention():
     attention = c.num_hidden_layers * ATTENTION_UNITS * s * c.hidden_size
     assert m["train_attention_flops_per_token"] == attention
     assert m["train_flops_per_token"] == 6 * n_matmul + attention
-    assert m["train_flops_per_step"] == m["train_flops_per_token"] * cfg.batch_size * s
+    assert m["train_flops_per_step"] == m["train_flops_per_token"] * cfg.train.batch_size * s
 
 
 def test_flops_lora_closed_form():
@@ -221,7 +221,7 @@ def test_flops_lora_closed_form():
 @pytest.mark.parametrize(
     "method,levers",
     [
-        ("lora", ("gradient_checkpointing=true", "precision=bf16-mixed", "grad_accum=2")),
+        ("lora", ("train.gradient_checkpointing=true", "train.precision=bf16-mixed", "train.grad_accum=2")),
         *(pytest.param(m, (), marks=pytest.mark.slow) for m in METHODS),
     ],
 )
@@ -237,7 +237,7 @@ def test_layer_extrapolation_equals_the_whole_trace(method, levers):
 def test_checkpointing_keeps_fewer_activations_and_counts_the_recomputation_apart():
     plain, ckpt = (
         E.estimate(compose_estimate("model=tiny-llama", "method=lora", *TINY, *extra))["metrics"]
-        for extra in ((), ("gradient_checkpointing=true",))
+        for extra in ((), ("train.gradient_checkpointing=true",))
     )
     assert ckpt["train_model_flops_per_token"] == plain["train_flops_per_token"]
     assert ckpt["train_flops_per_token"] > plain["train_flops_per_token"]
@@ -309,14 +309,19 @@ def test_hydra_sweep_over_presets_and_methods(sweep, tmp_path):
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["precision=mixed"], "precision=mixed: allowed: fp32, bf16-mixed, bf16, fp16-mixed, bf16-master"),
-        (["grad_accum=0"], "grad_accum=0: must be an integer >= 1"),
+        (["train.precision=mixed"], "train.precision=mixed: allowed: fp32, bf16-mixed, bf16, fp16-mixed, bf16-master"),
+        (["train.grad_accum=0"], "train.grad_accum=0: must be an integer >= 1"),
         (["method=full", "model.quantize=nf4"], "model.quantize=nf4: method=full trains the base weights"),
         (["model.quantize=nf3"], "model.quantize=nf3: allowed: nf4, int8, null"),
         (["method=lora", "rank=0"], "method.rank=0"),
         (["model=gpt3-175b", "seq_length=4096"], "seq_length=4096: 4096 tokens exceed the model's context of 2048"),
         (["model=gpt3-175b", "method=prefix", "seq_length=2048"], "allowed: at most 2028"),
         (["model=nope"], "model=nope: no such option"),
+        # the levers are spelled as in a run: the old top-level keys name the new one
+        (["precision=bf16"], "precision=bf16: renamed; allowed: train.precision=bf16"),
+        (["gradient_checkpointing=true"], "renamed; allowed: train.gradient_checkpointing=true"),
+        (["-m", "batch_size=1,2"], "batch_size=1,2: renamed; allowed: train.batch_size=1,2"),
+        (["grad_accum=2"], "grad_accum=2: renamed; allowed: train.grad_accum=2"),
     ],
 )
 def test_bad_values_are_one_line_and_exit_2(args, expected, tmp_path, capsys):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from methods import ConfigError
 from peftbench import app, cli, tasks
+from peftbench.errors import ConfigError
 
 from conftest import compose_config
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import methods
 from peftbench import app, cli, models, run
+from peftbench.config import Levers
 from peftbench.measure import flop_counter
 from peftbench.train import loss_shares, train
 
@@ -82,17 +82,20 @@ def test_loss_shares_weight_micro_batches_by_predicted_tokens_or_examples():
     assert loss_shares(cls) == [0.75, 0.25]
 
 
-def train_cfg(**kw):
+def levers(**kw) -> Levers:
+    """The loop's levers at learning rate 1e-3, one rank, a batch of 8 (unused by the loop)."""
     base = dict(
         warmup_steps=0,
-        timing_warmup=0,
         grad_clip=1.0,
         weight_decay=0.0,
         grad_accum=1,
         precision="fp32",
         gradient_checkpointing=False,
+        lr=1e-3,
+        batch_size=8,
+        world_size=1,
     )
-    return OmegaConf.create({**base, **kw})
+    return Levers(**{**base, **kw})
 
 
 class RecordingAdamW(torch.optim.AdamW):
@@ -121,7 +124,7 @@ def test_accumulating_micro_batches_equals_training_on_the_whole_batch(method, m
         else:
             feed = iter([{k: v[j : j + 2] for k, v in b.items()} for b in whole for j in range(0, 8, 2)])
         RecordingAdamW.seen = []
-        out = train(s.model, feed, steps, 1e-3, train_cfg(grad_accum=accum), 1, torch.device("cpu"))
+        out = train(s.model, feed, steps, levers(grad_accum=accum), 0, 1, torch.device("cpu"))
         curves.append(out["train_losses"])
         grads_per_run.append(RecordingAdamW.seen)
     assert curves[1] == pytest.approx(curves[0], rel=1e-5)
@@ -136,7 +139,7 @@ def test_fp16_mixed_scales_the_loss_and_unscales_before_clipping():
     exist: it trains, and reports the loss scale it ended with."""
     cfg, s = setup("method=lora")
     feed = iter([batch(len(s.tokenizer), seed=i) for i in range(3)])
-    out = train(s.model, feed, 3, 1e-3, train_cfg(precision="fp16-mixed"), 1, torch.device("cpu"))
+    out = train(s.model, feed, 3, levers(precision="fp16-mixed"), 0, 1, torch.device("cpu"))
     assert all(torch.isfinite(torch.tensor(out["train_losses"])))
     assert out["metrics"]["train_loss_scale_final"] == 65536.0  # no overflow in 3 steps
 

@@ -15,11 +15,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import methods
-from methods import ConfigError
 from methods.lora import LoRAConfig, LoRALayer
 from peftbench import app, cli, models, tasks, weights
-from peftbench.quality import answers, forgetting, generation
-from peftbench.tasks import chat
+from peftbench.errors import ConfigError
+from peftbench.quality import forgetting, generation
+from peftbench.tasks import answers, chat
 from peftbench.tasks.batching import Split, collate
 
 from conftest import compose_config

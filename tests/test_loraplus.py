@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from tiny_models import FAMILIES, TASK
 
 import methods
-from methods import ConfigError
 from methods.lora import LoRAConfig
+from peftbench.errors import ConfigError
 from peftbench.models import head_names
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

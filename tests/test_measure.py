@@ -32,7 +32,7 @@ TINY = (
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Records of tiny runs, made once per module: full, LoRA twice, LoRA latency-only."""
-    from peftbench.run import run
+    from peftbench.cli import run_and_write as run
 
     out = tmp_path_factory.mktemp("runs")
     cache: dict[str, dict] = {}

@@ -124,7 +124,7 @@ def test_same_work_gives_the_same_peak_to_the_byte():
 def test_a_storage_resized_outside_any_operator_is_followed_when_announced():
     """FSDP frees an unsharded parameter with ``untyped_storage().resize_(0)`` and grows it again
     before the next all-gather; no operator shows that, so ``memory.storage_resized`` tells the
-    open trackers, and the freed bytes stop counting (``parallel.follow_fsdp_storage``)."""
+    open trackers, and the freed bytes stop counting (``ranks.follow_fsdp_storage``)."""
     from peftbench.memory import _OPEN, TensorMemoryTracker, storage_resized
 
     def memory_open() -> list:

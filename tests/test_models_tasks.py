@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from methods import ConfigError
 from peftbench import models, tasks
+from peftbench.errors import ConfigError
 from peftbench.tasks import synthetic
 
 from conftest import compose_config

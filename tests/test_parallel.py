@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 
-from peftbench import cli, parallel, records, run
+from peftbench import app, cli, launch, ranks, records, run
+from peftbench import config as config_mod
+from peftbench.throughput import StepRecorder
 
 from conftest import REPO
 
@@ -41,7 +43,7 @@ def one_process(overrides: list[str]) -> dict:
 
 
 def two_ranks(configs: list[list[str]]) -> list[dict]:
-    return parallel.spawn(2, parallel.run_configs, configs)[0]
+    return launch.spawn(2, launch.run_many, [cli.checked_config(*c) for c in configs])[0]
 
 
 def plain_model(overrides: list[str]) -> torch.nn.Module:
@@ -65,7 +67,7 @@ def check_against_one_process(cases: list[list[str]], strategies: tuple[str, ...
             assert rec["metrics"]["eval_loss"] == pytest.approx(alone["metrics"]["eval_loss"], rel=1e-5), name
             m = rec["metrics"]
             accum = int(next((o.split("=")[1] for o in case if o.startswith("train.grad_accum=")), 1))
-            closed = parallel.comm_closed_form(plain, s, 2, accum)  # FSDP gathers for every micro-batch
+            closed = ranks.comm_closed_form(plain, s, 2, accum)  # FSDP gathers for every micro-batch
             for k, v in closed.items():
                 assert m[f"comm_{k}_per_step"] == v == m[f"comm_{k}_per_step_closed_form"], (name, k)
             # time in collectives: every timed step of every rank timed, inside its step
@@ -75,7 +77,7 @@ def check_against_one_process(cases: list[list[str]], strategies: tuple[str, ...
             assert 0 < m["comm_ms_per_step_median"] <= m["train_step_ms_median"], name
             assert 0 < m["comm_share_of_step_median"] <= 1, name
             if s == "fsdp":
-                shard = sum(parallel.padded_numel(p, 2) // 2 * p.element_size() for p in plain.parameters())
+                shard = sum(ranks.padded_numel(p, 2) // 2 * p.element_size() for p in plain.parameters())
                 buffers = sum(b.numel() * b.element_size() for b in plain.buffers())
                 for r in rec["parallel"]["ranks"]:
                     assert r["memory_weights_bytes"] == shard + buffers, (name, r["rank"])
@@ -102,31 +104,36 @@ def test_comm_closed_form_of_lora_on_tiny_llama():
     plain = plain_model(["method=lora", *SHORT])
     trainable = sum(p.numel() for p in plain.parameters() if p.requires_grad)
     assert trainable == 28_672
-    assert parallel.comm_closed_form(plain, "ddp", 2) == {"all_reduce_bytes": 4 * 28_672}
-    fsdp = parallel.comm_closed_form(plain, "fsdp", 2)
+    assert ranks.comm_closed_form(plain, "ddp", 2) == {"all_reduce_bytes": 4 * 28_672}
+    fsdp = ranks.comm_closed_form(plain, "fsdp", 2)
     assert fsdp["reduce_scatter_bytes"] == 4 * 28_672  # every LoRA matrix has an even first dim
-    total = sum(parallel.padded_numel(p, 2) * 4 for p in plain.parameters())
-    layers = sum(parallel.padded_numel(p, 2) * 4 for m in parallel.shard_units(plain) for p in m.parameters())
+    total = sum(ranks.padded_numel(p, 2) * 4 for p in plain.parameters())
+    layers = sum(ranks.padded_numel(p, 2) * 4 for m in ranks.shard_units(plain) for p in m.parameters())
     assert fsdp["all_gather_bytes"] == total + layers  # forward, and backward for all but the root
     # ring: all-reduce sends 2 (N-1)/N of the message, all-gather and reduce-scatter (N-1)/N
-    assert parallel.comm_closed_form(plain, "fsdp", 1) == {"all_gather_bytes": 0, "reduce_scatter_bytes": 0}
-    assert parallel.comm_closed_form(plain, "ddp", 1) == {"all_reduce_bytes": 4 * 28_672}  # DDP still reduces
-    assert parallel.ring_bytes_sent({"all_reduce_bytes": 1000}, 4) == 1500
-    assert parallel.ring_bytes_sent(fsdp, 2) == (fsdp["all_gather_bytes"] + fsdp["reduce_scatter_bytes"]) // 2
+    assert ranks.comm_closed_form(plain, "fsdp", 1) == {"all_gather_bytes": 0, "reduce_scatter_bytes": 0}
+    assert ranks.comm_closed_form(plain, "ddp", 1) == {"all_reduce_bytes": 4 * 28_672}  # DDP still reduces
+    assert ranks.ring_bytes_sent({"all_reduce_bytes": 1000}, 4) == 1500
+    assert ranks.ring_bytes_sent(fsdp, 2) == (fsdp["all_gather_bytes"] + fsdp["reduce_scatter_bytes"]) // 2
 
 
 def test_padding_to_a_multiple_of_the_world_size():
-    assert parallel.padded_numel(torch.empty(5, 3), 4) == 8 * 3
-    assert parallel.padded_numel(torch.empty(8), 4) == 8
-    assert parallel.padded_numel(torch.empty(()), 4) == 4
+    assert ranks.padded_numel(torch.empty(5, 3), 4) == 8 * 3
+    assert ranks.padded_numel(torch.empty(8), 4) == 8
+    assert ranks.padded_numel(torch.empty(()), 4) == 4
+
+
+def sizes(tokens: list[int], samples: list[int], padded: list[int] | None = None) -> StepRecorder:
+    """The global batch's sizes per timed step, as the loop records them (times unused)."""
+    return StepRecorder([], tokens, padded if padded is not None else tokens, samples)
 
 
 def test_combine_takes_the_slowest_rank_per_step_and_the_highest_peak():
-    ranks = [
+    per_rank = [
         {"rank": 0, "peak_memory_bytes": 10, "memory_weights_bytes": 4, "step_ms": [100.0, 300.0], "comm": {"x": 1}},
         {"rank": 1, "peak_memory_bytes": 12, "memory_weights_bytes": 5, "step_ms": [200.0, 100.0], "comm": {"x": 1}},
     ]
-    m = parallel.combine(ranks, [1000, 1000], [8, 8])
+    m = ranks.combine(per_rank, sizes([1000, 1000], [8, 8]))
     assert m["peak_memory_bytes"] == 12 and m["memory_weights_bytes"] == 5 and m["peak_memory_rank"] == 1
     assert m["train_step_ms_median"] == 250.0  # steps of 200 and 300 ms
     assert m["train_tokens_per_s"] == pytest.approx((5000 + 1000 / 0.3) / 2)
@@ -134,12 +141,26 @@ def test_combine_takes_the_slowest_rank_per_step_and_the_highest_peak():
     assert "comm_ms_per_step_median" not in m  # no rank timed its collectives
 
 
+def test_combine_gives_every_throughput_figure_for_the_global_batch_over_the_slowest_rank():
+    """Every ``train_*_per_s`` key of a distributed record is the global batch's over the
+    slowest rank's step (padded tokens too: they once stayed rank 0's local rate)."""
+    per_rank = [{"rank": r, "step_ms": [100.0 * (r + 1), 400.0]} for r in range(2)]
+    m = ranks.combine(per_rank, sizes([600, 800], [8, 8], padded=[1024, 1024]))
+    slowest = [0.2, 0.4]  # s
+    assert m["train_padded_tokens_per_s"] == pytest.approx((1024 / 0.2 + 1024 / 0.4) / 2)
+    assert m["train_tokens_per_s"] == pytest.approx((600 / 0.2 + 800 / 0.4) / 2)
+    assert m["train_samples_per_s"] == pytest.approx((8 / slowest[0] + 8 / slowest[1]) / 2)
+    assert m["train_timed_steps"] == 2
+    rates = {k for k in m if k.startswith("train_") and k.endswith("_per_s")}
+    assert rates == {"train_tokens_per_s", "train_padded_tokens_per_s", "train_samples_per_s"}
+
+
 def test_combine_takes_the_rank_longest_in_collectives_per_step():
-    ranks = [
+    per_rank = [
         {"rank": 0, "step_ms": [100.0, 300.0, 100.0], "comm_ms": [10.0, 90.0, None]},
         {"rank": 1, "step_ms": [200.0, 100.0, 100.0], "comm_ms": [50.0, 30.0, 5.0]},
     ]
-    m = parallel.combine(ranks, [1000] * 3, [8] * 3)
+    m = ranks.combine(per_rank, sizes([1000] * 3, [8] * 3))
     # the third step had an untimed collective on rank 0: left out; steps 1-2: 50 and 90 ms
     assert m["comm_ms_per_step_median"] == 70.0
     assert m["comm_share_of_step_median"] == pytest.approx((50 / 200 + 90 / 300) / 2)
@@ -147,12 +168,12 @@ def test_combine_takes_the_rank_longest_in_collectives_per_step():
 
 # ------------------------------------------------------------------- time in collectives
 def test_busy_time_is_the_union_of_the_collectives_intervals():
-    assert parallel.busy_ms([]) == 0.0
-    assert parallel.busy_ms([[1.0, 1.5]]) == pytest.approx(500.0)
+    assert ranks.busy_ms([]) == 0.0
+    assert ranks.busy_ms([[1.0, 1.5]]) == pytest.approx(500.0)
     # a collective queued behind another is not counted twice; a gap is not counted
-    assert parallel.busy_ms([[0.0, 0.4], [0.1, 0.3], [0.3, 0.6], [1.0, 1.1]]) == pytest.approx(700.0)
+    assert ranks.busy_ms([[0.0, 0.4], [0.1, 0.3], [0.3, 0.6], [1.0, 1.1]]) == pytest.approx(700.0)
     with pytest.raises(RuntimeError, match="had not completed"):
-        parallel.busy_ms([[0.0, float("nan")]])
+        ranks.busy_ms([[0.0, float("nan")]])
 
 
 def test_on_nccl_a_steps_time_in_collectives_is_the_sum_of_their_cuda_event_durations(monkeypatch):
@@ -172,7 +193,7 @@ def test_on_nccl_a_steps_time_in_collectives_is_the_sum_of_their_cuda_event_dura
             return True
 
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
-    counter = parallel.CommCounter()
+    counter = ranks.CommCounter()
     for durations in ([2.5, 1.25], [3.0, None]):
         counter.begin()
         for ms in durations:
@@ -195,9 +216,9 @@ def late_collectives() -> list:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    counter = parallel.CommCounter()
+    counter = ranks.CommCounter()
     t = torch.ones(1024)
-    _, reduce_scatter = parallel._fsdp_collectives(counter)
+    _, reduce_scatter = ranks._fsdp_collectives(counter)
     steps = [
         lambda: counter.issued(lambda: dist.all_reduce(t, async_op=True), wait=True),
         lambda: counter.issued(lambda: dist.all_reduce(t, async_op=True), wait=False).wait(),
@@ -219,7 +240,7 @@ def late_collectives() -> list:
 def test_time_in_a_collective_includes_the_wait_for_a_late_rank():
     """Rank 0 is in each collective from its call until rank 1 arrives and the work completes;
     rank 1, arriving last, only for the exchange itself (a 4 kB tensor: well under LATE_S)."""
-    found = parallel.spawn(2, late_collectives)
+    found = launch.spawn(2, late_collectives)
     assert len(found[0]) == len(found[1]) == 3
     assert all(ms >= LATE_S * 1e3 for ms in found[0]), found
     assert all(ms < LATE_S * 1e3 / 2 for ms in found[1]), found
@@ -243,7 +264,7 @@ def the_record(tmp_path) -> dict:
 
 
 def test_a_killed_rank_is_a_failed_record_not_a_hang(tmp_path):
-    done = cli_run(tmp_path, "method=lora", "parallel=ddp", "parallel.timeout_s=60", env={parallel.KILL_RANK: "1"})
+    done = cli_run(tmp_path, "method=lora", "parallel=ddp", "parallel.timeout_s=60", env={launch.KILL_RANK: "1"})
     assert done.returncode != 0
     rec = the_record(tmp_path)
     assert rec["status"] == "failed"
@@ -357,7 +378,7 @@ def test_two_nodes_train_as_one_process_and_node_0_writes_the_one_record(tmp_pat
     """``parallel.nnodes=2`` with each node's ``node_rank`` and node 0's address, as torchrun's
     static rendezvous: the loss curve of one process, one record (node 0's), and node 1's
     command says how its share ended (exit 0, a share file, no record)."""
-    port = parallel.free_port()
+    port = launch.free_port()
     done = on_nodes(tmp_path, by_config(port), [(["parallel.node_rank=0"], {}), (["parallel.node_rank=1"], {})])
     assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
     rec = the_record(tmp_path)
@@ -410,7 +431,7 @@ def test_the_nodes_of_a_slurm_job_find_each_other_through_submitit(tmp_path):
     assert (par["world_size"], par["nnodes"]) == (2, 2)
     alone = one_process(["method=lora", *SHORT])
     assert rec["train_losses"] == pytest.approx(alone["train_losses"], rel=1e-5, abs=1e-6)
-    assert f"localhost:{parallel.job_port('4242')}" in done[1].stdout
+    assert f"localhost:{launch.job_port('4242')}" in done[1].stdout
 
 
 def test_a_node_of_an_srun_step_reads_its_place_from_slurm(monkeypatch):
@@ -424,13 +445,13 @@ def test_a_node_of_an_srun_step_reads_its_place_from_slurm(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     par = OmegaConf.create({"nnodes": 3, "nproc": 8, "node_rank": None, "master": None})
-    topo = parallel.topology(par)
+    topo = launch.topology(par)
     assert (topo.nnodes, topo.node_rank, topo.nproc, topo.world) == (3, 1, 8, 24)
-    assert topo.endpoint == f"gpu07:{parallel.job_port('777')}" and 20000 <= parallel.job_port("777") < 40000
+    assert topo.endpoint == f"gpu07:{launch.job_port('777')}" and 20000 <= launch.job_port("777") < 40000
     assert topo.source == "slurm job 777 (submitit's job environment)"
     # given values win over the job's
     par.node_rank, par.master = 2, "head:29500"
-    assert (parallel.topology(par).node_rank, parallel.topology(par).endpoint) == (2, "head:29500")
+    assert (launch.topology(par).node_rank, launch.topology(par).endpoint) == (2, "head:29500")
 
 
 def test_the_estimate_of_two_nodes_is_that_of_their_world_size():
@@ -457,8 +478,8 @@ def test_a_slurm_job_of_the_wrong_shape_is_a_one_line_failure(tmp_path):
 def test_a_rank_killed_on_another_node_fails_both_nodes_not_a_hang(tmp_path):
     """Node 1's rank dies: node 1's command says so (share file, exit 1), node 0's rank loses
     its peer and node 0's record is failed, pointing at the other node's log."""
-    common = [*by_config(parallel.free_port()), "parallel.timeout_s=60"]
-    kill = {parallel.KILL_RANK: "1"}
+    common = [*by_config(launch.free_port()), "parallel.timeout_s=60"]
+    kill = {launch.KILL_RANK: "1"}
     done = on_nodes(tmp_path, common, [(["parallel.node_rank=0"], kill), (["parallel.node_rank=1"], kill)])
     assert [d.returncode for d in done] == [1, 1]
     rec = the_record(tmp_path)
@@ -473,7 +494,7 @@ def test_a_rank_killed_on_another_node_fails_both_nodes_not_a_hang(tmp_path):
 
 @pytest.mark.slow
 def test_a_node_that_never_arrives_fails_the_rendezvous_after_the_timeout(tmp_path):
-    common = [*by_config(parallel.free_port()), "parallel.node_rank=0", "parallel.timeout_s=5"]
+    common = [*by_config(launch.free_port()), "parallel.node_rank=0", "parallel.timeout_s=5"]
     (done,) = on_nodes(tmp_path, common, [([], {})])
     assert done.returncode == 1
     rec = the_record(tmp_path)
@@ -484,7 +505,6 @@ def test_a_node_that_never_arrives_fails_the_rendezvous_after_the_timeout(tmp_pa
 def test_a_multi_node_sweep_through_submitit_slurm_passes_the_check():
     """Submitted through submitit's SLURM launcher, the jobs are scheduler jobs that know their
     node: the check lets them through (nothing is submitted here)."""
-    from peftbench import app
 
     argv = ["-m", "hydra/launcher=submitit_slurm", "method=lora", "parallel=ddp", "parallel.nnodes=2", "device=cpu"]
     jobs = app.check_jobs(cli.APP, argv)
@@ -495,17 +515,16 @@ def test_a_multi_node_sweep_through_submitit_slurm_passes_the_check():
 
 # ------------------------------------------------------------------------ the estimator
 def estimate(*overrides: str) -> dict:
-    from peftbench import app
     from peftbench.estimate.cost import estimate as run_estimate
 
-    base = ("model=tiny-llama", "precision=fp32", "seq_length=32", "batch_size=4")
+    base = ("model=tiny-llama", "train.precision=fp32", "seq_length=32", "train.batch_size=4")
     return run_estimate(app.compose(*base, *overrides, config_name="estimate"))["metrics"]
 
 
 def test_estimate_per_rank_state_and_communication():
     plain = plain_model(["method=lora", *SHORT])  # the run's model: the estimate gets its vocabulary
     vocab = f"vocab_size={plain.config.vocab_size}"
-    alone = estimate("method=lora", "batch_size=2", vocab)  # one rank's share of the global batch of 4
+    alone = estimate("method=lora", "train.batch_size=2", vocab)  # one rank's share of the global batch of 4
     ddp = estimate("method=lora", "parallel=ddp", "parallel.nproc=2", vocab)
     fsdp = estimate("method=lora", "parallel=fsdp", "parallel.nproc=2", vocab)
     grads = alone["memory_gradients_bytes"]
@@ -516,12 +535,12 @@ def test_estimate_per_rank_state_and_communication():
     assert ddp["comm_all_reduce_bytes_per_step_closed_form"] == grads
     assert ddp["comm_ring_bytes_sent_per_rank_per_step"] == grads  # 2 (N-1)/N at N = 2
     # FSDP: the padded shards the measured run holds (test above), and the run's closed form
-    shard = sum(parallel.padded_numel(p, 2) // 2 * 4 for p in plain.parameters())
+    shard = sum(ranks.padded_numel(p, 2) // 2 * 4 for p in plain.parameters())
     buffers = sum(b.numel() * b.element_size() for b in plain.buffers())
     assert fsdp["memory_weights_bytes"] == shard + buffers
     trained = [p for p in plain.parameters() if p.requires_grad]
     assert fsdp["memory_optimizer_bytes"] == 2 * 28_672 * 4 // 2 + 4 * len(trained)
-    closed = parallel.comm_closed_form(plain, "fsdp", 2)
+    closed = ranks.comm_closed_form(plain, "fsdp", 2)
     for k, v in closed.items():
         assert fsdp[f"comm_{k}_per_step_closed_form"] == v
     assert fsdp["world_size"] == 2
@@ -534,22 +553,21 @@ def test_estimate_per_rank_state_and_communication():
 def test_the_fsdp_trace_grows_by_the_same_bytes_per_layer_from_three_layers(family, method, world):
     """The estimate traces FSDP2 on a fake group of ``world`` ranks at 3 and 4 layers and
     extrapolates: every figure of a 6-layer model's trace, to the byte."""
-    from peftbench import app
     from peftbench.estimate import cost
 
     cfg = app.compose(
         f"model={family}",
         f"method={method}",
-        "precision=fp32",
-        f"batch_size={2 * world}",
+        "train.precision=fp32",
+        f"train.batch_size={2 * world}",
         "seq_length=32",
         "parallel=fsdp",
         f"parallel.nproc={world}",
         config_name="estimate",
     )
-    config = cost.with_layers(cost.build(cfg)[0].config, 6)
-    rank = cost.per_rank_cfg(cfg)
-    assert cost.trace_model(config, rank) == cost.trace(config, rank)
+    lev = config_mod.levers(cfg)
+    config = cost.with_layers(cost.build(cfg, lev)[0].config, 6)
+    assert cost.trace_model(config, cfg, lev) == cost.trace(config, cfg, lev)
 
 
 def test_an_fsdp_estimate_needs_its_own_fake_group():
@@ -565,7 +583,7 @@ def test_an_fsdp_estimate_needs_its_own_fake_group():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["parallel=ddp", "parallel.nproc=3"], "batch_size=4: must be a multiple of parallel.nproc=3"),
+        (["parallel=ddp", "parallel.nproc=3"], "train.batch_size=4: must be a multiple of parallel.nproc=3"),
         (["parallel=fsdp", "model.quantize=nf4"], "model.quantize=nf4: parallel=fsdp shards dense weights only"),
         (["parallel.nproc=2"], "parallel.nproc=2: must be 1 with parallel=none (choose ddp or fsdp)"),
     ],
@@ -577,7 +595,7 @@ def test_bad_parallel_estimates_are_one_line_errors(tmp_path, overrides, message
             "-m",
             "peftbench.estimate",
             "model=tiny-llama",
-            "batch_size=4",
+            "train.batch_size=4",
             f"results_dir={tmp_path}",
             *overrides,
         ],

@@ -359,10 +359,10 @@ def test_describe_and_no_merge():
 
 
 def test_cli_checks_prefix_on_the_meta_model(capsys):
-    from peftbench import cli
+    from peftbench import app, cli
 
-    cli.dry_run(compose_config("method=prefix", "method.projection=true"))  # builds on meta, applies
-    assert cli.main(["method=prefix", "method.num_virtual_tokens=512"]) == cli.EXIT_CONFIG
+    cli.APP.check(compose_config("method=prefix", "method.projection=true"))  # builds on meta, applies
+    assert cli.main(["method=prefix", "method.num_virtual_tokens=512"]) == app.EXIT_CONFIG
     assert "method.num_virtual_tokens=512: must be < the model's context length (512 tokens)" in capsys.readouterr().err
 
 

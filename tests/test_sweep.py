@@ -120,12 +120,12 @@ def test_same_code_policy():
 
 def test_a_job_without_record_is_reported(tmp_path, capsys):
     job = app.Job(("method=lora",), str(tmp_path), "0123456789", False, "lora/tiny-llama/synthetic-lm")
-    assert cli.summarize([job], "20000101T000000000000") == 1
+    assert app.summarize(cli.APP, [job], "20000101T000000000000") == 1
     assert "missing  lora/tiny-llama/synthetic-lm [0123456789]: no record written" in capsys.readouterr().err
 
 
 def jobs(*argv: str) -> list[cli.Job]:
-    out = cli.check_all(list(argv))
+    out = app.check_jobs(cli.APP, list(argv))
     assert not isinstance(out, int), out
     return out
 

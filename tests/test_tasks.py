@@ -12,8 +12,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from methods import ConfigError
 from peftbench import tasks
+from peftbench.errors import ConfigError
 from peftbench.tasks import data
 
 from conftest import REPO, compose_config

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from methods import ConfigError
 from peftbench import app, cli, tasks
+from peftbench.errors import ConfigError
 from peftbench.tasks import RawTask
 from peftbench.tasks.batching import pack_split
 

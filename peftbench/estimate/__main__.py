@@ -2,7 +2,7 @@
 
 import sys
 
-from peftbench.estimate.app import main
+from peftbench.estimate.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

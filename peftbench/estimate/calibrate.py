@@ -2,9 +2,10 @@
 tracker's measurement of the same real training step on CPU, on the small built-in models, for
 every cost lever and every method that the lever allows.
 
-The real step and the estimate's traced step are one function (``cost.tracked_step``): the
-estimate runs it on fake tensors of the 2- and 3-layer models and extrapolates, with weights,
-gradients and optimizer state from the closed form; the calibration runs it on the real model."""
+The real step and the estimate's traced step are one function, the run's own
+``train.OptimizerStep`` (watched by ``cost.tracked_step``): the estimate runs it on fake tensors
+of the 2- and 3-layer models and extrapolates, with weights, gradients and optimizer state from
+the closed form; the calibration runs it on the real model."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import math
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import methods
-from methods import ConfigError
-from peftbench import app
+from peftbench import app, launch, models
 from peftbench import config as config_mod
+from peftbench.errors import ConfigError
 from peftbench.estimate import cost
 
 CALIBRATE_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -25,13 +26,13 @@ PARTS = ("weights", "gradients", "optimizer", "activations")
 STATES = PARTS[:3]  # exact by construction: the calibration fails on any difference
 # lever -> estimator overrides; every lever at batch_size x seq_length per micro-batch
 LEVERS = {
-    "fp32": ("precision=fp32",),
-    "bf16-mixed": ("precision=bf16-mixed",),
-    "bf16": ("precision=bf16",),
-    "checkpointing": ("precision=fp32", "gradient_checkpointing=true"),
-    "grad_accum=2": ("precision=fp32", "grad_accum=2"),
-    "nf4": ("precision=fp32", "model.quantize=nf4"),
-    "int8": ("precision=fp32", "model.quantize=int8"),
+    "fp32": ("train.precision=fp32",),
+    "bf16-mixed": ("train.precision=bf16-mixed",),
+    "bf16": ("train.precision=bf16",),
+    "checkpointing": ("train.precision=fp32", "train.gradient_checkpointing=true"),
+    "grad_accum=2": ("train.precision=fp32", "train.grad_accum=2"),
+    "nf4": ("train.precision=fp32", "model.quantize=nf4"),
+    "int8": ("train.precision=fp32", "model.quantize=int8"),
 }
 
 
@@ -40,7 +41,7 @@ def compose(model: str, method: str, lever: str, batch: int, seq: int) -> Any:
         f"model={model}",
         f"method={method}",
         *LEVERS[lever],
-        f"batch_size={batch}",
+        f"train.batch_size={batch}",
         f"seq_length={seq}",
         config_name="estimate",
     )
@@ -68,17 +69,16 @@ def cells() -> list[tuple[str, str, str]]:
     ]
 
 
-def measured_step(cfg: Any) -> dict[str, int]:
+def measured_step(cfg: DictConfig) -> dict[str, int]:
     """``cost.tracked_step`` of the real model on CPU: built as a run builds it (random
     weights, the lever's cast, quantized base, method and checkpointing: ``cost.prepare``),
     on random ids with a mask of ones."""
-    from peftbench import models
-
+    lev = config_mod.levers(cfg)
     spec, vocab = cost.model_spec(cfg)
     model = models.build(spec, "causal-lm", vocab, 0, 0)
     torch.manual_seed(0)
-    model = cost.prepare(model, cfg)
-    return cost.tracked_step(model, cfg, cost.micro_batches(cfg, vocab))
+    model = cost.prepare(model, cfg, lev)
+    return cost.tracked_step(model, lev, cost.micro_batches(lev, cfg.seq_length, vocab))
 
 
 def calibration_rows(model: str, method: str, lever: str, batch: int, seq: int) -> list[tuple[str, int, int]]:
@@ -90,7 +90,7 @@ def calibration_rows(model: str, method: str, lever: str, batch: int, seq: int) 
     rows = [(c, est[f"memory_{c}_bytes"], got[f"memory_{c}_bytes"]) for c in PARTS]
     rows.append(("peak", est["peak_memory_bytes"], got["peak_memory_bytes"]))
     rows.append(("FLOPs", round(est["train_flops_per_step"]), got["flops"]))
-    if cfg.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:
         tokens = est["train_tokens_per_step"]
         rows.append(
             ("model FLOPs", round(est["train_model_flops_per_token"] * tokens), got["flops"] - got["recomputed_flops"])
@@ -150,23 +150,30 @@ def parallel_rows(
     ``nproc`` gloo ranks: the measured figures are those of the rank with the highest peak,
     weights and optimizer state at that peak. ``model``: overrides of tiny-llama's shape
     (``model.arch.num_hidden_layers=12``), given to the run and the estimate alike."""
-    from peftbench import parallel
-
     cases = [(m, s) for m in methods_ for s in ("ddp", "fsdp")]
     batch = 2 * nproc
     configs = [
-        [f"method={m}", *PARALLEL_RUN, *model, f"train.batch_size={batch}", f"parallel={s}", f"parallel.nproc={nproc}"]
+        app.compose(
+            f"method={m}",
+            *PARALLEL_RUN,
+            *model,
+            f"train.batch_size={batch}",
+            f"parallel={s}",
+            f"parallel.nproc={nproc}",
+        )
         for m, s in cases
     ]
-    recs = parallel.spawn(nproc, parallel.run_configs, configs)[0]
+    for c in configs:
+        launch.check_job(c)
+    recs = launch.spawn(nproc, launch.run_many, configs)[0]
     rows = []
     for (m, s), rec in zip(cases, recs):
         cfg = app.compose(
             "model=tiny-llama",
             *model,
             f"method={m}",
-            "precision=fp32",
-            f"batch_size={batch}",
+            "train.precision=fp32",
+            f"train.batch_size={batch}",
             "seq_length=32",
             f"vocab_size={rec['model_config']['vocab_size']}",
             f"parallel={s}",

@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from contextlib import AbstractContextManager
+from typing import Any, Optional, cast
 
 import torch
-from omegaconf import OmegaConf
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 import methods
 from peftbench import config as config_mod
+from peftbench import models, quantize, ranks, train
 from peftbench import precision as precision_mod
+from peftbench.config import ESTIMATE_PRECISIONS as PRECISIONS  # noqa: F401 (re-exported)
+from peftbench.config import MASTER, Levers
+from peftbench.measure import flop_counter
+from peftbench.memory import TensorMemoryTracker
 
-PRECISIONS = (*precision_mod.PRECISIONS, "bf16-master")  # train.precision's values, plus:
-# bf16-master: bf16 weights, gradients and activations with an fp32 master copy of each TRAINED
-# weight plus fp32 AdamW moments (4 + 8 = 12 B per trained element): the mixed precision of
-# Megatron and DeepSpeed (Micikevicius et al. 2018; ZeRO's 2 + 2 + 12 = 16 B per parameter for
+# MASTER, bf16-master: bf16 weights, gradients and activations with an fp32 master copy of each
+# TRAINED weight plus fp32 AdamW moments (4 + 8 = 12 B per trained element): the mixed precision
+# of Megatron and DeepSpeed (Micikevicius et al. 2018; ZeRO's 2 + 2 + 12 = 16 B per parameter for
 # full fine-tuning). The training loop has no such lever: it is traced as pure bf16, its
 # optimizer state counted in closed form.
-MASTER = "bf16-master"
-ATTENTION = ("flash", "eager")
 STEP_BYTES = 4  # torch AdamW keeps one float32 step counter per trained tensor
 
 
@@ -38,11 +43,11 @@ def weight_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == MASTER else precision_mod.weight_dtype(precision) or torch.float32
 
 
-def model_spec(cfg: Any) -> tuple[Any, int]:
+def model_spec(cfg: DictConfig) -> tuple[Any, int]:
     """The model config to build (float32, as a run builds it before any cast; ``arch.vocab_size``
     taken out) and the vocabulary size: the preset's own ``arch.vocab_size`` when it has one,
     else ``cfg.vocab_size``. (``models.build_meta`` passes vocab_size itself.)"""
-    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    spec = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
     arch = dict(spec.get("arch") or {})
     vocab = int(arch.pop("vocab_size", cfg.vocab_size))
     spec["arch"] = arch
@@ -50,69 +55,47 @@ def model_spec(cfg: Any) -> tuple[Any, int]:
     return OmegaConf.create(spec), vocab
 
 
-def prepare_base(model: nn.Module, cfg: Any, quantize: bool = True) -> Optional[dict[str, Any]]:
+def prepare_base(model: nn.Module, cfg: DictConfig, lev: Levers, quantized: bool = True) -> Optional[dict[str, Any]]:
     """What ``run.setup`` does to a float32 base model before the method, in its order: the
-    pure-bf16 cast, then the quantized base (``model.quantize``). Returns
-    ``quantize.quantize_base``'s account, or None."""
-    dtype = weight_dtype(cfg.precision)
+    pure-bf16 cast, then the quantized base (``model.quantize``, unless ``quantized`` is False).
+    Returns ``quantize.quantize_base``'s account, or None."""
+    dtype = weight_dtype(lev.precision)
     if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
         model.to(dtype)
-    if not quantize or cfg.model.get("quantize") is None:
+    if not quantized or cfg.model.get("quantize") is None:
         return None
-    from peftbench import quantize as quantize_mod
-
-    return quantize_mod.quantize_base(model, cfg.model.quantize)
+    return quantize.quantize_base(model, cfg.model.quantize)
 
 
-def prepare_method(model: nn.Module, cfg: Any) -> tuple[nn.Module, Any]:
+def prepare_method(model: nn.Module, cfg: DictConfig, lev: Levers) -> tuple[nn.Module, Any]:
     """What ``run.setup`` does next: the method, then gradient checkpointing. Returns (model, method)."""
-    from peftbench import models
-
     method = methods.build(cfg.method)
     model = method.apply(model)
-    if cfg.gradient_checkpointing:
+    if lev.gradient_checkpointing:
         models.set_gradient_checkpointing(model, True)
     return model, method
 
 
-def prepare(model: nn.Module, cfg: Any) -> nn.Module:
+def prepare(model: nn.Module, cfg: DictConfig, lev: Levers) -> nn.Module:
     """A float32 base model made what a run trains (``prepare_base``, ``prepare_method``)."""
-    prepare_base(model, cfg)
-    return prepare_method(model, cfg)[0]
+    prepare_base(model, cfg, lev)
+    return prepare_method(model, cfg, lev)[0]
 
 
-BUILT: dict[str, tuple[nn.Module, Any]] = {}  # check phase -> job, same process
-
-
-def build_key(cfg: Any) -> str:
-    from peftbench.records import config_hash
-
-    return config_hash(config_mod.to_container(cfg))
-
-
-def build(cfg: Any, keep: bool = False) -> tuple[nn.Module, Any]:
+def build(cfg: DictConfig, lev: Optional[Levers] = None) -> tuple[nn.Module, Any]:
     """The whole base model on the meta device, cast and with the method applied (not quantized:
-    the quantized bytes come from the traced small models); returns (model, method).
-
-    keep: remember the result for the one ``build`` of the same config that follows (the
-    check phase builds every job's model; the job then reuses it).
-    """
-    from peftbench import models
-
-    key = build_key(cfg)
-    if key in BUILT:
-        return BUILT.pop(key)
-
+    the quantized bytes come from the traced small models); returns (model, method). Raises a
+    one-line ``ConfigError`` when ``seq_length`` plus the method's own positions exceed the
+    model's context. ``lev``: the config's levers (default ``config.levers(cfg)``)."""
+    lev = lev or config_mod.levers(cfg)
     spec, vocab = model_spec(cfg)
     meta = models.build_meta(spec, "causal-lm", vocab, 0)
     config = meta.config
-    prepare_base(meta, cfg, quantize=False)
-    model, method = prepare_method(meta, cfg)
+    prepare_base(meta, cfg, lev, quantized=False)
+    model, method = prepare_method(meta, cfg, lev)
     methods.check_context(
         config, {"seq_length": cfg.seq_length}, getattr(method, "context_tokens", 0), f"method={cfg.method.name}"
     )
-    if keep:
-        BUILT[key] = (model, method)
     return model, method
 
 
@@ -199,8 +182,6 @@ class MatmulFlops(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        from peftbench.measure import flop_counter
-
         self.registry = flop_counter().flop_registry
         self.attention_ops = {
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
@@ -224,75 +205,92 @@ class MatmulFlops(TorchDispatchMode):
         return out
 
 
-def micro_batches(cfg: Any, vocab: int) -> list[dict[str, torch.Tensor]]:
-    """``grad_accum`` micro-batches of ``batch_size`` x ``seq_length`` random ids, a mask of
-    ones and labels (the harness's batch; ids from a fixed seed)."""
+def micro_batches(lev: Levers, seq_length: int, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """``lev.grad_accum`` micro-batches of one rank's ``lev.rank_batch`` x ``seq_length`` random
+    ids, a mask of ones and labels (the harness's batch; ids from a fixed seed)."""
     g = torch.Generator().manual_seed(0)
     out = []
-    for _ in range(cfg.grad_accum):
-        ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_length), generator=g)
+    for _ in range(lev.grad_accum):
+        ids = torch.randint(0, vocab, (lev.rank_batch, seq_length), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     return out
 
 
+class TraceProbe(train.StepProbe):
+    """What the estimator watches of the run's step (``train.OptimizerStep``): the forwards,
+    backwards and clipping under the fake-tensor ``mode`` (a no-op on real tensors), the
+    ``tracker`` and the FLOP counter, the optimizer's update under the tracker alone; the
+    tracker's peak kept per stretch (``cut``) at the end of each forward and after the update."""
+
+    def __init__(self, tracker: TensorMemoryTracker, flops: MatmulFlops, mode: Any) -> None:
+        self.tracker, self.flops, self.mode = tracker, flops, mode
+        self.segments: list[dict[str, int]] = []
+        self.out: dict[str, int] = {}
+
+    def cut(self) -> dict[str, int]:
+        """Close a stretch of the step: keep its peak and breakdown; the live bytes now."""
+        self.segments.append(self.tracker.summary())
+        self.tracker.reset_peak()
+        return self.tracker.summary()
+
+    def accumulating(self) -> AbstractContextManager:
+        stack = contextlib.ExitStack()
+        for ctx in (self.mode, self.tracker, self.flops):
+            stack.enter_context(ctx)
+        return stack
+
+    def updating(self) -> AbstractContextManager:
+        return self.tracker
+
+    def before_forward(self) -> None:
+        self.flops.backward = False
+
+    def after_forward(self) -> None:
+        self.out["memory_activations_bytes"] = self.cut()["memory_activations_bytes"]
+        self.flops.backward = True
+
+    def after_update(self) -> None:
+        now = self.cut()
+        self.out.update({f"memory_{c}_bytes": now[f"memory_{c}_bytes"] for c in ("weights", "gradients", "optimizer")})
+
+
 def tracked_step(
-    model: nn.Module, cfg: Any, micro: list[dict[str, torch.Tensor]], mode: Any = None, pass_mask: bool = True
+    model: nn.Module, lev: Levers, micro: list[dict[str, torch.Tensor]], mode: Any = None, pass_mask: bool = True
 ) -> dict[str, int]:
-    """One optimizer step as ``peftbench.train`` runs it (each micro-batch's forward under the
-    precision's autocast, its loss weighted by its share, backward; gradient clipping; AdamW),
-    under the tensor-memory tracker on CPU and the FLOP counter, after a first AdamW step on zero
-    gradients that creates the optimizer state. The model's tensors are real, or fake
-    (``mode``: the ``FakeTensorMode`` they belong to; then the mask is not passed, since the
-    mask-is-all-ones check cannot read fake values, and is only kept alive).
+    """One optimizer step as the run takes it (``train.OptimizerStep``, the same function: each
+    micro-batch's forward under the precision's autocast, its loss weighted by its share,
+    backward; clipping at ``lev.grad_clip``; AdamW), under the tensor-memory tracker on CPU and
+    the FLOP counter (``TraceProbe``), after a first AdamW step on zero gradients that creates
+    the optimizer state. The model's tensors are real, or fake (``mode``: the ``FakeTensorMode``
+    they belong to; then the mask is not passed, since the mask-is-all-ones check cannot read
+    fake values, and is only kept alive). No loss scaler and no schedule: a few scalars.
 
     Returns: ``memory_activations_bytes``, the live non-weight, non-state bytes right after the
     (last) forward; ``peak_memory_bytes`` and the breakdown at the peak (``peak_<category>``);
-    weights, gradients and optimizer bytes right after ``optimizer.step()``; FLOPs executed
+    weights, gradients and optimizer bytes right after the optimizer's step; FLOPs executed
     (``flops``, ``attention_flops``) and ``recomputed_flops``.
     """
-    from peftbench.memory import TensorMemoryTracker
-
     mode = mode or contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    opt = train.Optimizer(torch.optim.AdamW(params, lr=lev.lr, weight_decay=lev.weight_decay), params)
     with mode:
         for p in params:
             p.grad = torch.zeros_like(p)
-    optimizer.step()  # the state, as after a first step (its float32 step counters are real)
-    optimizer.zero_grad(set_to_none=True)
-    tracker = TensorMemoryTracker(model, optimizer, "cpu", extra=[t for b in micro for t in b.values()])
-    flops = MatmulFlops()
-    segments: list[dict[str, int]] = []
-
-    def cut() -> dict[str, int]:
-        """Close a stretch of the step: keep its peak and breakdown; the live bytes now."""
-        segments.append(tracker.summary())
-        tracker.reset_peak()
-        return tracker.summary()
-
-    out: dict[str, int] = {}
-    shares = [None] if len(micro) == 1 else [1.0 / len(micro)] * len(micro)
+    opt.optimizer.step()  # the state, as after a first step (its float32 step counters are real)
+    opt.optimizer.zero_grad(set_to_none=True)
+    tracker = TensorMemoryTracker(model, opt.optimizer, "cpu", extra=[t for b in micro for t in b.values()])
+    probe = TraceProbe(tracker, MatmulFlops(), mode)
+    inputs = [b if pass_mask else {k: v for k, v in b.items() if k != "attention_mask"} for b in micro]
+    # each micro-batch's loss weighted by its share of the step, none for a single one: the
+    # micro-batches are of one size with every label predicted, so ``train.loss_shares`` would
+    # give 1/n each (counted from the shapes: a fake tensor has no values to count)
+    shares: list[Optional[float]] = [1.0 / len(micro)] * len(micro) if len(micro) > 1 else [None]
     model.train()
-    with mode, tracker, flops:
-        for b, share in zip(micro, shares):
-            inputs = b if pass_mask else {k: v for k, v in b.items() if k != "attention_mask"}
-            flops.backward = False
-            with precision_mod.autocast(cfg.precision, torch.device("cpu")):
-                loss = model(**inputs).loss
-            out["memory_activations_bytes"] = cut()["memory_activations_bytes"]
-            if share is not None:
-                loss = loss * share
-            flops.backward = True
-            loss.backward()
-            del loss
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-    with tracker:
-        optimizer.step()
-        now = cut()
-        out.update({f"memory_{c}_bytes": now[f"memory_{c}_bytes"] for c in ("weights", "gradients", "optimizer")})
-        optimizer.zero_grad(set_to_none=True)
-    peak = max(segments, key=lambda s: s["peak_memory_bytes"])
+    train.OptimizerStep(model, opt, lev, torch.device("cpu"), probe=probe)(inputs, shares)
+    out = probe.out
+    peak = max(probe.segments, key=lambda s: s["peak_memory_bytes"])
     out.update({k.replace("memory_", "peak_", 1) if k != "peak_memory_bytes" else k: v for k, v in peak.items()})
+    flops = probe.flops
     out.update(flops=flops.flops, attention_flops=flops.attention, recomputed_flops=flops.recomputed)
     out["recomputed_attention_flops"] = flops.recomputed_attention
     tracker.close()
@@ -302,22 +300,18 @@ def tracked_step(
 def on_device(meta: Any, device: torch.device) -> Any:
     """A wrapper subclass's flattened metadata with any device it records set to ``device``
     (torchao's NF4Tensor keeps its device in a dataclass there)."""
-    import dataclasses
-
     if isinstance(meta, torch.device):
         return device
     if isinstance(meta, dict):
         return {k: on_device(v, device) for k, v in meta.items()}
     if dataclasses.is_dataclass(meta) and hasattr(meta, "device"):
-        return dataclasses.replace(meta, device=device)
+        return dataclasses.replace(cast(Any, meta), device=device)
     return meta
 
 
 def rebuilt(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``t`` with each plain tensor in it replaced by ``make(tensor)``: a wrapper subclass (a
     quantized weight) is rebuilt around its replaced inner tensors, on their device."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if not is_traceable_wrapper_subclass(t):
         return make(t)
     names, meta = t.__tensor_flatten__()
@@ -331,9 +325,7 @@ def quantized_once_per_shape() -> Iterator[None]:
     """On meta, ``quantize.quantize_weight`` runs once per weight shape and its result is
     copied (new, empty inner tensors) for the other weights of that shape: meta holds no
     values, and torchao's NF4 packing costs about a second per large weight even there."""
-    from peftbench import quantize as quantize_mod
-
-    original = quantize_mod.quantize_weight
+    original = quantize.quantize_weight
     done: dict[tuple, torch.Tensor] = {}
 
     def once(w: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -342,11 +334,11 @@ def quantized_once_per_shape() -> Iterator[None]:
             done[key] = original(w, scheme)
         return rebuilt(done[key], torch.empty_like)
 
-    quantize_mod.quantize_weight = once
+    quantize.quantize_weight = once
     try:
         yield
     finally:
-        quantize_mod.quantize_weight = original
+        quantize.quantize_weight = original
 
 
 def to_fake(model: nn.Module, mode: Any) -> None:
@@ -358,7 +350,7 @@ def to_fake(model: nn.Module, mode: Any) -> None:
         with mode:
             return torch.empty_like(t, device="cpu")
 
-    def fake(t: torch.Tensor) -> torch.Tensor:
+    def fake(t: torch.Tensor) -> Any:
         if id(t) not in done:
             new = rebuilt(t, empty_cpu)
             done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
@@ -371,11 +363,13 @@ def to_fake(model: nn.Module, mode: Any) -> None:
                     kind[name] = fake(t)
 
 
-def fake_model(config: Any, cfg: Any) -> tuple[nn.Module, Any, Optional[dict[str, Any]]]:
+def fake_model(config: Any, cfg: DictConfig, lev: Levers) -> tuple[nn.Module, Any, Optional[dict[str, Any]]]:
     """The model of ``config`` as fake CPU tensors (``FakeTensorMode``: shapes, dtypes and
     storages without bytes, and CPU's autocast applies), prepared as a run prepares it (the
     base cast and quantized on meta, where quantizing costs no arithmetic). Returns (model,
     its fake mode, the quantization account)."""
+    # heavy third-party modules (fake tensors load torch._dynamo: about 1.3 s) are imported where
+    # a trace needs them, so a config error is told at once
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
@@ -383,10 +377,10 @@ def fake_model(config: Any, cfg: Any) -> tuple[nn.Module, Any, Optional[dict[str
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with quantized_once_per_shape():
-        quantized = prepare_base(model, cfg)
+        quantized = prepare_base(model, cfg, lev)
     to_fake(model, mode)
     with mode:
-        model = prepare_method(model, cfg)[0]
+        model = prepare_method(model, cfg, lev)[0]
     return model, mode, quantized
 
 
@@ -406,7 +400,7 @@ def unpacked() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original
 
 
-def trace(config: Any, cfg: Any) -> dict[str, int]:
+def trace(config: Any, cfg: DictConfig, lev: Optional[Levers] = None) -> dict[str, int]:
     """One training step of the model of ``config`` (with ``cfg``'s precision, quantization,
     method, checkpointing and micro-batches) run on fake tensors under the tracker: what the
     same step would show the tracker on CPU, with no bytes allocated and no arithmetic done.
@@ -415,22 +409,22 @@ def trace(config: Any, cfg: Any) -> dict[str, int]:
     the probabilities are added in closed form to the activations and the peak (under
     checkpointing only one layer's, to the peak). ``quantized_saving``: the bytes the
     quantized base saves (``quantize_base``'s own account). Under ``parallel=fsdp`` the model is
-    sharded as a run shards it (``parallel.shard``) over a fake group of the world size
+    sharded as a run shards it (``ranks.shard``) over a fake group of the world size
     (``fake_group``), and the step is rank 0's: its shards, and the unsharded parameters,
     all-gather and reduce-scatter buffers FSDP2 allocates and frees around each layer."""
-    model, mode, quantized = fake_model(config, cfg)
+    lev = lev or config_mod.levers(cfg)
+    model, mode, quantized = fake_model(config, cfg, lev)
     with mode:
-        micro = [{k: torch.empty_like(v) for k, v in b.items()} for b in micro_batches(cfg, 2)]
+        micro = [{k: torch.empty_like(v) for k, v in b.items()} for b in micro_batches(lev, cfg.seq_length, 2)]
     kernel = AttentionKernel(cfg.attention)
-    sharded = fsdp_sharded(cfg)
-    with kernel.installed(), unpacked(), fake_group(ranks(cfg)) if sharded else contextlib.nullcontext() as mesh:
+    sharded = fsdp_sharded(cfg, lev)
+    group = fake_group(lev.world_size) if sharded else contextlib.nullcontext()
+    with kernel.installed(), unpacked(), group as mesh:
         if sharded:
-            from peftbench import parallel
-
-            parallel.shard(model, mesh)
-        got = tracked_step(model, cfg, micro, mode, pass_mask=False)
+            ranks.shard(model, mesh)
+        got = tracked_step(model, lev, micro, mode, pass_mask=False)
     eager = kernel.eager_bytes
-    if cfg.gradient_checkpointing:
+    if lev.gradient_checkpointing:
         got["peak_memory_bytes"] += max(eager, default=0)
     else:
         got["memory_activations_bytes"] += sum(eager)
@@ -445,7 +439,6 @@ def fake_group(world: int) -> Iterator[Any]:
     collectives move nothing (torch's ``fake`` backend, the one torchtitan's memory estimation
     runs FSDP2 on): FSDP2 pads, allocates and frees on it exactly as on a real group, so a
     traced step shows one rank's memory. Yields its one-dimensional CPU device mesh."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -467,7 +460,7 @@ def with_layers(config: Any, layers: int) -> Any:
     return config
 
 
-def trace_model(config: Any, cfg: Any) -> dict[str, int]:
+def trace_model(config: Any, cfg: DictConfig, lev: Optional[Levers] = None) -> dict[str, int]:
     """``trace`` of the whole model, from traces of its 2- and 3-layer versions.
 
     Every layer after the first is the same code on the same shapes, so each figure is
@@ -477,13 +470,14 @@ def trace_model(config: Any, cfg: Any) -> dict[str, int]:
     depth (``tests/test_estimate.py`` and, for FSDP2, ``tests/test_parallel.py`` compare whole
     traces). A 96-layer trace costs far more than two small ones.
     """
+    lev = lev or config_mod.levers(cfg)
     layers = config.num_hidden_layers
     # FSDP2: the root's unsharding and the first prefetches overlap the first layers differently,
     # so depth adds the same bytes only from 3 layers on (tests/test_parallel.py)
-    low = 3 if fsdp_sharded(cfg) else 2
+    low = 3 if fsdp_sharded(cfg, lev) else 2
     if layers <= low + 1:
-        return trace(config, cfg)
-    a, b = (trace(with_layers(config, n), cfg) for n in (low, low + 1))
+        return trace(config, cfg, lev)
+    a, b = (trace(with_layers(config, n), cfg, lev) for n in (low, low + 1))
     return {k: a[k] + (layers - low) * (b[k] - a[k]) for k in a}
 
 
@@ -503,37 +497,20 @@ def korthikanti_bytes(config: Any, batch: int, seq: int, eager: bool) -> Optiona
 # ------------------------------------------------------------------------ estimate
 
 
-def ranks(cfg: Any) -> int:
-    """The world size of a distributed estimate (``nnodes x nproc``; 1 for ``parallel.strategy:
-    none``); ring bytes are those of one flat ring over every rank, whatever the nodes."""
-    return config_mod.world_size(cfg.parallel)
-
-
-def fsdp_sharded(cfg: Any) -> bool:
-    """Whether the traced step is one FSDP2 rank's (``parallel=fsdp`` on more than one rank)."""
-    return cfg.parallel.strategy == "fsdp" and ranks(cfg) > 1
-
-
-def per_rank_cfg(cfg: Any) -> Any:
-    """``cfg`` with ``batch_size`` one rank's share of the global micro-batch."""
-    n = ranks(cfg)
-    if n == 1:
-        return cfg
-    out = copy.deepcopy(cfg)
-    out.batch_size = cfg.batch_size // n
-    return out
+def fsdp_sharded(cfg: DictConfig, lev: Levers) -> bool:
+    """Whether the traced step is one FSDP2 rank's (``parallel=fsdp`` on more than one rank).
+    Ring bytes are those of one flat ring over every rank, whatever the nodes."""
+    return cfg.parallel.strategy == "fsdp" and lev.world_size > 1
 
 
 def sharded_state_bytes(model: nn.Module, precision: str, world: int) -> dict[str, int]:
     """``state_bytes`` of the shard one FSDP rank holds (rank 0, the largest): each parameter's
     ``ceil(rows / world)`` rows (FSDP2 pads the first dimension to a multiple of ``world``), of
     its weight, gradient and AdamW state; buffers are not sharded."""
-    from peftbench.parallel import padded_numel
-
     params = unique(model.parameters())
 
     def shard(p: torch.Tensor) -> int:
-        return padded_numel(p, world) // world
+        return ranks.padded_numel(p, world) // world
 
     optimizer = 0
     for p in params:
@@ -548,69 +525,85 @@ def sharded_state_bytes(model: nn.Module, precision: str, world: int) -> dict[st
     }
 
 
-def distributed(model: nn.Module, cfg: Any, metrics: dict[str, Any]) -> None:
+def distributed(model: nn.Module, cfg: DictConfig, lev: Levers, metrics: dict[str, Any]) -> None:
     """One rank's figures of a distributed step (``metrics``, updated in place; the step was
     traced at one rank's share of the batch): DDP adds the gradient buckets (a flat copy of the
     trainable gradients, live throughout) to the activations and the peak; under FSDP2 the
     traced step was already one rank's (``trace``), and its weights, gradients and optimizer
     state are the shards in closed form (``sharded_state_bytes``). Communication: the closed
-    form of the measured run (``parallel.comm_closed_form``)."""
-    from peftbench import parallel
-
-    world, strategy = ranks(cfg), cfg.parallel.strategy
+    form of the measured run (``ranks.comm_closed_form``)."""
+    world, strategy = lev.world_size, cfg.parallel.strategy
     metrics["world_size"] = world
     if strategy == "ddp":
         buckets = metrics["memory_gradients_bytes"]
         metrics["memory_activations_bytes"] += buckets
         metrics["peak_memory_bytes"] += buckets
     else:
-        metrics.update(sharded_state_bytes(model, cfg.precision, world))
-    closed = parallel.comm_closed_form(model, strategy, world, cfg.grad_accum)
+        metrics.update(sharded_state_bytes(model, lev.precision, world))
+    closed = ranks.comm_closed_form(model, strategy, world, lev.grad_accum)
     metrics.update({f"comm_{k}_per_step_closed_form": v for k, v in closed.items()})
-    metrics["comm_ring_bytes_sent_per_rank_per_step"] = parallel.ring_bytes_sent(closed, world)
+    metrics["comm_ring_bytes_sent_per_rank_per_step"] = ranks.ring_bytes_sent(closed, world)
 
 
-def estimate(cfg: Any) -> dict[str, Any]:
+def estimate(cfg: DictConfig) -> dict[str, Any]:
     """The estimate's metrics (flat, the measured run's key names) and method description.
 
     Weights, gradients and optimizer state: closed form on the whole meta model (the bytes the
     quantized base saves from the traced small models). Activations, the peak and FLOPs: the
-    traced step (``trace_model``); under bf16-master the peak also holds the master copies and
-    fp32 moments that the traced pure-bf16 step lacks.
+    traced step (``trace_model``, one rank's share of each micro-batch); under bf16-master the
+    peak also holds the master copies and fp32 moments that the traced pure-bf16 step lacks.
     """
-    model, method = build(cfg)
-    tokens = cfg.batch_size * cfg.seq_length * cfg.grad_accum  # the global step's
-    rank_tokens = tokens // ranks(cfg)
-    states = state_bytes(model, cfg.precision)
-    traced = trace_model(model.config, per_rank_cfg(cfg))  # one rank's share of each micro-batch
+    lev = config_mod.levers(cfg)
+    model, method = build(cfg, lev)
+    tokens = lev.batch_size * cfg.seq_length * lev.grad_accum  # the global step's
+    rank_tokens = tokens // lev.world_size
+    states = state_bytes(model, lev.precision)
+    traced = trace_model(model.config, cfg, lev)
     states["memory_weights_bytes"] -= traced["quantized_saving"]
-    peak = traced["peak_memory_bytes"]
-    if cfg.precision == MASTER:  # the fp32 master copies and moments (FSDP: their shards)
-        world = ranks(cfg) if cfg.parallel.strategy == "fsdp" else 1
-        opt = "memory_optimizer_bytes"
-        peak += sharded_state_bytes(model, MASTER, world)[opt] - sharded_state_bytes(model, "bf16", world)[opt]
-    attention = traced["attention_flops"]
-    executed = traced["flops"] - (0 if cfg.flops_attention else attention)
-    trainable = methods.trainable_parameters(model)
-    total = methods.total_parameters(model)
     metrics: dict[str, Any] = {
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
+        **parameters(model),
         **states,
         "memory_activations_bytes": traced["memory_activations_bytes"],
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": traced["peak_memory_bytes"] + master_bytes(model, cfg, lev),
         "memory_activations_korthikanti_bytes": korthikanti_bytes(
-            model.config, cfg.batch_size, cfg.seq_length, cfg.attention == "eager"
+            model.config, lev.batch_size, cfg.seq_length, cfg.attention == "eager"
         ),
+        **flops(traced, cfg, lev, rank_tokens),
+        "train_tokens_per_step": tokens,
+    }
+    if lev.world_size > 1 or cfg.parallel.strategy != "none":
+        distributed(model, cfg, lev, metrics)
+    config: Any = model.config
+    return {"metrics": metrics, "method_config": method.describe(model), "model_config": config.to_dict()}
+
+
+def parameters(model: nn.Module) -> dict[str, Any]:
+    """Trainable and total parameters (tied tensors once) and the trainable share (%)."""
+    trainable, total = methods.trainable_parameters(model), methods.total_parameters(model)
+    return {"trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}
+
+
+def master_bytes(model: nn.Module, cfg: DictConfig, lev: Levers) -> int:
+    """Under bf16-master, the fp32 master copies and moments (FSDP: their shards) that the
+    traced pure-bf16 step lacks at its peak; 0 otherwise."""
+    if lev.precision != MASTER:
+        return 0
+    world = lev.world_size if cfg.parallel.strategy == "fsdp" else 1
+    opt = "memory_optimizer_bytes"
+    return sharded_state_bytes(model, MASTER, world)[opt] - sharded_state_bytes(model, "bf16", world)[opt]
+
+
+def flops(traced: dict[str, int], cfg: DictConfig, lev: Levers, rank_tokens: int) -> dict[str, Any]:
+    """The traced step's FLOPs per rank token and per step (one rank's), the attention's share,
+    and under checkpointing the model FLOPs without the recomputed forward (behind MFU)."""
+    attention = traced["attention_flops"]
+    executed = traced["flops"] - (0 if cfg.flops_attention else attention)
+    out = {
         "train_flops_per_token": executed / rank_tokens,
         "train_flops_per_step": executed,  # one rank's (all of them at world size 1)
         "train_attention_flops_per_token": attention / rank_tokens,
-        "train_tokens_per_step": tokens,
     }
-    if cfg.gradient_checkpointing:  # without the recomputed forward: the model FLOPs behind MFU
+    if lev.gradient_checkpointing:
         recomputed = traced["recomputed_flops"] - (0 if cfg.flops_attention else traced["recomputed_attention_flops"])
-        metrics["train_model_flops_per_token"] = (executed - recomputed) / rank_tokens
-    if ranks(cfg) > 1 or cfg.parallel.strategy != "none":
-        distributed(model, cfg, metrics)
-    return {"metrics": metrics, "method_config": method.describe(model), "model_config": model.config.to_dict()}
+        out["train_model_flops_per_token"] = (executed - recomputed) / rank_tokens
+    return out

@@ -28,8 +28,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from peftbench.quality import answers, generation
-from peftbench.tasks import chat
+from peftbench.quality import generation
+from peftbench.tasks import answers, chat
+from peftbench.weights import cache_root
 
 GENERAL_PROMPTS = (
     "Explain in two sentences why the sky looks blue.",
@@ -116,8 +117,6 @@ def reference(
 ) -> Reference:
     """The base model's reference (``model`` must be the base model, its weights stored as
     ``quantize`` says); cached on disk, and then read without touching ``model``."""
-    from peftbench.weights import cache_root
-
     key = cache_key(base_sha256, tokenizer, template, tokens, quantize)
     path = cache_root() / "forgetting" / f"{key}.pt"
     if path.is_file():

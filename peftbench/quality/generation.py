@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
+
+from peftbench.tasks.answers import accuracy
 
 
 @dataclass
@@ -39,7 +41,7 @@ def generate(
 ) -> list[int]:
     """The new token ids of greedy decoding after ``prompt`` (at most ``max_new_tokens``)."""
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    out = model.generate(
+    out = cast(Callable[..., torch.Tensor], model.generate)(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
@@ -86,8 +88,6 @@ def evaluate(
     device: torch.device,
 ) -> tuple[dict[str, float], Predictions]:
     """Accuracy by generation (and by choice when ``choices``) on the given prompts (token ids)."""
-    from peftbench.quality.answers import accuracy
-
     was_training = model.training
     model.eval()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -103,6 +103,6 @@ def evaluate(
         for p in prompts:
             scores = choice_logprobs(model, p, ids, device)
             chosen.append(choices[max(range(len(choices)), key=scores.__getitem__)])
-        metrics["choice_accuracy"] = accuracy(chosen, references, extract)
+        metrics["choice_accuracy"] = accuracy(cast(list[str], chosen), references, extract)  # every entry set above
     model.train(was_training)
     return metrics, Predictions(generated, chosen)

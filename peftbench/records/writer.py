@@ -18,9 +18,10 @@ import time
 from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from peftbench.records import SCHEMA_VERSION, config_hash, git  # noqa: F401 (re-exported for writers)
 
@@ -71,7 +72,7 @@ def device_name(device: torch.device) -> str:
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)
@@ -164,12 +165,10 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def new_record(cfg: Any, kind: str, task: str | None) -> dict[str, Any]:
+def new_record(cfg: DictConfig, kind: str, task: str | None) -> dict[str, Any]:
     """The record a job starts with (``status: running``), for a measured run (``kind:
     "measured"``) or an estimate (``kind: "estimate"``, no task)."""
-    from omegaconf import OmegaConf
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     chash = config_hash(resolved)
     return {
         "schema_version": SCHEMA_VERSION,

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-from methods import ConfigError
+from peftbench.config import TaskConfig
+from peftbench.errors import ConfigError
 from peftbench.tasks.batching import SPECIALS, Split, collate, eval_batches, tokenize, train_batches, word_tokenizer  # noqa: F401  (re-exported: the harness calls tasks.tokenize)
 
 
@@ -56,17 +57,17 @@ class Task(Protocol):
     name: str
     kind: str
 
-    def check(self, cfg: Any) -> None: ...
+    def check(self, cfg: TaskConfig) -> None: ...
 
-    def num_train_examples(self, cfg: Any) -> Optional[int]: ...
+    def num_train_examples(self, cfg: TaskConfig) -> Optional[int]: ...
 
-    def load(self, cfg: Any) -> RawTask: ...
+    def load(self, cfg: TaskConfig) -> RawTask: ...
 
 
 REGISTRY: dict[str, Task] = {}
 
 
-def register(cls: type) -> type:
+def register(cls: type[Any]) -> type[Any]:
     """Class decorator: make ``cls`` available as ``task=<cls.name>``."""
     if cls.name in REGISTRY:
         raise RuntimeError(f"task name {cls.name!r} registered twice")
@@ -74,13 +75,13 @@ def register(cls: type) -> type:
     return cls
 
 
-def _task(cfg: Any) -> Task:
+def _task(cfg: TaskConfig) -> Task:
     if cfg.name not in REGISTRY:
         raise ConfigError(f"task.name={cfg.name}: allowed: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[cfg.name]
 
 
-def check(cfg: Any) -> None:
+def check(cfg: TaskConfig) -> None:
     """Cheap checks of a task config before any model is built: the keys every task shares,
     then the task's own (for local data files, every line of them)."""
     task = _task(cfg)
@@ -95,13 +96,13 @@ def check(cfg: Any) -> None:
     task.check(cfg)
 
 
-def num_train_examples(cfg: Any) -> Optional[int]:
+def num_train_examples(cfg: TaskConfig) -> Optional[int]:
     """Training examples ``load`` will return, known before anything is loaded (generated tasks
     and local files; files are read, not loaded), or None when unknown (a hub dataset)."""
     return _task(cfg).num_train_examples(cfg)
 
 
-def load(cfg: Any) -> RawTask:
+def load(cfg: TaskConfig) -> RawTask:
     """The raw splits of the task named ``cfg.name``."""
     check(cfg)
     return _task(cfg).load(cfg)

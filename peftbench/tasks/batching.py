@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from methods import ConfigError
+from peftbench.errors import ConfigError
+from peftbench.tasks import chat
 
 if TYPE_CHECKING:
     from peftbench.tasks import RawTask
@@ -49,14 +50,13 @@ def tokenize(raw: RawTask, tokenizer: Any, max_length: int, template: str = "aut
     (packed into blocks of ``max_length`` tokens instead when ``raw.pack``: ``pack_split``;
     instruction examples as prompt plus response, rendered with ``template``: ``chat.encode``)."""
     if raw.train_prompts is not None:
-        from peftbench.tasks import chat
-
+        assert raw.eval_prompts is not None  # instruction tasks set both splits' prompts
         train = chat.encode(tokenizer, raw.train_prompts, raw.train_text, max_length, template, "train")
         ev = chat.encode(tokenizer, raw.eval_prompts, raw.eval_text, max_length, template, "eval")
         return Split(train[0], None, train[1]), Split(ev[0], None, ev[1])
     if raw.pack:
-        train = pack_split(raw.train_text, tokenizer, max_length, "train")
-        return train, pack_split(raw.eval_text, tokenizer, max_length, "eval")
+        packed = pack_split(raw.train_text, tokenizer, max_length, "train")
+        return packed, pack_split(raw.eval_text, tokenizer, max_length, "eval")
 
     def enc(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -101,10 +101,12 @@ def collate(split: Split, index: list[int], pad_id: int, kind: str) -> dict[str,
         mask[j, : len(r)] = 1
     if kind == "causal-lm":
         labels = ids.masked_fill(mask == 0, -100)
-        for j, i in enumerate(index if split.prompt_lengths is not None else ()):
-            labels[j, : split.prompt_lengths[i]] = -100  # the prompt: no loss
+        if split.prompt_lengths is not None:
+            for j, i in enumerate(index):
+                labels[j, : split.prompt_lengths[i]] = -100  # the prompt: no loss
 
     else:
+        assert split.labels is not None  # a classification split has class ids
         labels = torch.tensor([split.labels[i] for i in index], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

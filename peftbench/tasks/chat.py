@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from methods import ConfigError
+from peftbench.errors import ConfigError
 
 TEMPLATES = ("auto", "chat", "plain")
 

@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from methods import ConfigError
+from peftbench.config import TaskConfig
+from peftbench.errors import ConfigError
 
 DATA_EXTENSIONS = {"csv": "csv", "json": "json", "jsonl": "json"}  # file suffix -> datasets builder
 ALLOWED_FILES = "UTF-8 encoded .csv/.json/.jsonl files"
@@ -28,17 +29,17 @@ def is_local(path: str) -> bool:
     return Path(path).expanduser().exists() or Path(path).suffix != "" or path.startswith((".", "/", "~"))
 
 
-def require_path(cfg: Any) -> None:
+def require_path(cfg: TaskConfig) -> None:
     if not cfg.path:
         raise ConfigError(
             f"task.path=null: {cfg.name} needs a folder of train/validation .csv/.json/.jsonl files or a hub dataset id"
         )
 
 
-def split_files(cfg: Any, extensions: tuple[str, ...] = tuple(DATA_EXTENSIONS)) -> dict[str, Path]:
+def split_files(cfg: TaskConfig, extensions: tuple[str, ...] = tuple(DATA_EXTENSIONS)) -> dict[str, Path]:
     """The train and evaluation files of a local ``task.path`` folder, by split name; the first
     of ``extensions`` (file suffixes without the dot) present wins."""
-    folder = Path(cfg.path).expanduser()
+    folder = Path(str(cfg.path)).expanduser()  # set: require_path ran first
     suffixes = "/.".join(extensions)
     if not folder.is_dir():
         raise ConfigError(
@@ -62,11 +63,11 @@ def split_files(cfg: Any, extensions: tuple[str, ...] = tuple(DATA_EXTENSIONS)) 
 # ------------------------------------------------------------------ reading local files up front
 
 
-def _error(cfg: Any, f: Path, where: str, what: str) -> ConfigError:
+def _error(cfg: TaskConfig, f: Path, where: str, what: str) -> ConfigError:
     return ConfigError(f"task.path={cfg.path}: {f.name} {where}: {what}")
 
 
-def decode(cfg: Any, f: Path, allowed: str = ALLOWED_FILES) -> str:
+def decode(cfg: TaskConfig, f: Path, allowed: str = ALLOWED_FILES) -> str:
     """The text of a local file (a leading BOM dropped); a one-line ConfigError naming the file
     and the line (1-based) where the bytes are not UTF-8, then ``allowed``."""
     raw = f.read_bytes()
@@ -78,7 +79,7 @@ def decode(cfg: Any, f: Path, allowed: str = ALLOWED_FILES) -> str:
         raise _error(cfg, f, f"line {line}", what) from None
 
 
-def scan(cfg: Any, f: Path) -> tuple[list[str], int]:
+def scan(cfg: TaskConfig, f: Path) -> tuple[list[str], int]:
     """The column names and the number of examples of a local split file, read in full.
 
     Raises a one-line ConfigError naming the file and the line (1-based) where the bytes are not
@@ -88,7 +89,7 @@ def scan(cfg: Any, f: Path) -> tuple[list[str], int]:
     return columns, len(rows)
 
 
-def read_rows(cfg: Any, f: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def read_rows(cfg: TaskConfig, f: Path) -> tuple[list[str], list[dict[str, Any]]]:
     """The column names and the examples (one dict each) of a local split file, checked as
     ``scan`` says; a CSV row shorter than its header has None in the missing columns."""
     text = decode(cfg, f)
@@ -99,7 +100,7 @@ def read_rows(cfg: Any, f: Path) -> tuple[list[str], list[dict[str, Any]]]:
     return _scan_json_lines(cfg, f, text)
 
 
-def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
+def _scan_csv(cfg: TaskConfig, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, [])
     rows: list[dict[str, Any]] = []
@@ -122,12 +123,14 @@ def _scan_csv(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict[str, A
     return header, rows
 
 
-def _scan_json_lines(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
+def _scan_json_lines(cfg: TaskConfig, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
     """JSON Lines, or JSON objects one after another spread over lines (datasets reads both)."""
     decoder = json.JSONDecoder()
     columns: dict[str, None] = {}
     rows: list[dict[str, Any]] = []
-    pos = _JSON_SPACE.match(text).end()
+    space = _JSON_SPACE.match(text)
+    assert space is not None  # the pattern matches the empty string
+    pos = space.end()
     while pos < len(text):
         try:
             row, end = decoder.raw_decode(text, pos)
@@ -138,11 +141,13 @@ def _scan_json_lines(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict
             raise _error(cfg, f, f"line {line}", f"not a JSON object: {text[pos:end][:40]}")
         columns.update(dict.fromkeys(row))
         rows.append(row)
-        pos = _JSON_SPACE.match(text, end).end()
+        space = _JSON_SPACE.match(text, end)
+        assert space is not None
+        pos = space.end()
     return list(columns), rows
 
 
-def _scan_json_array(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
+def _scan_json_array(cfg: TaskConfig, f: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
@@ -155,7 +160,7 @@ def _scan_json_array(cfg: Any, f: Path, text: str) -> tuple[list[str], list[dict
     return list(columns), rows
 
 
-def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:
+def check_local(cfg: TaskConfig, column_keys: tuple[str, ...]) -> None:
     """``task.path`` is set; if it is a local folder, its split files parse line by line, hold
     examples and have the columns the keys in ``column_keys`` (e.g. ``text_column``) name. A hub
     dataset is only checked when it is loaded."""
@@ -166,7 +171,7 @@ def check_local(cfg: Any, column_keys: tuple[str, ...]) -> None:
         check_file(cfg, f, column_keys)
 
 
-def check_file(cfg: Any, f: Path, column_keys: tuple[str, ...]) -> None:
+def check_file(cfg: TaskConfig, f: Path, column_keys: tuple[str, ...]) -> None:
     """One local .csv/.json/.jsonl split file parses line by line, holds examples and has the
     columns the keys in ``column_keys`` name."""
     columns, rows = scan(cfg, f)
@@ -180,7 +185,7 @@ def check_file(cfg: Any, f: Path, column_keys: tuple[str, ...]) -> None:
         )
 
 
-def num_local_train(cfg: Any) -> Optional[int]:
+def num_local_train(cfg: TaskConfig) -> Optional[int]:
     """Training examples of ``task.path`` kept by ``num_train``, counted from the local train
     file; None for a hub dataset (unknown until loaded)."""
     require_path(cfg)
@@ -197,7 +202,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def load_file(cfg: Any, split: str, f: Path) -> Any:
+def load_file(cfg: TaskConfig, split: str, f: Path) -> Any:
     """One local .csv/.json/.jsonl split file as a Dataset."""
     import datasets
 
@@ -209,7 +214,7 @@ def load_file(cfg: Any, split: str, f: Path) -> Any:
         ) from None
 
 
-def load_splits(cfg: Any) -> dict[str, Any]:
+def load_splits(cfg: TaskConfig) -> dict[str, Any]:
     """``{"train": Dataset, eval_split: Dataset}`` from a local folder or the hub."""
     import datasets
 
@@ -232,7 +237,7 @@ def load_splits(cfg: Any) -> dict[str, Any]:
     return {"train": ds["train"], cfg.eval_split: ds[cfg.eval_split]}
 
 
-def check_columns(cfg: Any, splits: dict[str, Any], column_keys: tuple[str, ...]) -> None:
+def check_columns(cfg: TaskConfig, splits: dict[str, Any], column_keys: tuple[str, ...]) -> None:
     """Every split has the columns the keys in ``column_keys`` name (a hub dataset's first check)."""
     for split, ds in splits.items():
         for key in column_keys:
@@ -251,7 +256,7 @@ def subset(ds: Any, n: Optional[int], seed: int) -> Any:
 
 
 def encode_labels(
-    cfg: Any, train: Any, raw_train: list[Any], raw_eval: list[Any]
+    cfg: TaskConfig, train: Any, raw_train: list[Any], raw_eval: list[Any]
 ) -> tuple[list[str], list[int], list[int]]:
     """Class names, and the train and eval labels as class ids 0..K-1.
 

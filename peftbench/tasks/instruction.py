@@ -16,16 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from methods import ConfigError
-from peftbench.quality import answers
-from peftbench.tasks import RawTask, data, register
+from peftbench.config import TaskConfig
+from peftbench.errors import ConfigError
+from peftbench.tasks import RawTask, answers, data, register
 
 FORMATS = ("auto", "alpaca", "messages")
 ROLES = ("system", "user", "assistant")
 Example = tuple[list[dict[str, str]], str]  # (prompt messages, response)
 
 
-def layout(cfg: Any, columns: list[str]) -> str:
+def layout(cfg: TaskConfig, columns: list[str]) -> str:
     """alpaca or messages, from ``task.format`` and the columns the data has."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"task.format={cfg.format}: allowed: {', '.join(FORMATS)}")
@@ -34,7 +34,7 @@ def layout(cfg: Any, columns: list[str]) -> str:
     return "messages" if cfg.messages_column in columns else "alpaca"
 
 
-def check_columns(cfg: Any, columns: list[str], where: str) -> str:
+def check_columns(cfg: TaskConfig, columns: list[str], where: str) -> str:
     """The layout, after checking that its columns are present (one line naming the key)."""
     fmt = layout(cfg, columns)
     keys = ("messages_column",) if fmt == "messages" else ("prompt_column", "response_column")
@@ -51,24 +51,24 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def example(cfg: Any, row: dict[str, Any], fmt: str, where: str) -> Example:
+def example(cfg: TaskConfig, row: dict[str, Any], fmt: str, where: str) -> Example:
     """One row as (prompt messages, response); one-line errors for an empty response or a
     malformed message list."""
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     if fmt == "alpaca":
-        prompt = _text(row.get(cfg.prompt_column))
+        instruction = _text(row.get(cfg.prompt_column))
         extra = _text(row.get(cfg.input_column)) if cfg.input_column else ""
         response = _text(row.get(cfg.response_column))
         if not response:
             raise ConfigError(
                 f"task.response_column={cfg.response_column}: {where} has an empty response; allowed: a non-empty text"
             )
-        if not prompt:
+        if not instruction:
             raise ConfigError(
                 f"task.prompt_column={cfg.prompt_column}: {where} has an empty instruction; allowed: a non-empty text"
             )
-        return system + [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra else prompt}], response
-    messages = row.get(cfg.messages_column)
+        return system + [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}], response
+    messages: Any = row.get(cfg.messages_column)  # any JSON value until checked below
     ok = isinstance(messages, list) and all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
     )
@@ -94,7 +94,7 @@ def example(cfg: Any, row: dict[str, Any], fmt: str, where: str) -> Example:
     return prompt, messages[last]["content"].strip()
 
 
-def local_examples(cfg: Any, split: str, f: Path) -> list[Example]:
+def local_examples(cfg: TaskConfig, split: str, f: Path) -> list[Example]:
     columns, rows = data.read_rows(cfg, f)
     if not rows:  # before the columns: an empty file has none
         raise ConfigError(f"task.path={cfg.path}: {f.name} holds no examples; allowed: at least one")
@@ -102,7 +102,7 @@ def local_examples(cfg: Any, split: str, f: Path) -> list[Example]:
     return [example(cfg, row, fmt, f"{f.name} example {i + 1}") for i, row in enumerate(rows)]
 
 
-def hub_examples(cfg: Any) -> dict[str, list[Example]]:
+def hub_examples(cfg: TaskConfig) -> dict[str, list[Example]]:
     out = {}
     for split, ds in data.load_splits(cfg).items():
         fmt = check_columns(cfg, ds.column_names, f"the {split} split")
@@ -110,7 +110,7 @@ def hub_examples(cfg: Any) -> dict[str, list[Example]]:
     return out
 
 
-def examples(cfg: Any) -> dict[str, list[Example]]:
+def examples(cfg: TaskConfig) -> dict[str, list[Example]]:
     """Every example of the train and eval splits (local files are read and checked in full)."""
     data.require_path(cfg)
     if data.is_local(str(cfg.path)):
@@ -127,7 +127,7 @@ def seeded_subset(items: list[Any], n: Optional[int], seed: int) -> list[Any]:
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
-def raw_task(cfg: Any, train: list[Example], ev: list[Example], answers_: Optional[list[str]] = None) -> RawTask:
+def raw_task(cfg: TaskConfig, train: list[Example], ev: list[Example], answers_: Optional[list[str]] = None) -> RawTask:
     """The RawTask of instruction examples; reference answers default to the responses."""
     return RawTask(
         train_text=[r for _, r in train],
@@ -141,7 +141,7 @@ def raw_task(cfg: Any, train: list[Example], ev: list[Example], answers_: Option
     )
 
 
-def check_generation(cfg: Any) -> None:
+def check_generation(cfg: TaskConfig) -> None:
     """The generation settings every instruction task shares."""
     answers.rule(cfg.answer_rule, cfg.answer_regex)
     if cfg.max_new_tokens < 1:
@@ -157,19 +157,19 @@ class Instruction:
     name = "instruction"
     kind = "causal-lm"
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: TaskConfig) -> None:
         check_generation(cfg)
         data.require_path(cfg)
         if data.is_local(str(cfg.path)):
             examples(cfg)  # reads and checks every example: milliseconds for files of a few MB
 
-    def num_train_examples(self, cfg: Any) -> Optional[int]:
+    def num_train_examples(self, cfg: TaskConfig) -> Optional[int]:
         if not data.is_local(str(cfg.path)):
             return None
         n = len(examples(cfg)["train"])
         return n if cfg.num_train is None else min(n, cfg.num_train)
 
-    def load(self, cfg: Any) -> RawTask:
+    def load(self, cfg: TaskConfig) -> RawTask:
         found = examples(cfg)
         train = seeded_subset(found["train"], cfg.num_train, cfg.data_seed)
         ev = seeded_subset(found[cfg.eval_split], cfg.num_eval, cfg.data_seed + 1)

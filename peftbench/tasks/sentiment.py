@@ -6,16 +6,17 @@ the first word of the greedy answer; accuracy by choice compares the two words' 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
-from methods import ConfigError
+from peftbench.config import TaskConfig
+from peftbench.errors import ConfigError
 from peftbench.tasks import RawTask, data, instruction, register
 
 QUESTION = "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
 WORDS = {0: "negative", 1: "positive"}
 
 
-def examples(cfg: Any) -> dict[str, list[instruction.Example]]:
+def examples(cfg: TaskConfig) -> dict[str, list[instruction.Example]]:
     """The train and eval splits as (prompt, response) pairs."""
     out = {}
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
@@ -45,15 +46,15 @@ class Sentiment:
     name = "sentiment"
     kind = "causal-lm"
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: TaskConfig) -> None:
         instruction.check_generation(cfg)
         examples(cfg)
 
-    def num_train_examples(self, cfg: Any) -> Optional[int]:
+    def num_train_examples(self, cfg: TaskConfig) -> Optional[int]:
         n = len(examples(cfg)["train"])
         return n if cfg.num_train is None else min(n, cfg.num_train)
 
-    def load(self, cfg: Any) -> RawTask:
+    def load(self, cfg: TaskConfig) -> RawTask:
         found = examples(cfg)
         train = instruction.seeded_subset(found["train"], cfg.num_train, cfg.data_seed)
         ev = instruction.seeded_subset(found[cfg.eval_split], cfg.num_eval, cfg.data_seed + 1)

@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 import random
-from typing import Any
 
-from methods import ConfigError
+from peftbench.config import TaskConfig
+from peftbench.errors import ConfigError
 
 
-def check_counts(cfg: Any) -> None:
-    """A generated task needs a number of train and eval examples to generate."""
+def counts(cfg: TaskConfig) -> tuple[int, int]:
+    """The numbers of train and eval examples a generated task generates; a one-line
+    ``ConfigError`` when either is null."""
     for key in ("num_train", "num_eval"):
         if getattr(cfg, key) is None:
             raise ConfigError(f"task.{key}=null: {cfg.name} generates its examples; allowed: an integer >= 1")
+    return int(cfg.num_train or 0), int(cfg.num_eval or 0)
 
 
 # --------------------------------------------------------------------------- synthetic LM

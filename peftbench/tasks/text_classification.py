@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from peftbench.config import TaskConfig
 from peftbench.tasks import RawTask, data, register
 
 COLUMNS = ("text_column", "label_column")  # the task keys that name a column
@@ -16,13 +17,13 @@ class TextClassification:
     name = "text-classification"
     kind = "classification"
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: TaskConfig) -> None:
         data.check_local(cfg, COLUMNS)
 
-    def num_train_examples(self, cfg: Any) -> Optional[int]:
+    def num_train_examples(self, cfg: TaskConfig) -> Optional[int]:
         return data.num_local_train(cfg)
 
-    def load(self, cfg: Any) -> RawTask:
+    def load(self, cfg: TaskConfig) -> RawTask:
         """At most ``num_train`` / ``num_eval`` examples of each split, a seeded subset."""
         splits = data.load_splits(cfg)
         data.check_columns(cfg, splits, COLUMNS)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from methods import ConfigError
+from peftbench.config import TaskConfig
+from peftbench.errors import ConfigError
 from peftbench.tasks import RawTask, data, register
 
 COLUMNS = ("text_column",)  # the task keys that name a column (not used by .txt files)
@@ -17,7 +18,7 @@ EXTENSIONS = (*data.DATA_EXTENSIONS, "txt")  # a .csv/.json/.jsonl split file wi
 ALLOWED = "UTF-8 encoded .txt files (one text per line) or .csv/.json/.jsonl files"
 
 
-def _texts(cfg: Any, where: str, values: Any) -> list[str]:
+def _texts(cfg: TaskConfig, where: str, values: Any) -> list[str]:
     """The non-blank texts among ``values``; a one-line ConfigError naming ``where`` if none."""
     texts = [str(t) for t in values if t is not None and str(t).strip()]
     if not texts:
@@ -25,11 +26,11 @@ def _texts(cfg: Any, where: str, values: Any) -> list[str]:
     return texts
 
 
-def _lines(cfg: Any, f: Path) -> list[str]:
+def _lines(cfg: TaskConfig, f: Path) -> list[str]:
     return _texts(cfg, f.name, data.decode(cfg, f, ALLOWED).splitlines())
 
 
-def _read(cfg: Any, split: str, f: Path) -> list[str]:
+def _read(cfg: TaskConfig, split: str, f: Path) -> list[str]:
     """The non-blank texts of one local split file."""
     if f.suffix == ".txt":
         return _lines(cfg, f)
@@ -41,7 +42,7 @@ class TextLM:
     name = "text-lm"
     kind = "causal-lm"
 
-    def check(self, cfg: Any) -> None:
+    def check(self, cfg: TaskConfig) -> None:
         """A local folder's split files: UTF-8, parseable, with ``text_column`` (.csv/.json/.jsonl)
         and a non-blank text (.txt). A hub dataset is only checked when it is loaded."""
         data.require_path(cfg)
@@ -53,10 +54,10 @@ class TextLM:
             else:
                 data.check_file(cfg, f, COLUMNS)
 
-    def num_train_examples(self, cfg: Any) -> None:
+    def num_train_examples(self, cfg: TaskConfig) -> None:
         return None  # blocks of max_length tokens: their number depends on the tokenizer
 
-    def load(self, cfg: Any) -> RawTask:
+    def load(self, cfg: TaskConfig) -> RawTask:
         """The first ``num_train`` / ``num_eval`` non-blank texts of each split (null: all), in
         file order, so that neighbouring texts stay neighbours in the packed stream."""
         if data.is_local(str(cfg.path)):

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Optional
 
-from methods import ConfigError
+from peftbench.errors import ConfigError
 
 RULES = ("exact", "first_word", "last_number", "regex")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
