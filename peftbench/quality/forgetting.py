@@ -80,18 +80,50 @@ def skill_answer(text: str) -> str:
     return found.group(0) if found else answers.rule("last_number")(text)
 
 
-@torch.no_grad()
+@torch.inference_mode()
+def next_token_logp_batch(
+    model: nn.Module, sequences: list[list[int]], starts: list[int], device: torch.device
+) -> list[torch.Tensor]:
+    """Per sequence, the (len(sequence) - start, vocabulary) float32 log-probabilities at the
+    positions that predict ``sequence[start:]``; one forward over the right-padded sequences
+    (padding only follows a sequence's last token, which predicts nothing here)."""
+    ids, mask = generation.padded(sequences, 0, False, device)  # (sequences, longest)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (sequences, longest, vocabulary)
+    return [
+        torch.log_softmax(logits[i, start - 1 : len(seq) - 1].float(), dim=-1).cpu()
+        for i, (seq, start) in enumerate(zip(sequences, starts))
+    ]
+
+
 def next_token_logp(model: nn.Module, sequence: list[int], start: int, device: torch.device) -> torch.Tensor:
     """(len(sequence) - start, vocabulary) log-probabilities at the positions that predict
     ``sequence[start:]``."""
-    ids = torch.tensor([sequence], dtype=torch.long, device=device)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, start - 1 : len(sequence) - 1]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return next_token_logp_batch(model, [sequence], [start], device)[0]
 
 
-def cache_key(base_sha256: str, tokenizer: Any, template: str, tokens: int, quantize: Optional[str] = None) -> str:
+def next_token_logps(
+    model: nn.Module, sequences: list[list[int]], starts: list[int], device: torch.device, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """``next_token_logp`` of every sequence, ``batch_size`` sequences per forward."""
+
+    def run(chunk: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        return next_token_logp_batch(model, [q for q, _ in chunk], [s for _, s in chunk], device)
+
+    return generation.by_length(list(zip(sequences, starts)), batch_size, lambda row: len(row[0]), run)
+
+
+def cache_key(
+    base_sha256: str,
+    tokenizer: Any,
+    template: str,
+    tokens: int,
+    quantize: Optional[str] = None,
+    batch_size: int = 1,
+) -> str:
     """Name of a cached reference. ``quantize``: the scheme the base's weights are stored in (the
-    reference is then the quantized base's), so a quantized base never reuses a dense one's."""
+    reference is then the quantized base's), so a quantized base never reuses a dense one's.
+    ``batch_size``: sequences per forward, which ``divergence`` repeats so that a model equal to
+    the base gives exactly 0 (one at a time keeps the key it had before batching existed)."""
     spec = {
         "base": base_sha256,
         "prompts": GENERAL_PROMPTS,
@@ -102,10 +134,11 @@ def cache_key(base_sha256: str, tokenizer: Any, template: str, tokens: int, quan
     }
     if quantize is not None:
         spec["quantize"] = quantize
+    if batch_size != 1:
+        spec["batch"] = batch_size
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def reference(
     model: nn.Module,
     tokenizer: Any,
@@ -114,23 +147,28 @@ def reference(
     device: torch.device,
     base_sha256: str,
     quantize: Optional[str] = None,
+    batch_size: int = 16,
 ) -> Reference:
     """The base model's reference (``model`` must be the base model, its weights stored as
-    ``quantize`` says); cached on disk, and then read without touching ``model``."""
-    key = cache_key(base_sha256, tokenizer, template, tokens, quantize)
+    ``quantize`` says); cached on disk, and then read without touching ``model``. Responses and
+    log-probabilities are computed ``batch_size`` prompts at a time; ``divergence`` with the same
+    ``batch_size`` runs the same batches, so a model equal to the base gives exactly 0 (another
+    batch size differs by float rounding only)."""
+    key = cache_key(base_sha256, tokenizer, template, tokens, quantize, batch_size)
     path = cache_root() / "forgetting" / f"{key}.pt"
     if path.is_file():
         return Reference(**torch.load(path))
+    was_training = model.training
     model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    sequences, starts, logp = [], [], []
-    for text in GENERAL_PROMPTS:
-        prompt = chat.prompt_ids(tokenizer, messages(text), template)
-        response = generation.generate(model, prompt, tokens, eos, pad, device) or [eos]
-        sequences.append(prompt + response)
-        starts.append(len(prompt))
-        logp.append(next_token_logp(model, prompt + response, len(prompt), device))
-    ref = Reference(sequences, starts, logp)
+    try:
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        prompts = [chat.prompt_ids(tokenizer, messages(text), template) for text in GENERAL_PROMPTS]
+        responses = generation.generate_all(model, prompts, tokens, eos, pad, device, batch_size)
+        sequences = [p + (r or [eos]) for p, r in zip(prompts, responses)]
+        starts = [len(p) for p in prompts]
+        ref = Reference(sequences, starts, next_token_logps(model, sequences, starts, device, batch_size))
+    finally:
+        model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{random.getrandbits(32):08x}")
     torch.save(ref.__dict__, tmp)
@@ -138,25 +176,31 @@ def reference(
     return ref
 
 
-@torch.no_grad()
-def divergence(model: nn.Module, ref: Reference, device: torch.device) -> dict[str, float]:
-    """Mean per-token KL(base || model) and cross-entropy difference over the reference tokens."""
+@torch.inference_mode()
+def divergence(model: nn.Module, ref: Reference, device: torch.device, batch_size: int = 16) -> dict[str, float]:
+    """Mean per-token KL(base || model) and cross-entropy difference over the reference tokens
+    (nats per token); the model's log-probabilities ``batch_size`` sequences per forward."""
     was_training = model.training
     model.eval()
+    try:
+        mine = next_token_logps(model, ref.sequences, ref.starts, device, batch_size)
+    finally:
+        model.train(was_training)
     kl_sum, ce_sum, count = 0.0, 0.0, 0
-    for seq, start, base in zip(ref.sequences, ref.starts, ref.logp):
-        ours = next_token_logp(model, seq, start, device)
+    for seq, start, base, ours in zip(ref.sequences, ref.starts, ref.logp, mine):
         kl_sum += float((base.exp() * (base - ours)).sum())
         target = torch.tensor(seq[start:]).unsqueeze(1)
         ce_sum += float((base.gather(1, target) - ours.gather(1, target)).sum())
         count += len(seq) - start
-    model.train(was_training)
     return {"forgetting_kl": kl_sum / count, "forgetting_ce_delta": ce_sum / count}
 
 
-def skill(model: nn.Module, tokenizer: Any, template: str, n: int, device: torch.device) -> dict[str, float]:
-    """Accuracy on ``n`` addition questions, by generation (last number of the answer)."""
+def skill(
+    model: nn.Module, tokenizer: Any, template: str, n: int, device: torch.device, batch_size: int = 16
+) -> dict[str, float]:
+    """Accuracy on ``n`` addition questions, by generation (last number of the answer),
+    ``batch_size`` questions per forward."""
     questions, refs = skill_questions(n)
     prompts = [chat.prompt_ids(tokenizer, messages(q), template) for q in questions]
-    metrics, _ = generation.evaluate(model, tokenizer, prompts, refs, skill_answer, 12, None, device)
+    metrics, _ = generation.evaluate(model, tokenizer, prompts, refs, skill_answer, 12, None, device, batch_size)
     return {"skill_accuracy": metrics["generate_accuracy"]}

@@ -1,5 +1,5 @@
-"""Accuracy of a causal LM on instruction examples, measured two ways (both no-grad, one example
-at a time, so that every method, prefix tuning included, sees unpadded inputs):
+"""Accuracy of a causal LM on instruction examples, measured two ways (both under
+``torch.inference_mode``, ``batch_size`` examples per forward):
 
 - by generation: greedy decoding of up to ``max_new_tokens`` tokens after the prompt, stopped at
   end-of-sequence; the answer is extracted from the text by the task's rule
@@ -8,18 +8,31 @@ at a time, so that every method, prefix tuning included, sees unpadded inputs):
   tokens after the prompt, the highest one is the prediction (the lm-evaluation-harness
   convention for multiple choice; it needs no answer format, so it gives a meaningful zero-shot
   figure where a chat model answers in full sentences).
+
+Batching changes no result: prompts are LEFT-padded for generation (the attention mask hides the
+padding and ``generate`` derives each row's positions from the mask, so a row's real tokens sit
+at the positions they have alone; prefix and prompt tuning extend that mask by their virtual
+tokens, ``methods.virtual``), and prompt + choice rows are RIGHT-padded for scoring (padding
+only ever follows the scored tokens). A row's tokens and scores therefore equal those of the
+example run alone, up to float rounding of differently shaped matrix products
+(``tests/test_batched_eval.py`` holds them equal). Examples are batched in order of length,
+which keeps the padding short, and returned in the caller's order. ``batch_size=1`` is the
+unpadded one-example-at-a-time evaluation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, Optional, TypeVar, cast
 
 import torch
 from torch import nn
 
 from peftbench.tasks.answers import accuracy
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -30,7 +43,65 @@ class Predictions:
     chosen: list[Optional[str]]
 
 
-@torch.no_grad()
+def by_length(
+    rows: Sequence[T], batch_size: int, size: Callable[[T], int], run: Callable[[list[T]], list[R]]
+) -> list[R]:
+    """``run`` over ``rows`` in batches of at most ``batch_size``, rows of similar ``size`` (tokens)
+    together; the results in the order of ``rows``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    order = sorted(range(len(rows)), key=lambda i: size(rows[i]))  # stable: ties keep their order
+    out: list[Optional[R]] = [None] * len(rows)
+    for lo in range(0, len(order), batch_size):
+        chunk = order[lo : lo + batch_size]
+        for i, r in zip(chunk, run([rows[i] for i in chunk])):
+            out[i] = r
+    return cast(list[R], out)
+
+
+def padded(rows: list[list[int]], pad_id: int, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, both (len(rows), longest row), padded with ``pad_id`` on the
+    left (``left``) or on the right; the mask is 1 on real tokens, 0 on padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, at] = torch.tensor(r, dtype=torch.long)
+        mask[i, at] = 1
+    return ids.to(device), mask.to(device)
+
+
+def until_eos(new: list[int], eos_id: Optional[int]) -> list[int]:
+    """``new`` up to (without) its first end-of-sequence token."""
+    return new[: new.index(eos_id)] if eos_id in new else new
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: Optional[int],
+    pad_id: Optional[int],
+    device: torch.device,
+) -> list[list[int]]:
+    """The new token ids of greedy decoding after each prompt (at most ``max_new_tokens`` each),
+    one left-padded batch with the KV cache; each row stops at its end-of-sequence."""
+    fill = pad_id if pad_id is not None else eos_id
+    ids, mask = padded(prompts, fill if fill is not None else 0, True, device)  # (batch, longest prompt)
+    out = cast(Callable[..., torch.Tensor], model.generate)(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=eos_id,
+        pad_token_id=fill,
+    )  # (batch, longest prompt + new tokens): rows that ended early are padded after their EOS
+    return [until_eos(row, eos_id) for row in out[:, ids.shape[1] :].tolist()]
+
+
 def generate(
     model: nn.Module,
     prompt: list[int],
@@ -40,41 +111,75 @@ def generate(
     device: torch.device,
 ) -> list[int]:
     """The new token ids of greedy decoding after ``prompt`` (at most ``max_new_tokens``)."""
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    out = cast(Callable[..., torch.Tensor], model.generate)(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id if pad_id is not None else eos_id,
-    )
-    new = out[0, ids.shape[1] :].tolist()
-    return new[: new.index(eos_id)] if eos_id in new else new
+    return generate_batch(model, [prompt], max_new_tokens, eos_id, pad_id, device)[0]
 
 
-@torch.no_grad()
+def generate_all(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: Optional[int],
+    pad_id: Optional[int],
+    device: torch.device,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """``generate_batch`` over all prompts, ``batch_size`` at a time; per prompt, its new ids."""
+
+    def run(chunk: list[list[int]]) -> list[list[int]]:
+        return generate_batch(model, chunk, max_new_tokens, eos_id, pad_id, device)
+
+    return by_length(prompts, batch_size, len, run)
+
+
+@torch.inference_mode()
+def choice_logprobs_batch(
+    model: nn.Module, prompts: list[list[int]], choices: list[list[int]], device: torch.device
+) -> list[list[float]]:
+    """Per prompt, the summed log-probability (nats) of each choice's tokens following it; one
+    forward over the len(prompts) x len(choices) rows prompt + choice, right-padded (padding never
+    precedes a scored token)."""
+    rows = [p + c for p in prompts for c in choices]
+    ids, mask = padded(rows, 0, False, device)  # (prompts * choices, longest row)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (prompts * choices, longest row, vocab)
+    out = []
+    for i, p in enumerate(prompts):
+        scores = []
+        for j, c in enumerate(choices):
+            # positions len(p)-1 .. len(p)+len(c)-2 predict c[0] .. c[-1]
+            logp = torch.log_softmax(logits[i * len(choices) + j, len(p) - 1 : len(p) - 1 + len(c)].float(), dim=-1)
+            at = torch.arange(len(c), device=logp.device)
+            scores.append(float(logp[at, torch.tensor(c, device=logp.device)].sum()))
+        out.append(scores)
+    return out
+
+
 def choice_logprobs(model: nn.Module, prompt: list[int], choices: list[list[int]], device: torch.device) -> list[float]:
     """Summed log-probability (nats) of each choice's tokens following ``prompt``; one forward
     pass over all choices, right-padded (padding never precedes a scored token)."""
-    rows = [prompt + c for c in choices]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, device=device)
-        mask[i, : len(r)] = 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    out = []
-    for i, c in enumerate(choices):
-        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=device)  # predict c[j]
-        out.append(float(logp[i, positions, torch.tensor(c, device=device)].sum()))
-    return out
+    return choice_logprobs_batch(model, [prompt], choices, device)[0]
 
 
 def choice_ids(tokenizer: Any, choices: list[str]) -> list[list[int]]:
     """Each choice's tokens as the response would start (no end-of-sequence)."""
     return [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
+
+
+def choose(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    choices: list[str],
+    device: torch.device,
+    batch_size: int,
+) -> list[str]:
+    """Per prompt, the choice of highest summed log-likelihood (the first one on a tie)."""
+    ids = choice_ids(tokenizer, choices)
+
+    def run(chunk: list[list[int]]) -> list[list[float]]:
+        return choice_logprobs_batch(model, chunk, ids, device)
+
+    scores = by_length(prompts, batch_size, len, run)
+    return [choices[max(range(len(choices)), key=s.__getitem__)] for s in scores]
 
 
 def evaluate(
@@ -86,23 +191,21 @@ def evaluate(
     max_new_tokens: int,
     choices: Optional[list[str]],
     device: torch.device,
+    batch_size: int = 16,
 ) -> tuple[dict[str, float], Predictions]:
-    """Accuracy by generation (and by choice when ``choices``) on the given prompts (token ids)."""
+    """Accuracy by generation (and by choice when ``choices``) on the given prompts (token ids),
+    ``batch_size`` prompts per forward; the model's train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    generated = [
-        tokenizer.decode(generate(model, p, max_new_tokens, eos, pad, device), skip_special_tokens=True)
-        for p in prompts
-    ]
-    metrics = {"generate_accuracy": accuracy(generated, references, extract)}
-    chosen: list[Optional[str]] = [None] * len(prompts)
-    if choices:
-        ids = choice_ids(tokenizer, choices)
-        chosen = []
-        for p in prompts:
-            scores = choice_logprobs(model, p, ids, device)
-            chosen.append(choices[max(range(len(choices)), key=scores.__getitem__)])
-        metrics["choice_accuracy"] = accuracy(cast(list[str], chosen), references, extract)  # every entry set above
-    model.train(was_training)
+    try:
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        new = generate_all(model, prompts, max_new_tokens, eos, pad, device, batch_size)
+        generated: list[Optional[str]] = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+        metrics = {"generate_accuracy": accuracy(cast(list[str], generated), references, extract)}
+        chosen: list[Optional[str]] = [None] * len(prompts)
+        if choices:
+            chosen = list(choose(model, tokenizer, prompts, choices, device, batch_size))
+            metrics["choice_accuracy"] = accuracy(cast(list[str], chosen), references, extract)
+    finally:
+        model.train(was_training)
     return metrics, Predictions(generated, chosen)
