@@ -314,6 +314,9 @@ def run_job(
         rec["provenance"] = writer.provenance(torch.device("cpu"))
     rec["provenance"].update(extra_provenance or {})
     rec["wall_s"] = time.perf_counter() - t0
+    phases = rec.get("phase_s")
+    if isinstance(phases, dict):  # the command timed its phases: the rest (checks, launch) is "other"
+        phases["other"] = phases.get("other", 0.0) + max(0.0, rec["wall_s"] - sum(phases.values()))
     return rec, writer.write(rec, cfg.results_dir)
 
 

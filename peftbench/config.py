@@ -37,6 +37,7 @@ QUANTIZE_SCHEMES = ("nf4", "int8")  # model.quantize
 STRATEGIES = ("none", "ddp", "fsdp")  # parallel.strategy
 BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend
 ATTENTION = ("flash", "eager")  # the estimator's attention kernel
+PROFILES = ("full", "quality")  # measure.profile
 MAX_ESTIMATE_TOKENS = 2**32  # per step: keeps every meta tensor's element count far below 2**63
 
 
@@ -157,6 +158,14 @@ class MeasureConfig:
     forgetting: measure forgetting (``peftbench.quality.forgetting``) on pretrained causal LMs;
     forgetting_tokens: length of the base model's reference responses (tokens); skill_examples:
     addition questions of the general-skill accuracy.
+    profile: full (every measurement) | quality (for search trials and quality sweeps: no
+    latency grid, no decode timing, no inference memory or FLOPs, no checkpoint size; their
+    figures are absent from the record). reuse_zero_shot: a method that is the identity at
+    initialisation reads the base model's figures before training from the zero-shot cache
+    (``peftbench.quality.zero_shot``) when they were computed before for the same weights, data
+    and settings. eval_batch: prompts (sequences) per forward of accuracy by generation and by
+    choice, forgetting and skill (left-padded, with the KV cache; the same tokens and choices as
+    one at a time, tested); 1: one at a time.
     """
 
     memory_steps: int = 2
@@ -171,6 +180,9 @@ class MeasureConfig:
     forgetting: bool = True
     forgetting_tokens: int = 24
     skill_examples: int = 24
+    profile: str = "full"
+    reuse_zero_shot: bool = True
+    eval_batch: int = 16
 
 
 @dataclass
@@ -557,6 +569,7 @@ def check_train(t: DictConfig) -> None:
 
 # measure's keys that count something at least once (``check_measure``)
 AT_LEAST_ONE = (
+    "eval_batch",
     "memory_steps",
     "latency_batch",
     "latency_length",
@@ -571,6 +584,7 @@ def check_measure(m: DictConfig) -> None:
     """``measure``'s counts: each at least one, or at least zero where 0 means skip."""
     for key in AT_LEAST_ONE:
         require(m[key] >= 1, f"measure.{key}", m[key], "must be >= 1")
+    require(m.profile in PROFILES, "measure.profile", m.profile, f"allowed: {', '.join(PROFILES)}")
     require(m.latency_warmup >= 0, "measure.latency_warmup", m.latency_warmup, "must be >= 0")
     for key in ("latency_grid_batches", "latency_grid_lengths"):
         values = list(m[key])

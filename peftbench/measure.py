@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional, cast
 
 import torch
 from torch import nn
 
 from peftbench.memory import TensorMemoryTracker
-from peftbench.timing import Stopwatch, repeat, stats, synchronize
+from peftbench.timing import PhaseClock, Stopwatch, repeat, stats, synchronize
 
 # Dense peak throughput in TFLOP/s (bf16/fp16, tf32, fp32), by the whole name that
 # ``torch.cuda.get_device_name`` returns, form factor included (an H100 PCIe is not an H100 SXM,
@@ -285,20 +285,31 @@ def merged(method: Any, model: nn.Module) -> Iterator[bool]:
 
 
 def inference(
-    model: nn.Module, method: Any, vocab_size: int, pad_id: Optional[int], kind: str, device: torch.device, m: Any
+    model: nn.Module,
+    method: Any,
+    vocab_size: int,
+    pad_id: Optional[int],
+    kind: str,
+    device: torch.device,
+    m: Any,
+    clock: Optional[PhaseClock] = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Everything measured on the finished model: flat metrics and the latency grid.
 
     Latency and decode are taken as trained first, then, for a method that merges, again
     merged (the deployed form, behind the flat figures); inference memory and FLOPs are
     counted in the deployed form, in their own untimed passes. The lengths were checked
-    against the model's context (``config.check_context``) before training.
+    against the model's context (``config.check_context``) before training. ``clock``: the run's
+    phases, the decode measurements in ``decode``.
     """
     default = (m.latency_batch, m.latency_length)
 
     def timed() -> tuple[dict, Optional[dict]]:
         grid = latency_grid(model, vocab_size, device, m)
-        return grid, decode_latency(model, vocab_size, pad_id, device, m) if kind == "causal-lm" else None
+        if kind != "causal-lm":
+            return grid, None
+        with clock.phase("decode") if clock is not None else nullcontext():
+            return grid, decode_latency(model, vocab_size, pad_id, device, m)
 
     as_trained = timed()
     metrics: dict[str, Any] = {"inference_batch": default[0], "inference_length": default[1]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, cast
@@ -26,7 +27,7 @@ from peftbench import config as config_mod
 from peftbench import measure, models, precision, quantize, ranks, tasks, timing, weights
 from peftbench.config import Levers
 from peftbench.errors import ConfigError
-from peftbench.quality import forgetting, generation
+from peftbench.quality import forgetting, generation, zero_shot
 from peftbench.records import writer as record
 from peftbench.tasks import answers, chat
 from peftbench.train import evaluate, train
@@ -60,8 +61,17 @@ def tokenizer_text(raw: tasks.RawTask) -> list[str]:
     return raw.train_text + [chat.plain_prompt(p) for p in raw.train_prompts or []]
 
 
-def setup(cfg: DictConfig, rec: dict[str, Any]) -> Setup:
+def setup(cfg: DictConfig, rec: dict[str, Any], clock: Optional[timing.PhaseClock] = None) -> Setup:
     """Data, tokenizer, base model and method; fills the record's model and parameter fields."""
+    s = load_base(cfg, rec, clock)
+    apply_method(cfg, s, rec)
+    return s
+
+
+def load_base(cfg: DictConfig, rec: dict[str, Any], clock: Optional[timing.PhaseClock] = None) -> Setup:
+    """Data, tokenizer and the base model (cast for pure bf16, its sha256, stored quantized if
+    asked) and, where forgetting is measured, the base model's reference responses (in the
+    ``forgetting`` phase of ``clock``); no method yet (``Setup.method`` None)."""
     device = config_mod.resolve_device(cfg.device)
     kind = cfg.task.kind
     raw = tasks.load(cfg.task)
@@ -84,7 +94,7 @@ def setup(cfg: DictConfig, rec: dict[str, Any]) -> Setup:
     if measures_forgetting(cfg):  # the base model's own responses, before the method changes it
         key = rec["base_weights_sha256"]  # the reference depends on the numerics too
         key = key if cfg.train.precision == "fp32" else f"{key}-{cfg.train.precision}"
-        with precision.autocast(cfg.train.precision, device):
+        with clock.phase("forgetting") if clock else nullcontext(), precision.autocast(cfg.train.precision, device):
             reference = forgetting.reference(
                 model.to(device),
                 tokenizer,
@@ -93,24 +103,32 @@ def setup(cfg: DictConfig, rec: dict[str, Any]) -> Setup:
                 device,
                 key,
                 cfg.model.quantize,
+                cfg.measure.eval_batch,
             )
+    return Setup(model, None, tokenizer, raw, base_config, set(), device, reference)
+
+
+def apply_method(cfg: DictConfig, s: Setup, rec: dict[str, Any]) -> None:
+    """The method applied to ``s.model`` (seeded by ``seed``), gradient checkpointing, a fresh
+    task head unfrozen, everything on the run's device; the method and parameter counts in the
+    record."""
     method = methods.build(cfg.method)
     torch.manual_seed(cfg.seed)  # the method's own initialisation
-    model = method.apply(model)
+    model = method.apply(s.model)
     if cfg.train.gradient_checkpointing:  # after the method: its modules are inside the layers
         models.set_gradient_checkpointing(model, True)
     head = models.head_names(model)
     for name, p in model.named_parameters():
         if name in head:
             p.requires_grad_(True)
-    model.to(device)
+    model.to(s.device)
     rec["method_config"] = method.describe(model)
     rec["method_config"]["head_modules"] = sorted({n.rsplit(".", 1)[0] for n in head})
     metrics = rec["metrics"]
     metrics["trainable_params"] = methods.trainable_parameters(model)
     metrics["total_params"] = methods.total_parameters(model)
     metrics["trainable_percent"] = 100.0 * metrics["trainable_params"] / metrics["total_params"]
-    return Setup(model, method, tokenizer, raw, base_config, head, device, reference)
+    s.model, s.method, s.head = model, method, head
 
 
 def check_run(cfg: DictConfig) -> None:
@@ -143,8 +161,12 @@ def execute(cfg: DictConfig, rec: dict[str, Any], rank: Optional[ranks.Rank] = N
     config_mod.check(cfg)
     if cfg.parallel.strategy != "none" and rank is None:
         raise RuntimeError(f"parallel={cfg.parallel.strategy}: its ranks are started by peftbench.launch.execute")
-    with timing.current_device(config_mod.resolve_device(cfg.device)):
-        _execute(cfg, rec, rank)
+    clock = timing.PhaseClock("load")
+    try:
+        with timing.current_device(config_mod.resolve_device(cfg.device)):
+            _execute(cfg, rec, rank, clock)
+    finally:
+        rec["phase_s"] = clock.totals()  # the app layer adds what ran outside them (``other``)
 
 
 @dataclass
@@ -159,10 +181,56 @@ class Evaluation:
     eval_split: tasks.Split
     metrics: dict[str, Any]
     rec: dict[str, Any]
+    clock: timing.PhaseClock
 
     @property
     def instruction(self) -> bool:
         return self.s.raw.eval_prompts is not None
+
+    def zero_shot(self, on_base: bool) -> None:
+        """The figures before training (``eval_loss_initial`` and the ``*_initial`` accuracy and
+        forgetting figures, the predictions before training), in the ``zero_shot`` phase. On the
+        base model (``on_base``: the method is the identity at initialisation, so they are the
+        base model's), they are read from the zero-shot cache when an entry for the same
+        weights, data and settings exists, else computed and stored there; with the method
+        applied (prefix and prompt tuning change every output), computed. The record's
+        ``zero_shot`` says which."""
+        reuse = on_base and bool(self.cfg.measure.reuse_zero_shot)
+        name = zero_shot.key(self.zero_shot_spec())
+        cached = zero_shot.load(name) if reuse else None
+        with self.clock.phase("zero_shot"):
+            if cached is not None:
+                self.metrics.update(cached["metrics"])
+                if self.instruction:
+                    self.rec.setdefault("predictions", {})["initial"] = cached["predictions"]
+            else:
+                before = dict(self.metrics)
+                self.metrics["eval_loss_initial"] = self.loss()["eval_loss"]
+                self.quality("_initial")
+                found = {k: v for k, v in self.metrics.items() if k not in before}
+                if reuse:
+                    zero_shot.save(name, found, self.rec.get("predictions", {}).get("initial", []))
+        on = "the base model" if on_base else "the model with the method applied"
+        self.rec["zero_shot"] = {"source": "reused" if cached is not None else "computed", "on": on, "key": name}
+
+    def zero_shot_spec(self) -> dict[str, Any]:
+        """What the zero-shot figures depend on (``quality.zero_shot.key``)."""
+        cfg, s, split = self.cfg, self.s, self.eval_split
+        task = {k: cfg.task[k] for k in ("kind", "template", "max_new_tokens", "num_generate", "answer_rule")}
+        return {
+            "weights": self.rec["base_weights_sha256"],
+            "quantize": cfg.model.quantize,
+            "dtype": cfg.model.dtype,
+            "data": zero_shot.digest(
+                [split.ids, split.labels, split.prompt_lengths, s.raw.eval_answers, s.raw.choices]
+            ),
+            "tokenizer": [type(s.tokenizer).__name__, len(s.tokenizer), getattr(s.tokenizer, "chat_template", None)],
+            "task": {**task, "answer_regex": cfg.task.answer_regex},
+            "eval_batch": [cfg.train.batch_size, cfg.measure.eval_batch],
+            "forgetting": [cfg.measure.forgetting_tokens, cfg.measure.skill_examples] if s.reference else None,
+            "precision": self.lev.precision,
+            "device": s.device.type,
+        }
 
     def loss(self) -> dict[str, Any]:
         """Eval loss (and classification predictions) of the model as it is now."""
@@ -180,10 +248,18 @@ class Evaluation:
                 self.metrics.update({f"eval_{k}{suffix}": v for k, v in found.items()})
                 self.rec.setdefault("predictions", {})[suffix.strip("_") or "final"] = predictions
             if s.reference is not None:
-                found = {
-                    **forgetting.divergence(s.model, s.reference, s.device),
-                    **forgetting.skill(s.model, s.tokenizer, cfg.task.template, cfg.measure.skill_examples, s.device),
-                }
+                with self.clock.phase("forgetting"):
+                    found = {
+                        **forgetting.divergence(s.model, s.reference, s.device, cfg.measure.eval_batch),
+                        **forgetting.skill(
+                            s.model,
+                            s.tokenizer,
+                            cfg.task.template,
+                            cfg.measure.skill_examples,
+                            s.device,
+                            cfg.measure.eval_batch,
+                        ),
+                    }
                 self.metrics.update({f"{k}{suffix}": v for k, v in found.items()})
 
     def final(self) -> None:
@@ -204,25 +280,48 @@ class Evaluation:
             metrics["eval_accuracy"] = found["accuracy"]
         self.quality("")
         if self.instruction:
-            self.rec["predictions_file"] = save_predictions(self.cfg, self.rec)
+            with self.clock.phase("writing"):
+                self.rec["predictions_file"] = save_predictions(self.cfg, self.rec)
 
 
-def _execute(cfg: DictConfig, rec: dict[str, Any], rank: Optional[ranks.Rank]) -> None:
-    """``execute`` once the run's device is current."""
+def _execute(cfg: DictConfig, rec: dict[str, Any], rank: Optional[ranks.Rank], clock: timing.PhaseClock) -> None:
+    """``execute`` once the run's device is current, phase by phase (``clock``: load, zero_shot,
+    train, eval, forgetting, latency, decode, checkpoint, writing)."""
     rec["provenance"] = record.provenance(config_mod.resolve_device(cfg.device))
-    s = setup(cfg, rec)
-    config_mod.check_context(cfg, s.method, s.base_config)  # before training
+    s = load_base(cfg, rec, clock)
     lev = config_mod.levers(cfg)
     rec["train_lr"] = lev.lr
+    ev = None
+    identity = bool(methods.build(cfg.method).identity_at_init)
     if cfg.train.steps > 0 or s.raw.eval_prompts is not None:  # an instruction task is evaluated even untrained
         train_split, eval_split = tasks.tokenize(s.raw, s.tokenizer, cfg.task.max_length, cfg.task.template)
-        ev = Evaluation(cfg, s, lev, train_split, eval_split, rec["metrics"], rec)
-        ev.metrics["eval_loss_initial"] = ev.loss()["eval_loss"]  # zero-shot for an instruction task
-        ev.quality("_initial")
-        if cfg.train.steps > 0 and not train_model(ev, rank):
-            return  # a rank other than 0: rank 0 alone evaluates and measures inference
+        ev = Evaluation(cfg, s, lev, train_split, eval_split, rec["metrics"], rec, clock)
+        if identity:  # the base model's figures are the method's at initialisation
+            on_device(s.model, s.device, ev.zero_shot, True)
+    apply_method(cfg, s, rec)
+    config_mod.check_context(cfg, s.method, s.base_config)  # before training
+    if ev is not None:
+        if not identity:
+            ev.zero_shot(on_base=False)
+        if cfg.train.steps > 0:
+            clock.enter("train")
+            if not train_model(ev, rank):
+                return  # a rank other than 0: rank 0 alone evaluates and measures inference
+        clock.enter("eval")
         ev.final()
-    measure_inference(cfg, s, lev, rec)
+    measure_inference(cfg, s, lev, rec, clock)
+
+
+def on_device(model: torch.nn.Module, device: torch.device, fn: Any, *args: Any) -> None:
+    """``fn(*args)`` with ``model`` on ``device``, then back where it was: the base model moves
+    to the run's device with the method applied, so that a method's parameters are made on the
+    device they always were (its initialisation draws the same random numbers)."""
+    where = next(model.parameters()).device
+    model.to(device)
+    try:
+        fn(*args)
+    finally:
+        model.to(where)
 
 
 def train_model(ev: Evaluation, rank: Optional[ranks.Rank]) -> bool:
@@ -251,22 +350,29 @@ def train_model(ev: Evaluation, rank: Optional[ranks.Rank]) -> bool:
     return rank.rank == 0
 
 
-def measure_inference(cfg: DictConfig, s: Setup, lev: Levers, rec: dict[str, Any]) -> None:
+def measure_inference(cfg: DictConfig, s: Setup, lev: Levers, rec: dict[str, Any], clock: timing.PhaseClock) -> None:
     """Inference memory, FLOPs, latency grid and decode (merged where the method merges), the
-    checkpoint's size and MFU, into the record."""
+    checkpoint's size and MFU, into the record (phases latency, decode, checkpoint). The
+    ``quality`` profile (``measure.profile``) measures none of them: their figures are absent."""
+    if cfg.measure.profile == "quality":
+        clock.enter("other")
+        return
     metrics, device = rec["metrics"], s.device
+    clock.enter("latency")
     with precision.autocast(lev.precision, device):
         inf, grid = measure.inference(
-            s.model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, cfg.task.kind, device, cfg.measure
+            s.model, s.method, len(s.tokenizer), s.tokenizer.pad_token_id, cfg.task.kind, device, cfg.measure, clock
         )
     metrics.update(inf)
     rec["latency_grid"] = grid
     if "quantization" in rec:  # a merging method's deployed form is the dequantize-merged model
         merged = "inference_latency_unmerged_ms" in inf
         rec["quantization"]["inference_weights"] = "dequantize-merged (dense)" if merged else "quantized"
+    clock.enter("checkpoint")
     metrics.update(measure.checkpoint_size(s.model, s.method.adapter_names(s.model) | s.head))
     compute = precision.compute_dtype(lev.precision, models.torch_dtype(cfg.model.dtype))
     metrics.update(measure.mfu(metrics, device, compute))
+    clock.enter("other")
 
 
 def distributed_end(
@@ -328,7 +434,15 @@ def instruction_quality(cfg: DictConfig, s: Setup, eval_split: tasks.Split) -> t
     refs = s.raw.eval_answers[:n]
     extract = answers.rule(cfg.task.answer_rule, cfg.task.answer_regex)
     found, pred = generation.evaluate(
-        s.model, s.tokenizer, prompts, refs, extract, cfg.task.max_new_tokens, s.raw.choices, s.device
+        s.model,
+        s.tokenizer,
+        prompts,
+        refs,
+        extract,
+        cfg.task.max_new_tokens,
+        s.raw.choices,
+        s.device,
+        cfg.measure.eval_batch,
     )
     rows = [
         {

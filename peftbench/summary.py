@@ -146,10 +146,23 @@ def rows(rec: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("eval accuracy", _fmt(m.get("eval_accuracy"), digits=3)))
     out += _before_after(m)
     if rec.get("wall_s") is not None:
-        out.append(("wall time", _fmt(rec["wall_s"], " s", digits=1)))
+        out.append(("wall time", _fmt(rec["wall_s"], " s", digits=1) + _where(rec)))
+    if rec.get("zero_shot"):
+        z = rec["zero_shot"]
+        out.append(("zero-shot figures", f"{z['source']} on {z['on']}"))
     if rec.get("error"):
         out.append(("error", rec["error"]))
     return out
+
+
+def _where(rec: dict[str, Any]) -> str:
+    """``: train 60%, zero_shot 20%, ...``: where the wall time went, largest share first."""
+    phases = rec.get("phase_s") or {}
+    total = sum(phases.values())
+    if not total:
+        return ""
+    shares = sorted(phases.items(), key=lambda kv: -kv[1])
+    return ": " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in shares if v >= 0.005 * total)
 
 
 def print_summary(rec: dict[str, Any], path: Path) -> None:

@@ -8,15 +8,15 @@ the figures peftbench reports.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 
 from peftbench.stats import median_iqr as stats
 
-__all__ = ["Stopwatch", "current_device", "repeat", "stats", "synchronize"]
+__all__ = ["PhaseClock", "Stopwatch", "current_device", "repeat", "stats", "synchronize"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -67,3 +67,35 @@ def repeat(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
             fn()
         out.append(sw.ms)
     return out
+
+
+class PhaseClock:
+    """Wall seconds per phase of a run (``time.perf_counter``), phases back to back: ``enter``
+    ends the phase that runs, adding its seconds to that phase's total, and starts another; a
+    phase may recur and adds up. ``phase(name)`` runs a block in ``name`` and goes back to the
+    phase it interrupted. ``totals()`` ends the running phase: the totals then cover every
+    second from the clock's start, so they sum to it."""
+
+    def __init__(self, first: str) -> None:
+        self.current = first
+        self.since = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def enter(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name, now
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        back = self.current
+        self.enter(name)
+        try:
+            yield
+        finally:
+            self.enter(back)
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase so far, the running one included (it goes on running)."""
+        self.enter(self.current)
+        return dict(self.seconds)

@@ -289,11 +289,11 @@ def test_the_run_device_is_current_for_the_whole_run(fake_cuda, monkeypatch):
 
     seen = []
 
-    def setup(cfg, rec):
+    def load_base(cfg, rec, clock=None):
         seen.append(torch.cuda.current_device())
         raise Stop
 
-    monkeypatch.setattr(run, "setup", setup)
+    monkeypatch.setattr(run, "load_base", load_base)
     with pytest.raises(Stop):
         run.execute(compose_config("device=cuda:1"), {"metrics": {}})
     assert seen == [1] and fake_cuda.current == 0

@@ -17,6 +17,9 @@ from typing import Any
 # The peftbench checkout (the folder holding peftbench/, methods/ and conf/).
 REPO = Path(__file__).resolve().parent.parent.parent
 SCHEMA_VERSION = 1
+# measure keys added after records existed, at the value that measures what records measured
+# before them; ``reuse_zero_shot`` changes where figures come from, not what they are
+MEASURE_DEFAULTS = {"profile": "full", "reuse_zero_shot": True}
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -25,8 +28,15 @@ def config_hash(config: dict[str, Any]) -> str:
     none``) hashes without its ``parallel`` settings: it is the same run as before they existed,
     so earlier records stay comparable and reusable; a distributed one without the node's place
     (``node_rank``, ``master``: every node of a run hashes alike), and without ``nnodes`` on one
-    node."""
+    node. Likewise the ``measure`` keys of ``MEASURE_DEFAULTS`` at their defaults."""
     cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force")}
+    measure = dict(cfg.get("measure") or {})
+    for key, default in MEASURE_DEFAULTS.items():  # keys added later hash as before they existed
+        if key in measure and measure[key] == default:
+            del measure[key]
+    measure.pop("eval_batch", None)  # how many prompts share a forward: the same figures (tested)
+    if "measure" in cfg:
+        cfg["measure"] = measure
     par = dict(cfg.get("parallel") or {})
     if par.get("strategy", "none") == "none":
         cfg.pop("parallel", None)

@@ -71,6 +71,9 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
     out.update({f"method.{k}": v for k, v in records.method_settings(rec).items() if k != "name"})
     out.update({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None})
     out["peak_bytes"] = m.get("peak_memory_bytes")
+    if rec.get("phase_s"):  # where the wall time went (records from before phases were timed have none)
+        out["wall_s"] = rec.get("wall_s")
+        out.update({f"phase_{k}_s": v for k, v in rec["phase_s"].items()})
     out.update(throughput_quartiles(m, rec.get("train_step_ms")))
     key = next((k for k in QUALITY_ORDER if m.get(k) is not None), None)
     if key:

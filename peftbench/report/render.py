@@ -219,15 +219,46 @@ def group_section(g: pd.DataFrame, by_id: dict[str, dict[str, Any]], out: Path, 
             "",
         ]
     levers = lever_table(g, by_id) + parallel_table(g, by_id)  # every run, before seeds are pooled
+    times = time_table(g)
     g = pool_seeds(ordered(g), by_id, before_after=[k for k, *_ in BEFORE_AFTER])
     lines += [md_table(g), ""] + levers + quality_notes(g)
     instruction = has_instruction_metrics(g)
     if instruction:
         g = g.assign(train_seconds=train_seconds(g))
         lines += instruction_tables(g, by_id)
+    lines += times
     for title, name in group_plots(g, by_id, out, slug, instruction):
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     return lines
+
+
+# the phases of a run (``run.execute``) in the order they happen; a record may lack some
+PHASES = ("load", "zero_shot", "train", "eval", "forgetting", "latency", "decode", "checkpoint", "writing", "other")
+
+
+def time_table(g: pd.DataFrame) -> list[str]:
+    """ "Where the time went": each run's wall seconds and, per phase, its seconds and share of
+    them (runs whose records time their phases; a phase a run did not have is "-")."""
+    timed = g[g["wall_s"].notna()] if "wall_s" in g else g.iloc[0:0]
+    if timed.empty:
+        return []
+    present = [p for p in PHASES if f"phase_{p}_s" in timed and timed[f"phase_{p}_s"].notna().any()]
+    lines = [
+        "### Where the time went",
+        "",
+        "Wall seconds of each run and of each phase (share of the run's wall time); the phases "
+        "sum to the wall time (`phase_s` in the record; `zero_shot`: the figures before training).",
+        "",
+        "| run | wall s | " + " | ".join(present) + " |",
+        "|---|---|" + "---|" * len(present),
+    ]
+    for _, r in timed.iterrows():
+        cells = []
+        for p in present:
+            v = r[f"phase_{p}_s"]
+            cells.append("-" if pd.isna(v) else f"{v:,.1f} ({100 * v / r['wall_s']:.0f}%)")
+        lines.append(f"| {r['label']} | {r['wall_s']:,.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def quality_notes(g: pd.DataFrame) -> list[str]:
