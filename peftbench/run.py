@@ -196,8 +196,8 @@ class Evaluation:
         applied (prefix and prompt tuning change every output), computed. The record's
         ``zero_shot`` says which."""
         reuse = on_base and bool(self.cfg.measure.reuse_zero_shot)
-        name = zero_shot.key(self.zero_shot_spec())
-        cached = zero_shot.load(name) if reuse else None
+        name = zero_shot.key(self.zero_shot_spec()) if reuse else None  # digests the eval data: only when used
+        cached = zero_shot.load(name) if name is not None else None
         with self.clock.phase("zero_shot"):
             if cached is not None:
                 self.metrics.update(cached["metrics"])
@@ -208,7 +208,7 @@ class Evaluation:
                 self.metrics["eval_loss_initial"] = self.loss()["eval_loss"]
                 self.quality("_initial")
                 found = {k: v for k, v in self.metrics.items() if k not in before}
-                if reuse:
+                if name is not None:
                     zero_shot.save(name, found, self.rec.get("predictions", {}).get("initial", []))
         on = "the base model" if on_base else "the model with the method applied"
         self.rec["zero_shot"] = {"source": "reused" if cached is not None else "computed", "on": on, "key": name}
