@@ -286,18 +286,37 @@ def test_estimate_sweep_under_joblib_with_a_failing_job(tmp_path):
     assert "Traceback" not in err
 
 
-def kill_first_job(results: Path, proc: subprocess.Popen) -> str:
-    """SIGKILL the process of the first job seen training; its config hash."""
+SLOW_STEPS = (
+    "import os, time\n"
+    "from pathlib import Path\n"
+    "import peftbench.train as train\n"
+    "real = train.OptimizerStep.__call__\n"
+    "def planted(self, micro, shares):\n"
+    "    out = real(self, micro, shares)\n"
+    "    Path(os.environ['PLANT_DIR'], f'training-{os.getpid()}').touch()\n"
+    "    time.sleep(0.25)\n"
+    "    return out\n"
+    "train.OptimizerStep.__call__ = planted\n"
+)
+
+
+def kill_first_job(results: Path, plant: Path, proc: subprocess.Popen) -> str:
+    """SIGKILL the process of the first job seen training (it announces each optimizer step in
+    ``plant``, and every step takes at least 0.25 s, so the job cannot have ended); its config hash."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        found = sorted(results.glob(".running-*")) if results.exists() else []
-        if found:
-            time.sleep(3)  # into training
-            _, chash, pid = found[0].name.rsplit("-", 2)
-            os.kill(int(pid), signal.SIGKILL)
-            return chash
-        time.sleep(0.2)
-    raise AssertionError("no job started")
+        for flag in sorted(plant.glob("training-*")):
+            pid = flag.name.split("-", 1)[1]
+            found = list(results.glob(f".running-*-{pid}"))
+            if found:
+                _, chash, _ = found[0].name.rsplit("-", 2)
+                os.kill(int(pid), signal.SIGKILL)
+                assert not list(results.glob("*.json")) or chash not in {
+                    json.loads(p.read_text())["config_hash"] for p in results.glob("*.json")
+                }, "the job ended before it was killed"
+                return chash
+        time.sleep(0.1)
+    raise AssertionError("no job started training")
 
 
 @pytest.mark.slow
@@ -307,11 +326,23 @@ def test_a_killed_job_does_not_take_the_sweep_down(launcher, tmp_path):
     jobs it never started run afterwards; submitit's other jobs go on. Either way: a summary that
     names the lost job as missing, the others recorded, exit status 1, no traceback."""
     results = tmp_path / "out"
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(SLOW_STEPS)
+    env = {"PYTHONPATH": os.pathsep.join([str(plant), str(REPO)]), "PLANT_DIR": str(plant)}
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     proc = launch(
-        "peftbench", results, f"hydra/launcher={launcher}", *extra, "method=lora", "rank=2,4,8", "train.steps=40", *TINY
+        "peftbench",
+        results,
+        f"hydra/launcher={launcher}",
+        *extra,
+        "method=lora",
+        "rank=2,4,8",
+        "train.steps=40",
+        *TINY,
+        env=env,
     )
-    killed = kill_first_job(results, proc)
+    killed = kill_first_job(results, plant, proc)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 1, err[-3000:]
     assert "the launcher failed" in err and "Traceback" not in err
