@@ -126,18 +126,22 @@ class PromptModel(VirtualTokenModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` (greedy or sampling, one sequence per prompt) from
-        [P; E]. Returns the prompt ids followed by the new ids."""
+        [P; E]. Returns the prompt ids followed by the new ids (as ``sequences`` of the output
+        with ``return_dict_in_generate=True``)."""
         self._check_generate(input_ids, kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if kwargs.get("position_ids") is not None:
             raise ValueError("position_ids: generation with a soft prompt derives positions from the mask")
-        new = self.base_model.generate(
+        out = self.base_model.generate(
             inputs_embeds=self.embed(input_ids, None),
             attention_mask=self._extend_mask(attention_mask, input_ids.shape[0]),
             **kwargs,
         )  # from embeddings alone, transformers returns the new ids only
-        return torch.cat([input_ids, new], dim=1)
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences], dim=1)  # return_dict_in_generate=True
+        return out
 
 
 @register

@@ -169,8 +169,32 @@ def test_evaluate_batched_equals_one_by_one(tok, family, method):
     one = [generation.choice_logprobs(model, p, ids, CPU) for p in prompts]
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(scores), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(one), torch.tensor(scores), atol=1e-5, rtol=0)
+    # the first tokens scored from generation's first step (left-padded), the rest from the rows
+    first = [f for _, f in generation.generate_scored(model, prompts, 1, None, 0, CPU, [c[0] for c in ids])]
+    shared = generation.choice_logprobs_batch(model, prompts, ids, CPU, first)
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(scores), atol=1e-5, rtol=0)
     # the scores are far apart, so the choice is decided by the model, not by rounding
     assert min(abs(a - b) for s in scores for a in s for b in s if a != b) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["base", "prefix"])
+def test_one_token_choices_cost_no_forward_beyond_generation(tok, method):
+    """With one-token choices, ``evaluate`` runs exactly the forwards generation runs (the
+    choices are scored from its first step); a longer choice adds one forward per batch."""
+    model = model_with("llama", method)
+    prompts = prompts_of(tok)
+    refs = ["blue"] * len(prompts)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+
+    def forwards(choices):
+        calls.clear()
+        generation.evaluate(model, tok, prompts, refs, answers.rule("exact"), 3, choices, CPU, batch_size=4)
+        return len(calls)
+
+    plain = forwards(None)
+    assert forwards(["blue", "green", "red"]) == plain
+    assert forwards(["blue", "green sea"]) == plain + 2  # 7 prompts, 4 a batch: 2 batches
 
 
 def test_evaluate_runs_under_inference_mode_with_padding_and_restores_the_mode(tok):

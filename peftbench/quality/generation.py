@@ -13,7 +13,9 @@ Batching changes no result: prompts are LEFT-padded for generation (the attentio
 padding and ``generate`` derives each row's positions from the mask, so a row's real tokens sit
 at the positions they have alone; prefix and prompt tuning extend that mask by their virtual
 tokens, ``methods.virtual``), and prompt + choice rows are RIGHT-padded for scoring (padding
-only ever follows the scored tokens). A row's tokens and scores therefore equal those of the
+only ever follows the scored tokens). Generation's first step is the distribution of the token
+after each prompt, so it also scores the choices' first tokens: one-token choices cost no
+forward of their own. A row's tokens and scores therefore equal those of the
 example run alone, up to float rounding of differently shaped matrix products
 (``tests/test_batched_eval.py`` holds them equal). Examples are batched in order of length,
 which keeps the padding short, and returned in the caller's order. ``batch_size=1`` is the
@@ -78,6 +80,38 @@ def until_eos(new: list[int], eos_id: Optional[int]) -> list[int]:
 
 
 @torch.inference_mode()
+def generate_scored(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: Optional[int],
+    pad_id: Optional[int],
+    device: torch.device,
+    keep: Sequence[int] = (),
+) -> list[tuple[list[int], dict[int, float]]]:
+    """Per prompt, the new token ids of greedy decoding (at most ``max_new_tokens``, stopped at
+    end-of-sequence) and, for each token id of ``keep``, its log-probability (nats, float32) of
+    following the prompt, from the first step's distribution; one left-padded batch with the KV
+    cache."""
+    fill = pad_id if pad_id is not None else eos_id
+    ids, mask = padded(prompts, fill if fill is not None else 0, True, device)  # (batch, longest prompt)
+    out = cast(Callable[..., Any], model.generate)(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=eos_id,
+        pad_token_id=fill,
+        return_dict_in_generate=True,
+        output_logits=True,  # the raw logits of each step: the first is the prompt's next token
+    )  # sequences: (batch, longest prompt + new tokens), rows that ended early padded after their EOS
+    kept = sorted(set(keep))
+    first = torch.log_softmax(out.logits[0].float(), dim=-1)[:, kept].tolist()  # (batch, len(kept))
+    new = out.sequences[:, ids.shape[1] :].tolist()
+    return [(until_eos(row, eos_id), dict(zip(kept, first[i]))) for i, row in enumerate(new)]
+
+
 def generate_batch(
     model: nn.Module,
     prompts: list[list[int]],
@@ -88,18 +122,7 @@ def generate_batch(
 ) -> list[list[int]]:
     """The new token ids of greedy decoding after each prompt (at most ``max_new_tokens`` each),
     one left-padded batch with the KV cache; each row stops at its end-of-sequence."""
-    fill = pad_id if pad_id is not None else eos_id
-    ids, mask = padded(prompts, fill if fill is not None else 0, True, device)  # (batch, longest prompt)
-    out = cast(Callable[..., torch.Tensor], model.generate)(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_cache=True,
-        eos_token_id=eos_id,
-        pad_token_id=fill,
-    )  # (batch, longest prompt + new tokens): rows that ended early are padded after their EOS
-    return [until_eos(row, eos_id) for row in out[:, ids.shape[1] :].tolist()]
+    return [new for new, _ in generate_scored(model, prompts, max_new_tokens, eos_id, pad_id, device)]
 
 
 def generate(
@@ -133,22 +156,45 @@ def generate_all(
 
 @torch.inference_mode()
 def choice_logprobs_batch(
-    model: nn.Module, prompts: list[list[int]], choices: list[list[int]], device: torch.device
+    model: nn.Module,
+    prompts: list[list[int]],
+    choices: list[list[int]],
+    device: torch.device,
+    first: Optional[Sequence[dict[int, float]]] = None,
 ) -> list[list[float]]:
-    """Per prompt, the summed log-probability (nats) of each choice's tokens following it; one
-    forward over the len(prompts) x len(choices) rows prompt + choice, right-padded (padding never
-    precedes a scored token)."""
-    rows = [p + c for p in prompts for c in choices]
-    ids, mask = padded(rows, 0, False, device)  # (prompts * choices, longest row)
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (prompts * choices, longest row, vocab)
+    """Per prompt, the summed log-probability (nats) of each choice's tokens following it.
+
+    Choice ``c`` after prompt ``p`` is scored on the row ``p + c[:-1]``: its positions
+    ``len(p)-1 .. len(p)+len(c)-2`` predict ``c[0] .. c[-1]``. Identical rows are run once (every
+    one-token choice of a prompt shares the row ``p``), in one forward, right-padded (padding
+    never precedes a scored token). ``first`` (per prompt, the log-probability of each choice's
+    first token following it, such as ``generate_scored``'s) scores the first tokens, so that
+    one-token choices need no forward at all."""
+    keys: dict[tuple[int, tuple[int, ...]], int] = {}
+    rows: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        for c in choices:
+            if (first is None or len(c) > 1) and (i, tuple(c[:-1])) not in keys:
+                keys[(i, tuple(c[:-1]))] = len(rows)
+                rows.append(p + c[:-1])
+    logits = None
+    if rows:
+        ids, mask = padded(rows, 0, False, device)  # (rows, longest row)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (rows, longest row, vocab)
     out = []
     for i, p in enumerate(prompts):
         scores = []
-        for j, c in enumerate(choices):
-            # positions len(p)-1 .. len(p)+len(c)-2 predict c[0] .. c[-1]
-            logp = torch.log_softmax(logits[i * len(choices) + j, len(p) - 1 : len(p) - 1 + len(c)].float(), dim=-1)
-            at = torch.arange(len(c), device=logp.device)
-            scores.append(float(logp[at, torch.tensor(c, device=logp.device)].sum()))
+        for c in choices:
+            total, start = 0.0, 0
+            if first is not None:
+                total, start = first[i][c[0]], 1
+            if start < len(c):
+                assert logits is not None
+                row = logits[keys[(i, tuple(c[:-1]))], len(p) - 1 + start : len(p) - 1 + len(c)]
+                logp = torch.log_softmax(row.float(), dim=-1)  # predicts c[start:]
+                at = torch.arange(len(c) - start, device=logp.device)
+                total += float(logp[at, torch.tensor(c[start:], device=logp.device)].sum())
+            scores.append(total)
         out.append(scores)
     return out
 
@@ -194,17 +240,32 @@ def evaluate(
     batch_size: int = 16,
 ) -> tuple[dict[str, float], Predictions]:
     """Accuracy by generation (and by choice when ``choices``) on the given prompts (token ids),
-    ``batch_size`` prompts per forward; the model's train/eval mode is restored afterwards."""
+    ``batch_size`` prompts per forward; the model's train/eval mode is restored afterwards.
+
+    Generation's first step is the distribution of the token after each prompt, so it scores
+    every choice's first token: one-token choices (a label set such as ``negative``/``positive``)
+    cost no forward pass beyond generation's, longer ones a forward over ``prompt + choice[:-1]``."""
     was_training = model.training
     model.eval()
     try:
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        new = generate_all(model, prompts, max_new_tokens, eos, pad, device, batch_size)
-        generated: list[Optional[str]] = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+
+        ids = choice_ids(tokenizer, choices) if choices else []
+
+        def run(chunk: list[list[int]]) -> list[tuple[list[int], dict[int, float]]]:
+            return generate_scored(model, chunk, max_new_tokens, eos, pad, device, [c[0] for c in ids])
+
+        done = by_length(prompts, batch_size, len, run)
+        generated: list[Optional[str]] = [tokenizer.decode(t, skip_special_tokens=True) for t, _ in done]
         metrics = {"generate_accuracy": accuracy(cast(list[str], generated), references, extract)}
         chosen: list[Optional[str]] = [None] * len(prompts)
         if choices:
-            chosen = list(choose(model, tokenizer, prompts, choices, device, batch_size))
+
+            def score(chunk: list[tuple[list[int], dict[int, float]]]) -> list[list[float]]:
+                return choice_logprobs_batch(model, [p for p, _ in chunk], ids, device, [f for _, f in chunk])
+
+            scores = by_length([(p, f) for p, (_, f) in zip(prompts, done)], batch_size, lambda r: len(r[0]), score)
+            chosen = [choices[max(range(len(choices)), key=s.__getitem__)] for s in scores]
             metrics["choice_accuracy"] = accuracy(cast(list[str], chosen), references, extract)
     finally:
         model.train(was_training)
