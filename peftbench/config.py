@@ -270,6 +270,66 @@ class EstimateConfig:
     results_dir: str = "results/estimates"
 
 
+TUNE_OBJECTIVES = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_choice_accuracy", "eval_generate_accuracy")
+TUNE_SEARCHES = ("grid",)
+
+
+@dataclass
+class TuneConfig:
+    """Settings of a tuned comparison (``python -m peftbench.tune``; every key is given there as
+    ``tune.<key>=``, every other argument is a run override applied to every job).
+
+    methods: the methods compared (``method=`` names). grid: the learning rates tried, as
+    multiples of each method's default (``method.lr``; log-spaced around it). objective: the
+    validation metric a rate is chosen on (lower is better for a loss or perplexity, higher for
+    an accuracy). seeds: the seeds of the final runs (the trials use the first). trial: overrides
+    of a trial (cheap: validation split, the quality-only profile; ``tune.trial.train.steps=20``
+    on the command line shortens them). final: overrides of a final run (the test split, all of
+    it, every measurement; ``tune.final.<key>=`` sets one more).
+    search: ``grid``. results_dir: trials in ``<results_dir>/trials``, the selections in
+    ``<results_dir>/selection``, the finals in ``<results_dir>/final``.
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["full", "lora", "adapter", "prefix"])
+    grid: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])
+    objective: str = "eval_loss"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    trial: list[str] = field(default_factory=lambda: ["task.eval_split=validation", "measure.profile=quality"])
+    final: list[str] = field(
+        default_factory=lambda: ["task.eval_split=test", "task.num_eval=null", "task.num_generate=null"]
+    )
+    search: str = "grid"
+    results_dir: str = "results/tuned"
+
+
+def check_tune(t: Any) -> None:
+    """The values of a tuned comparison's settings (``TuneConfig``), each refused in one line."""
+    require(len(t.methods) > 0, "tune.methods", list(t.methods), "at least one method")
+    for m in t.methods:
+        require(m in methods.REGISTRY, "tune.methods", m, f"allowed: {', '.join(sorted(methods.REGISTRY))}")
+    require(len(set(t.methods)) == len(t.methods), "tune.methods", list(t.methods), "each method once")
+    require(
+        len(t.grid) >= 2 and all(isinstance(g, (int, float)) and g > 0 for g in t.grid),
+        "tune.grid",
+        list(t.grid),
+        "at least 2 positive multiples of the method's default learning rate",
+    )
+    require(len(set(t.grid)) == len(t.grid), "tune.grid", list(t.grid), "each multiple once")
+    require(t.objective in TUNE_OBJECTIVES, "tune.objective", t.objective, f"allowed: {', '.join(TUNE_OBJECTIVES)}")
+    require(len(t.seeds) > 0, "tune.seeds", list(t.seeds), "at least one seed")
+    require(len(set(t.seeds)) == len(t.seeds), "tune.seeds", list(t.seeds), "each seed once")
+    require(t.search in TUNE_SEARCHES, "tune.search", t.search, f"allowed: {', '.join(TUNE_SEARCHES)}")
+    for key, overrides in (("tune.trial", t.trial), ("tune.final", t.final)):
+        for o in overrides:
+            name = str(o).split("=", 1)[0].lstrip("+~")
+            require(
+                "=" in str(o) and name not in ("method", "train.lr", "seed", "results_dir"),
+                key,
+                o,
+                "key=value run overrides; method, train.lr, seed and results_dir are set by the search",
+            )
+
+
 # The estimator's keys before it read a run's shape: refused in one line naming the new key.
 RENAMED_ESTIMATE_KEYS = {
     "precision": "train.precision",
@@ -307,6 +367,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="estimate_schema", node=EstimateConfig)
+    cs.store(name="tune_schema", node=TuneConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)

@@ -278,8 +278,14 @@ class Evaluation:
             acc = hf_evaluate.load(str(ACCURACY_METRIC))
             found = acc.compute(predictions=ev["predictions"], references=ev["references"])
             metrics["eval_accuracy"] = found["accuracy"]
+            self.rec["predictions"] = {  # per example, for paired comparisons of methods
+                "final": [
+                    {"index": i, "reference": r, "predicted": p}
+                    for i, (p, r) in enumerate(zip(ev["predictions"], ev["references"]))
+                ]
+            }
         self.quality("")
-        if self.instruction:
+        if self.instruction or kind == "classification":
             with self.clock.phase("writing"):
                 self.rec["predictions_file"] = save_predictions(self.cfg, self.rec)
 
@@ -461,7 +467,8 @@ def save_predictions(cfg: DictConfig, rec: dict[str, Any]) -> str:
     """Write the per-example predictions beside the record (``<run_id>.predictions.jsonl``, one
     line per eval example: before and after training); returns the file name."""
     found = rec.pop("predictions", {})
-    before, after = found.get("initial", []), found.get("final", [])
+    after = found.get("final", [])
+    before = found.get("initial") or [None] * len(after)  # none before training for classification
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{rec['run_id']}.predictions.jsonl"

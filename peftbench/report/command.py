@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from peftbench.records import reader as records
-from peftbench.report import aggregate, render
+from peftbench.report import aggregate, render, tuned
 from peftbench.report.render import WriteError, writing
 
 
@@ -49,7 +49,9 @@ def unwritable(out: Path) -> Optional[str]:
 
 def build(sources: list[str], out: str | Path) -> Path:
     """Load, tabulate, plot and render; returns the path of ``report.md``."""
-    loaded = records.load(sources)
+    tuned_roots = [Path(s) for s in sources if (Path(s) / tuned.SELECTION).is_dir()]
+    # a tuned comparison's folder: its general tables from the finals (test split) alone
+    loaded = records.load([str(Path(s) / tuned.FINAL) if Path(s) in tuned_roots else s for s in sources])
     for skipped, why in loaded.skipped:
         print(f"peftbench.report: skipped {skipped}: {why}", file=sys.stderr)
     out = Path(out)
@@ -61,6 +63,10 @@ def build(sources: list[str], out: str | Path) -> Path:
     with writing(out / "latency.csv") as path:
         aggregate.latency_frame(loaded.records).to_csv(path, index=False)
     text = render.page(df, loaded.records, loaded.skipped, out, [str(s) for s in sources])
+    if tuned_roots:  # the tuned comparison leads, under the title
+        title, _, rest = text.partition("\n")
+        sections = [line for root in tuned_roots for line in tuned.markdown(tuned.load(root), out)]
+        text = "\n".join([title, "", *sections, rest])
     with writing(out / "report.md") as page:
         page.write_text(text + "\n")
     return page

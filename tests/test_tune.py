@@ -1,0 +1,289 @@
+"""The tuned comparison (``python -m peftbench.tune``, ``peftbench.tune.plan``,
+``peftbench.report.tuned``): the rate is selected on validation and the finals are scored on
+test, a best rate at a grid edge is flagged, a re-run does only what is missing, the paired
+comparison gives the known answer on made-up predictions, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from peftbench.report import tuned
+from peftbench.tasks import data as task_data
+from peftbench.tune import cli as tune_cli
+from peftbench.tune import plan
+
+from conftest import TINY_RUN
+
+# ------------------------------------------------------------------------ data and runs
+
+
+def write_split(folder: Path, name: str, rows: list[tuple[str, int]]) -> None:
+    lines = ["text,label"] + [f"{t},{label}" for t, label in rows]
+    (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def sentences(tmp_path) -> Path:
+    """A small two-class corpus with train, validation and test splits (disjoint sentences)."""
+    good = "good fine great lovely warm bright".split()
+    bad = "bad poor awful dull cold grim".split()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, n in (("train", 24), ("validation", 8), ("test", 10)):
+        rows = []
+        for i in range(n):
+            words, label = (good, 1) if i % 2 == 0 else (bad, 0)
+            rows.append((f"{name} {words[i % 6]} film {words[(i + 1) % 6]} story {i}", label))
+        write_split(folder, name, rows)
+    return folder
+
+
+def run_args(data: Path) -> list[str]:
+    return [
+        "model=tiny-llama",
+        "task=text-classification",
+        f"task.path={data}",
+        "train.steps=3",
+        *TINY_RUN,
+    ]
+
+
+def tune_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"results_dir={tmp_path / 'tuned'}",
+        "tune.methods=[lora]",
+        "tune.grid=[0.1,1.0,10.0]",
+        "tune.seeds=[0,1]",
+        "tune.objective=eval_loss",
+        *extra,
+    ]
+
+
+# ------------------------------------------------------------------------ end to end
+
+
+def test_selection_reads_validation_never_test_and_finals_read_test(sentences, tmp_path, monkeypatch, capsys):
+    loaded: list[str] = []
+    real_load = task_data.load_file
+    monkeypatch.setattr(task_data, "load_file", lambda cfg, split, f: loaded.append(split) or real_load(cfg, split, f))
+    at_selection: list[int] = []
+    real_write = plan.write_selection
+    monkeypatch.setattr(plan, "write_selection", lambda d, sel: at_selection.append(len(loaded)) or real_write(d, sel))
+
+    status = tune_cli.main([*tune_args(tmp_path), *run_args(sentences)])
+    assert status == 0, capsys.readouterr().err[-2000:]
+    trials_loads = loaded[: at_selection[0]]
+    assert "validation" in trials_loads and "test" not in trials_loads
+    assert "test" in loaded[at_selection[0] :]
+
+    root = tmp_path / "tuned"
+    sel = json.loads((root / "selection" / "lora.json").read_text())
+    assert sel["split"] == "validation" and sel["objective"] == "eval_loss" and sel["direction"] == "lower"
+    assert [t["lr"] for t in sel["trials"]] == [1e-4, 1e-3, 1e-2]  # LoRA's default 1e-3 x the grid
+    trials = {r["run_id"]: r for r in map(json.loads, map(Path.read_text, (root / "trials").glob("*.json")))}
+    assert len(trials) == 3
+    for t in sel["trials"]:  # the objective is the trial's validation figure, as recorded
+        rec = trials[t["run_id"]]
+        assert rec["config"]["task"]["eval_split"] == "validation" and rec["config"]["measure"]["profile"] == "quality"
+        assert t["objective"] == rec["metrics"]["eval_loss"]
+    best = min(sel["trials"], key=lambda t: t["objective"])
+    assert sel["selected_lr"] == best["lr"]
+    finals = [json.loads(p.read_text()) for p in (root / "final").glob("*.json")]
+    assert sorted(r["config"]["seed"] for r in finals) == [0, 1]
+    assert all(r["config"]["task"]["eval_split"] == "test" and r["train_lr"] == sel["selected_lr"] for r in finals)
+    assert all(r["metrics"]["eval_examples"] == 10 for r in finals)  # all of the test split
+    out = capsys.readouterr().out
+    assert "TUNED COMPARISON" in out and "measured on 10 test examples" in out
+
+
+def test_a_rerun_does_only_what_is_missing(sentences, tmp_path, capsys):
+    args = [*tune_args(tmp_path), *run_args(sentences)]
+    assert tune_cli.main(args) == 0
+    root = tmp_path / "tuned"
+    first = {p.name for p in root.rglob("*.json")}
+    victim_trial = sorted((root / "trials").glob("*.json"))[1]
+    victim_final = sorted((root / "final").glob("*.json"))[0]
+    victim_trial.unlink()
+    victim_final.unlink()
+    capsys.readouterr()
+    assert tune_cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "sweep of 3 job(s): 1 ran ok, 2 reused" in err
+    assert "sweep of 2 job(s): 1 ran ok, 1 reused" in err
+    second = {p.name for p in root.rglob("*.json")}
+    assert first - second == {victim_trial.name, victim_final.name} and len(second - first) == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["tune.methods=[nope]"], "tune.methods=nope: allowed: "),
+        (["tune.grid=[1.0]"], "tune.grid=[1.0]: at least 2 positive multiples"),
+        (["tune.objective=accuracy"], "tune.objective=accuracy: allowed: eval_loss"),
+        (["tune.trial.seed=3"], "tune.trial=seed=3: key=value run overrides; method, train.lr, seed"),
+        (["train.lr=0.1"], "train.lr=0.1: set by the search"),
+        (["-m"], "-m: flags are not taken"),
+        (["rank=abc"], "rank=abc"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, argv, message):
+    status = tune_cli.main([f"results_dir={tmp_path / 'tuned'}", "tune.methods=[lora]", *argv, *TINY_RUN])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("peftbench.tune: error: "), err
+    assert message in err[0]
+    assert not (tmp_path / "tuned").exists()
+
+
+# ------------------------------------------------------------------------ selection
+
+
+def trial(lr: float, loss: float | None, status: str = "ok") -> tuple[float, dict]:
+    return lr, {"status": status, "run_id": f"r{lr}", "metrics": {"eval_loss": loss}, "config": {"task": {}}}
+
+
+def settings(objective: str = "eval_loss"):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"objective": objective, "grid": [0.1, 1, 10], "seeds": [0, 1, 2]})
+
+
+def test_a_best_rate_at_an_edge_is_flagged():
+    low = plan.select(settings(), "lora", 1e-3, [trial(1e-4, 0.5), trial(1e-3, 0.7), trial(1e-2, 0.9)])
+    assert low["selected_lr"] == 1e-4 and low["at_edge"] == "lowest"
+    high = plan.select(settings(), "lora", 1e-3, [trial(1e-4, 0.9), trial(1e-3, 0.7), trial(1e-2, 0.5)])
+    assert high["at_edge"] == "highest"
+    inside = plan.select(settings(), "lora", 1e-3, [trial(1e-4, 0.9), trial(1e-3, 0.5), trial(1e-2, 0.7)])
+    assert inside["selected_lr"] == 1e-3 and inside["at_edge"] is None
+    assert "widen the grid" in tuned.selection_line(low) and "widen the grid" not in tuned.selection_line(inside)
+
+
+def test_failed_and_non_finite_trials_are_never_selected():
+    sel = plan.select(settings(), "full", 5e-5, [trial(5e-6, 0.9), trial(5e-5, None, "failed"), trial(5e-4, math.inf)])
+    assert sel["selected_lr"] == 5e-6 and [t["objective"] for t in sel["trials"]] == [0.9, None, None]
+    none = plan.select(settings(), "full", 5e-5, [(5e-6, None), trial(5e-5, None, "failed")])
+    assert none["selected_lr"] is None and "nothing selected" in tuned.selection_line(none)
+
+
+def test_an_accuracy_objective_is_maximised():
+    def acc(lr, a):
+        return lr, {"status": "ok", "run_id": str(lr), "metrics": {"eval_accuracy": a}, "config": {"task": {}}}
+
+    sel = plan.select(settings("eval_accuracy"), "lora", 1e-3, [acc(1e-4, 0.6), acc(1e-3, 0.8), acc(1e-2, 0.7)])
+    assert sel["direction"] == "higher" and sel["selected_lr"] == 1e-3
+
+
+def test_rates_are_the_grid_times_the_default():
+    assert plan.rates(1e-3, [10, 0.1, 1, 0.3, 3]) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert plan.rates(5e-5, [0.3]) == [1.5e-5]
+
+
+# ------------------------------------------------------------------------ paired comparison
+
+
+def made_up(tmp_path: Path, methods: dict[str, list[list[int]]]) -> Path:
+    """A comparison folder with one selection per method and one final record + predictions file
+    per seed, each example right (1) or wrong (0) as given."""
+    root = tmp_path / "made-up"
+    for d in ("selection", "final"):
+        (root / d).mkdir(parents=True)
+    for m, seeds in methods.items():
+        sel = {
+            "kind": "lr-selection",
+            "method": m,
+            "selected_lr": 1e-3,
+            "seeds": list(range(len(seeds))),
+            "trials": [{"lr": 1e-3, "objective": 0.5, "run_id": None}],
+            "at_edge": None,
+            "objective": "eval_loss",
+            "direction": "lower",
+        }
+        (root / "selection" / f"{m}.json").write_text(json.dumps(sel))
+        for s, right in enumerate(seeds):
+            run_id = f"20260101T00000{s}000000-{m}-s{s}"
+            rows = [{"index": i, "reference": 1, "predicted": 1 if r else 0} for i, r in enumerate(right)]
+            (root / "final" / f"{run_id}.predictions.jsonl").write_text(
+                "".join(
+                    json.dumps({"index": i, "reference": 1, "initial": None, "final": row}) + "\n"
+                    for i, row in enumerate(rows)
+                )
+            )
+            rec = {
+                "schema_version": 1,
+                "kind": "measured",
+                "status": "ok",
+                "run_id": run_id,
+                "method": m,
+                "model": "tiny",
+                "task": "t",
+                "config_hash": f"{m}{s}",
+                "train_lr": 1e-3,
+                "created_utc": f"2026-01-01T00:00:0{s}",
+                "predictions_file": f"{run_id}.predictions.jsonl",
+                "config": {
+                    "seed": s,
+                    "method": {"name": m},
+                    "task": {"path": "p", "eval_split": "test", "num_eval": None},
+                },
+                "metrics": {"eval_accuracy": sum(right) / len(right), "eval_examples": len(right)},
+            }
+            (root / "final" / f"{run_id}.json").write_text(json.dumps(rec))
+    return root
+
+
+def test_identical_methods_are_not_distinguishable(tmp_path):
+    right = [1] * 700 + [0] * 300
+    rows, why = tuned.compare(tuned.load(made_up(tmp_path, {"a": [right], "b": [right]})), resamples=2000)
+    assert why is None and rows[1].paired.diff == 0 and rows[1].p_holm == 1 and rows[1].distinguishable is False
+
+
+def test_sixty_more_right_of_a_thousand_is_distinguishable(tmp_path):
+    a = [1] * 800 + [0] * 200
+    b = [1] * 740 + [0] * 260
+    t = tuned.load(made_up(tmp_path, {"a": [a, a, a], "b": [b, b, b]}))
+    rows, why = tuned.compare(t, resamples=2000)
+    assert why is None and [r.method for r in rows] == ["a", "b"]
+    assert rows[0].spread.mean == pytest.approx(0.8) and rows[0].spread.n == 3
+    assert rows[1].paired.diff == pytest.approx(-0.06) and rows[1].paired.high < 0 and rows[1].distinguishable
+    assert "worse than the best" in tuned.text(t)
+
+
+def test_different_example_sets_are_never_compared(tmp_path):
+    root = made_up(tmp_path, {"a": [[1, 0, 1]], "b": [[1, 1, 0]]})
+    for p in (root / "final").glob("*-b-*.json"):
+        if not p.name.endswith(".predictions.jsonl"):
+            rec = json.loads(p.read_text())
+            rec["config"]["task"]["eval_split"] = "validation"
+            p.write_text(json.dumps(rec))
+    rows, why = tuned.compare(tuned.load(root))
+    assert "different splits or example sets" in why and all(r.paired is None for r in rows)
+
+
+def test_the_report_leads_with_the_tuned_comparison_and_tabulates_only_the_finals(tmp_path):
+    from peftbench.report import command
+
+    a = [1] * 80 + [0] * 20
+    b = [1] * 70 + [0] * 30
+    root = made_up(tmp_path, {"a": [a, a], "b": [b, b]})
+    for m in ("a", "b"):  # two finite trials each: the sensitivity plot
+        p = root / "selection" / f"{m}.json"
+        sel = json.loads(p.read_text())
+        sel["objective"] = "eval_loss"
+        sel["trials"] = [{"lr": 1e-4, "objective": 0.7, "run_id": None}, {"lr": 1e-3, "objective": 0.5, "run_id": None}]
+        p.write_text(json.dumps(sel))
+    (root / "trials").mkdir()
+    trial_rec = json.loads(next((root / "final").glob("*-a-s0.json")).read_text())
+    trial_rec.update(run_id="20250101T000000000000-a-trial", config_hash="trial")
+    trial_rec["config"]["task"]["eval_split"] = "validation"
+    (root / "trials" / "trial.json").write_text(json.dumps(trial_rec))
+    page = command.build([str(root)], tmp_path / "report")
+    text = page.read_text()
+    assert text.index("## Tuned comparison") < text.index("\n## ", text.index("## Tuned comparison") + 5)
+    assert "| a | 0.001 | 2 | 0.8000 ± 0.0000 | 2 |" in text and "widen the grid" not in text
+    assert "| best | - | - | - | - | - |" in text  # no cost figures in the made-up records
+    assert (tmp_path / "report" / f"tuned-sensitivity-{root.name}.png").is_file()
+    csv = (tmp_path / "report" / "records.csv").read_text().splitlines()
+    assert len(csv) == 1 + 4  # the four finals; the validation trial is not tabulated
