@@ -287,3 +287,22 @@ def test_the_report_leads_with_the_tuned_comparison_and_tabulates_only_the_final
     assert (tmp_path / "report" / f"tuned-sensitivity-{root.name}.png").is_file()
     csv = (tmp_path / "report" / "records.csv").read_text().splitlines()
     assert len(csv) == 1 + 4  # the four finals; the validation trial is not tabulated
+
+
+def test_the_report_never_puts_figures_from_different_splits_side_by_side(tmp_path):
+    from peftbench.report import command
+
+    root = made_up(tmp_path, {"a": [[1, 0, 1, 1]], "b": [[1, 1, 0, 0]]})
+    for p in (root / "final").glob("*-b-*.json"):
+        rec = json.loads(p.read_text())
+        rec["config"]["task"]["eval_split"] = "validation"
+        p.write_text(json.dumps(rec))
+    text = command.build([str(root / "final")], tmp_path / "report").read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert any(h.endswith(", test, 4 examples") for h in headings), headings
+    assert any(h.endswith(", validation, 4 examples") for h in headings), headings
+    # one split alone: the heading as before, without the eval set
+    text = command.build(
+        [str(root / "final" / next(p.name for p in (root / "final").glob("*-a-*.json")))], tmp_path / "one"
+    ).read_text()
+    assert not any("examples" in line for line in text.splitlines() if line.startswith("## "))

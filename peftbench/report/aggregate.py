@@ -66,6 +66,7 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
         "timestamp": prov.get("timestamp"),
         "parallel_launcher": records.launched_in_parallel(rec),
         "train_steps": ((rec.get("config") or {}).get("train") or {}).get("steps"),
+        "eval_set": eval_set(rec),
         "path": rec.get("_path"),
     }
     out.update({f"method.{k}": v for k, v in records.method_settings(rec).items() if k != "name"})
@@ -79,6 +80,18 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
     if key:
         out["quality"], out["quality_metric"] = m[key], f"{key} ({quality_direction(key)} is better)"
     return out
+
+
+def eval_set(rec: dict[str, Any]) -> Optional[str]:
+    """What a record's quality figures were measured on, in words: the eval split and the number
+    of examples (and of generated examples, where fewer); None for a record without eval figures."""
+    m = rec.get("metrics") or {}
+    n = m.get("eval_examples")
+    if n is None:
+        return None
+    split = (((rec.get("config") or {}).get("task") or {}).get("eval_split")) or "eval"
+    gen = m.get("eval_generate_examples")
+    return f"{split}, {n} examples" + (f" ({gen} generated)" if gen is not None and gen != n else "")
 
 
 def throughput_quartiles(m: dict[str, Any], steps: Any) -> dict[str, float]:

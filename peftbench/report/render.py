@@ -201,7 +201,15 @@ def page(
     if df.empty:
         return "\n".join(lines + ["No records."])
     for (device, model, task), g in measured_groups(df):
-        lines += group_section(g, by_id, out, f"{model} / {task} on {device}", slugify(model, task, device))
+        sets = list(dict.fromkeys(g["eval_set"].fillna("no quality figures")))
+        if g["eval_set"].dropna().nunique() <= 1:  # runs without eval figures join the one set
+            lines += group_section(g, by_id, out, f"{model} / {task} on {device}", slugify(model, task, device))
+            continue
+        for es in sets:  # figures from different splits or example sets are never side by side
+            part = g[g["eval_set"].fillna("no quality figures") == es]
+            lines += group_section(
+                part, by_id, out, f"{model} / {task} on {device}, {es}", slugify(model, task, device, es)
+            )
     lines += failed_section(failed_runs(df)) + estimates_section(estimates(df))
     if skipped:
         lines += ["## Skipped files", ""] + [f"- `{p}`: {why}" for p, why in skipped] + [""]
