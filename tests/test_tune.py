@@ -128,6 +128,7 @@ def test_a_rerun_does_only_what_is_missing(sentences, tmp_path, capsys):
         (["train.lr=0.1"], "train.lr=0.1: set by the search"),
         (["-m"], "-m: flags are not taken"),
         (["rank=abc"], "rank=abc"),
+        (["model=tiny-llama"], "task=synthetic-lm: generates its data, so its validation and test splits"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, argv, message):

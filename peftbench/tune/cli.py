@@ -44,6 +44,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = plan.split_args(argv)
         t = plan.compose_tune(args)
         defaults = {m: plan.default_lr(args.run, m) for m in t.methods}
+        plan.check_splits(args.run)
     except Exception as e:  # one line, as every command
         print(f"{PROG}: error: {app.explain(e, argv)}", file=sys.stderr)
         return app.EXIT_CONFIG

@@ -99,6 +99,17 @@ def default_lr(run: list[str], method: str) -> float:
     return float(lr)
 
 
+def check_splits(run: list[str]) -> None:
+    """The task reads its splits from data (``task.path``): a generated task has no validation
+    and test data apart, so a rate chosen on it would be reported on the same data."""
+    task = app.compose(*run).task
+    if task.get("path") is None:
+        raise ConfigError(
+            f"task={task.name}: generates its data, so its validation and test splits are the same "
+            "examples; allowed: a task on data files with validation and test splits (task.path)"
+        )
+
+
 def rates(default: float, grid: list[float]) -> list[float]:
     """The learning rates tried: ``default`` times each multiple of ``grid``, to 3 significant
     digits, ascending."""
