@@ -275,6 +275,12 @@ def test_the_report_leads_with_the_tuned_comparison_and_tabulates_only_the_final
         sel["objective"] = "eval_loss"
         sel["trials"] = [{"lr": 1e-4, "objective": 0.7, "run_id": None}, {"lr": 1e-3, "objective": 0.5, "run_id": None}]
         p.write_text(json.dumps(sel))
+    for f in (root / "final").glob("*.json"):  # cost figures: the Pareto plots
+        rec = json.loads(f.read_text())
+        big = rec["method"] == "a"
+        rec["metrics"].update(peak_memory_bytes=(300 if big else 100) * 2**20, train_step_ms_median=50.0)
+        rec["config"]["train"] = {"steps": 10}
+        f.write_text(json.dumps(rec))
     (root / "trials").mkdir()
     trial_rec = json.loads(next((root / "final").glob("*-a-s0.json")).read_text())
     trial_rec.update(run_id="20250101T000000000000-a-trial", config_hash="trial")
@@ -284,7 +290,9 @@ def test_the_report_leads_with_the_tuned_comparison_and_tabulates_only_the_final
     text = page.read_text()
     assert text.index("## Tuned comparison") < text.index("\n## ", text.index("## Tuned comparison") + 5)
     assert "| a | 0.001 | 2 | 0.8000 ± 0.0000 | 2 |" in text and "widen the grid" not in text
-    assert "| best | - | - | - | - | - |" in text  # no cost figures in the made-up records
+    assert "| best | - | 300.0 | 50 | - | - |" in text  # no parameter, checkpoint or forgetting figures
+    for name in ("memory", "time"):
+        assert (tmp_path / "report" / f"tuned-pareto-{name}-{root.name}.png").is_file()
     assert (tmp_path / "report" / f"tuned-sensitivity-{root.name}.png").is_file()
     csv = (tmp_path / "report" / "records.csv").read_text().splitlines()
     assert len(csv) == 1 + 4  # the four finals; the validation trial is not tabulated

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from peftbench.records import reader
-from peftbench.report.aggregate import QUALITY_ORDER
+from peftbench.report.aggregate import QUALITY_ORDER, pareto
 from peftbench.stats import Paired, Spread, holm, paired_bootstrap
 from peftbench.tasks import answers
 
@@ -292,6 +292,8 @@ def markdown(t: Tuned, out: Path) -> list[str]:
     plot = sensitivity_plot(t, out)
     if plot:
         lines += ["", f"![validation objective against the learning rate]({plot})"]
+    for title, name in pareto_plots(t, rows, out):
+        lines += ["", f"![{title}]({name})"]
     return [*lines, ""]
 
 
@@ -354,3 +356,55 @@ def sensitivity_plot(t: Tuned, out: Path) -> Optional[str]:
     fig.savefig(out / name, dpi=100)
     plt.close(fig)
     return name
+
+
+def mean_of(finals: list[dict[str, Any]], value: Any) -> Optional[float]:
+    """The mean over the final records of ``value(record)`` where it is a number, else None."""
+    vals = [v for v in (value(r) for r in finals) if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def train_seconds(rec: dict[str, Any]) -> Optional[float]:
+    """A run's training seconds: median step ms x steps / 1000 (as the report's other tables)."""
+    ms = rec["metrics"].get("train_step_ms_median")
+    steps = (rec.get("config") or {}).get("train", {}).get("steps")
+    return ms * steps / 1000 if isinstance(ms, (int, float)) and isinstance(steps, int) and steps > 0 else None
+
+
+def pareto_plots(t: Tuned, rows: list[Row], out: Path) -> list[tuple[str, str]]:
+    """Test quality (mean over seeds, standard-error bars) against peak training memory (MiB)
+    and against training time (s), one point per method, the Pareto front joined; (title, file
+    name) of each plot made (none without two methods with both figures)."""
+    import matplotlib.pyplot as plt  # heavy: only when a report has a tuned comparison
+
+    made = []
+    axes = (
+        ("peak training memory (MiB)", "memory", lambda r: (r["metrics"].get("peak_memory_bytes") or math.nan) / 2**20),
+        ("training time (s)", "time", train_seconds),
+    )
+    for xlabel, slug, value in axes:
+        pts = []
+        for r in rows:
+            x = mean_of(t.finals.get(r.method, []), value)
+            if x is not None and r.spread is not None:
+                se = r.spread.se if math.isfinite(r.spread.se) else 0.0
+                pts.append((r.method, x, r.spread.mean, se))
+        if len(pts) < 2:
+            continue
+        metric = rows[0].metric or "quality"
+        higher = metric.endswith("_accuracy")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, x, y, se in pts:
+            ax.errorbar([x], [y], yerr=[se], marker="o", capsize=3, label=m)
+        front = sorted((pts[i] for i in pareto([(p[1], p[2]) for p in pts], higher)), key=lambda p: p[1])
+        ax.plot([p[1] for p in front], [p[2] for p in front], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {metric} (± se over seeds)")
+        ax.set_title(f"Tuned: quality against {xlabel.split(' (')[0]} (Pareto front dashed)")
+        ax.legend()
+        fig.tight_layout()
+        name = f"tuned-pareto-{slug}-{t.root.name}.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        made.append((f"quality against {xlabel}", name))
+    return made
