@@ -98,6 +98,8 @@ def test_selection_reads_validation_never_test_and_finals_read_test(sentences, t
     assert all(r["metrics"]["eval_examples"] == 10 for r in finals)  # all of the test split
     out = capsys.readouterr().out
     assert "TUNED COMPARISON" in out and "measured on 10 test examples" in out
+    walls = [r["wall_s"] for r in [*trials.values(), *finals]]
+    assert f"wall time: 3 trials {sum(walls[:3]) / 60:.1f} min, 2 finals {sum(walls[3:]) / 60:.1f} min" in out
 
 
 def test_a_rerun_does_only_what_is_missing(sentences, tmp_path, capsys):

@@ -184,6 +184,21 @@ def compare(t: Tuned, resamples: int = 10_000) -> tuple[list[Row], Optional[str]
     return rows, why
 
 
+def wall_line(t: Tuned) -> Optional[str]:
+    """The comparison's wall time: the sum of its trials' and finals' ``wall_s`` (seconds), or
+    None when no record has one."""
+    trials = [r.get("wall_s") for rs in t.trials.values() for r in rs]
+    finals = [r.get("wall_s") for rs in t.finals.values() for r in rs]
+    tw = sum(x for x in trials if isinstance(x, (int, float)))
+    fw = sum(x for x in finals if isinstance(x, (int, float)))
+    if not tw and not fw:
+        return None
+    return (
+        f"wall time: {len(trials)} trials {tw / 60:.1f} min, {len(finals)} finals {fw / 60:.1f} min, "
+        f"{(tw + fw) / 60:.1f} min in all (the records' wall_s)"
+    )
+
+
 def selection_line(sel: dict[str, Any]) -> str:
     """One line: the method, the rate chosen of those tried, and a flag at a grid edge."""
     tried = ", ".join(
@@ -242,6 +257,9 @@ def text(t: Tuned) -> str:
         )
     if why:
         lines.append(f"  {why}")
+    wall = wall_line(t)
+    if wall:
+        lines.append(f"  {wall}")
     return "\n".join(lines)
 
 
@@ -287,6 +305,9 @@ def markdown(t: Tuned, out: Path) -> list[str]:
         )
     if why:
         lines += ["", why]
+    wall = wall_line(t)
+    if wall:
+        lines += ["", wall[0].upper() + wall[1:] + "."]
     lines += ["", "Selections (validation):", ""]
     lines += [f"- {selection_line(sel)}" for sel in t.selections.values()]
     plot = sensitivity_plot(t, out)
