@@ -199,6 +199,19 @@ def wall_line(t: Tuned) -> Optional[str]:
     )
 
 
+def notes(r: Row, first: bool) -> list[str]:
+    """What the comparison says of row ``r`` (``first``: the best row): a rate at a grid edge, and
+    where it stands against the best."""
+    out = [f"best rate at the {r.at_edge} edge of the grid: widen the grid"] if r.at_edge else []
+    if r.distinguishable is False:
+        out.append("not distinguishable from the best")
+    elif r.distinguishable:
+        out.append("worse than the best")
+    elif first and r.spread is not None:
+        out.append("best")
+    return out
+
+
 def selection_line(sel: dict[str, Any]) -> str:
     """One line: the method, the rate chosen of those tried, and a flag at a grid edge."""
     tried = ", ".join(
@@ -234,15 +247,7 @@ def text(t: Tuned) -> str:
     for r in rows:
         s = r.spread
         ci = f"[{r.paired.low:+.3f}, {r.paired.high:+.3f}]" if r.paired else ""
-        note = []
-        if r.at_edge:
-            note.append(f"best rate at the {r.at_edge} edge: widen the grid")
-        if r.distinguishable is False:
-            note.append("not distinguishable from the best")
-        elif r.distinguishable:
-            note.append("worse than the best")
-        elif r is rows[0] and s is not None:
-            note.append("best")
+        note = notes(r, r is rows[0])
         diff = _fmt(r.paired.diff if r.paired else None, "+.3f")
         lines.append(
             f"  {r.method:10s} {_fmt(r.lr, '.3g'):>9s} {r.trials:6d} {_fmt(s.mean if s else None):>7s} "
@@ -286,15 +291,7 @@ def markdown(t: Tuned, out: Path) -> list[str]:
     ]
     for r in rows:
         s = r.spread
-        note = []
-        if r.at_edge:
-            note.append(f"best rate at the {r.at_edge} edge of the grid: widen the grid")
-        if r.distinguishable is False:
-            note.append("not distinguishable from the best")
-        elif r.distinguishable:
-            note.append("worse than the best")
-        elif r is rows[0] and s is not None:
-            note.append("best")
+        note = notes(r, r is rows[0])
         quality = f"{s.mean:.4f} ± {_fmt(s.se, '.4f')}" if s else "-"
         ci = f"[{r.paired.low:+.4f}, {r.paired.high:+.4f}]" if r.paired else ""
         diff = f"{r.paired.diff:+.4f}" if r.paired else ""
