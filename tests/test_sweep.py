@@ -118,6 +118,48 @@ def test_same_code_policy():
     assert not records.same_code(rec(**{**dirty, "code_diff_sha256": "e" * 64}), dirty)[0]
     # a dirty record without a fingerprint (made outside the CLI) is never reused
     assert not records.same_code(rec(git_sha="a" * 40, git_dirty=True), dirty)[0]
+    # another commit with the same measured code (a commit of docs, tests or results): reused
+    tree = {**clean, "code_tree": "1" * 64}
+    assert records.same_code(rec(**{**tree, "git_sha": "b" * 40}), tree)[0]
+    assert records.same_code(
+        rec(**{**tree, "git_sha": "b" * 40, **dirty, "code_tree": "1" * 64}), {**dirty, "code_tree": "1" * 64}
+    )[0]
+    good, why = records.same_code(rec(**{**tree, "git_sha": "b" * 40, "code_tree": "2" * 64}), tree)
+    assert not good and "measured code differs" in why
+    assert not records.same_code(rec(**{**clean, "git_sha": "b" * 40}), tree)[0]  # an older record: no tree
+
+
+def test_code_tree_ignores_everything_but_the_measured_code(tmp_path, monkeypatch):
+    """The fingerprint changes with a commit to peftbench/, methods/, conf/ or pyproject.toml,
+    not with one to tests, docs or results (a real git repository)."""
+    repo = tmp_path / "repo"
+    for d in ("peftbench", "methods", "conf", "tests", "docs"):
+        (repo / d).mkdir(parents=True)
+        (repo / d / "a.py").write_text(f"# {d}\n")
+    (repo / "pyproject.toml").write_text("[project]\n")
+
+    def git(*a):
+        subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one", "--allow-empty")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two")
+    import peftbench.records as package
+
+    monkeypatch.setattr(package, "REPO", repo)  # where git runs
+    monkeypatch.setattr(records, "REPO", repo)  # where untracked files are read
+    first = records.code_state()
+    (repo / "docs" / "a.py").write_text("# changed docs\n")
+    (repo / "tests" / "a.py").write_text("# changed tests\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "docs and tests")
+    second = records.code_state()
+    assert second["git_sha"] != first["git_sha"] and second["code_tree"] == first["code_tree"]
+    assert records.same_code({"provenance": first}, second)[0]
+    (repo / "methods" / "a.py").write_text("# changed method\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "method")
+    third = records.code_state()
+    assert third["code_tree"] != first["code_tree"] and not records.same_code({"provenance": first}, third)[0]
 
 
 def test_a_job_without_record_is_reported(tmp_path, capsys):

@@ -150,10 +150,14 @@ def code_state() -> dict[str, Any]:
     wheel): all three are None and the package version stands for the code."""
     try:
         sha = git("rev-parse", "HEAD").decode().strip()
+        # the git object ids of the measured code at HEAD: equal across commits that touch
+        # only tests, docs or results
+        listed = git("ls-tree", "HEAD", "--", *CODE_PATHS).decode()
         diff = git("diff", "HEAD", "--no-ext-diff", "--binary", "--", *CODE_PATHS)
         untracked = git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS).split(b"\0")
     except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "code_dirty": None, "code_diff_sha256": None}
+        return {"git_sha": None, "code_dirty": None, "code_diff_sha256": None, "code_tree": None}
+    tree = hashlib.sha256("".join(sorted(listed.splitlines(keepends=True))).encode()).hexdigest()
     h = hashlib.sha256(diff)
     for name in sorted(n for n in untracked if n):
         h.update(b"\0" + name + b"\0")
@@ -162,13 +166,20 @@ def code_state() -> dict[str, Any]:
         except OSError:
             pass
     dirty = bool(diff) or any(untracked)
-    return {"git_sha": sha, "code_dirty": dirty, "code_diff_sha256": h.hexdigest() if dirty else None}
+    return {
+        "git_sha": sha,
+        "code_dirty": dirty,
+        "code_diff_sha256": h.hexdigest() if dirty else None,
+        "code_tree": tree,
+    }
 
 
 def same_code(rec: dict[str, Any], now: dict[str, Any]) -> tuple[bool, str]:
     """Whether ``rec`` was measured with the code in ``now`` (from ``code_state``), and why not.
 
-    Policy: same commit, and either both trees clean or both dirty with the same differences
+    Policy: the same measured code at the commit (the same commit, or another whose ``CODE_PATHS``
+    hold the same git objects, ``provenance.code_tree``: a commit of tests, docs or results keeps
+    records reusable), and either both trees clean or both dirty with the same differences
     (``provenance.code_diff_sha256``, added by the CLI). A record from a dirty tree without that
     fingerprint cannot be matched to any code, so it is never reused.
     """
@@ -176,8 +187,12 @@ def same_code(rec: dict[str, Any], now: dict[str, Any]) -> tuple[bool, str]:
     if now["git_sha"] is None or prov.get("git_sha") is None:
         ours = (prov.get("packages") or {}).get("peftbench")
         return (False, "no git commit to compare") if ours is None else (True, "")
-    if prov["git_sha"] != now["git_sha"]:
-        return False, f"made at commit {prov['git_sha'][:10]}, the checkout is at {now['git_sha'][:10]}"
+    same_tree = prov.get("code_tree") is not None and prov.get("code_tree") == now.get("code_tree")
+    if prov["git_sha"] != now["git_sha"] and not same_tree:
+        return False, (
+            f"made at commit {prov['git_sha'][:10]}, the checkout is at {now['git_sha'][:10]}, "
+            "whose measured code differs"
+        )
     rec_dirty = prov.get("code_dirty", prov.get("git_dirty"))
     if not rec_dirty and not now["code_dirty"]:
         return True, ""

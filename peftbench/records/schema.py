@@ -54,6 +54,7 @@ class Provenance(Open):
     git_dirty: Optional[StrictBool] = None
     code_dirty: Optional[StrictBool] = None
     code_diff_sha256: Optional[StrictStr] = None
+    code_tree: Optional[StrictStr] = None  # SHA-256 of the measured code's git objects at the commit
     packages: Optional[dict[str, Optional[StrictStr]]] = None
     device_type: Optional[StrictStr] = None
     device_name: Optional[StrictStr] = None
