@@ -165,7 +165,10 @@ class MeasureConfig:
     (``peftbench.quality.zero_shot``) when they were computed before for the same weights, data
     and settings. eval_batch: prompts (sequences) per forward of accuracy by generation and by
     choice, forgetting and skill (left-padded, with the KV cache; the same tokens and choices as
-    one at a time, tested); 1: one at a time.
+    one at a time, tested); 1: one at a time. curve_every: optimizer steps between the points of
+    the learning curve (``learning_curve`` in the record: the eval loss on the first
+    ``curve_examples`` examples of the eval split, with the step, tokens, training FLOPs and
+    seconds so far), and one at the last step; 0: no curve.
     """
 
     memory_steps: int = 2
@@ -183,6 +186,8 @@ class MeasureConfig:
     profile: str = "full"
     reuse_zero_shot: bool = True
     eval_batch: int = 16
+    curve_every: int = 0
+    curve_examples: int = 64
 
 
 @dataclass
@@ -605,6 +610,12 @@ def check(cfg: DictConfig) -> None:
     check_parallel(cfg)
     check_train(cfg.train)
     check_measure(cfg.measure)
+    require(
+        cfg.measure.curve_every == 0 or cfg.parallel.strategy == "none",
+        "measure.curve_every",
+        cfg.measure.curve_every,
+        f"a learning curve is taken in a one-process run; with parallel={cfg.parallel.strategy} allowed: 0",
+    )
     check_task(cfg.task)
     require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
     check_precision(cfg.train.precision, resolve_device(cfg.device).type, cfg.model.dtype)
@@ -638,6 +649,7 @@ AT_LEAST_ONE = (
     "forgetting_tokens",
     "skill_examples",
     "decode_repeats",
+    "curve_examples",
 )
 
 
@@ -658,6 +670,7 @@ def check_measure(m: DictConfig) -> None:
     require(
         m.decode_tokens >= 0, "measure.decode_tokens", m.decode_tokens, "must be >= 0 (0 skips the decode measurement)"
     )
+    require(m.curve_every >= 0, "measure.curve_every", m.curve_every, "must be >= 0 (0: no learning curve)")
 
 
 def check_task(task: DictConfig) -> None:

@@ -262,6 +262,21 @@ class Evaluation:
                     }
                 self.metrics.update({f"{k}{suffix}": v for k, v in found.items()})
 
+    def curve_loss(self) -> float:
+        """The learning curve's point: the eval loss on the first ``measure.curve_examples``
+        examples of the eval split, in the ``curve`` phase (between training steps)."""
+        n = self.cfg.measure.curve_examples
+        split = self.eval_split
+        head = tasks.Split(
+            split.ids[:n],
+            None if split.labels is None else split.labels[:n],
+            None if split.prompt_lengths is None else split.prompt_lengths[:n],
+        )
+        kind, bs, pad_id = self.cfg.task.kind, self.cfg.train.batch_size, self.s.tokenizer.pad_token_id
+        with self.clock.phase("curve"), precision.autocast(self.lev.precision, self.s.device):
+            found = evaluate(self.s.model, tasks.eval_batches(head, bs, pad_id, kind), kind, self.s.device)
+        return float(found["eval_loss"])
+
     def final(self) -> None:
         """After training: eval loss under the memory tracker (untimed), perplexity or accuracy,
         quality and forgetting, the predictions file."""
@@ -343,17 +358,42 @@ def train_model(ev: Evaluation, rank: Optional[ranks.Rank]) -> bool:
     switch = None
     if cfg.train.gradient_checkpointing:
         switch = functools.partial(models.set_gradient_checkpointing, s.model)
+    every = cfg.measure.curve_every if rank is None else 0  # a distributed run is refused one (config.check)
     result = train(
         trained, batches, cfg.train.steps, lev, cfg.train.timing_warmup, cfg.measure.memory_steps, s.device,
-        groups, switch, rank,
+        groups, switch, rank, ev.curve_loss if every else None, every,
     )  # fmt: skip
     ev.metrics.update(result["metrics"])
     rec["train_losses"] = result["train_losses"]
     rec["train_step_ms"] = result["train_step_ms"]
+    if result["curve"]:
+        rec["learning_curve"] = learning_curve(ev, result["curve"])
     if rank is None:
         return True
     s.model = distributed_end(cfg, s, rank, trained, result, rec)
     return rank.rank == 0
+
+
+def learning_curve(ev: Evaluation, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record's ``learning_curve``: where it was evaluated and, per point, the step, the
+    padded tokens trained so far, the training FLOPs so far (``train_flops_per_token`` x those
+    tokens; None without a FLOP step) and the training seconds so far (median step time x
+    steps, the basis of the report's training time), and the eval loss."""
+    m = ev.metrics
+    per_token, median_ms = m.get("train_flops_per_token"), m.get("train_step_ms_median")
+    return {
+        "split": ev.cfg.task.eval_split,
+        "examples": min(ev.cfg.measure.curve_examples, len(ev.eval_split.ids)),
+        "every": ev.cfg.measure.curve_every,
+        "points": [
+            {
+                **p,
+                "train_flops": None if per_token is None else per_token * p["padded_tokens"],
+                "train_s": None if median_ms is None else median_ms * p["step"] / 1000,
+            }
+            for p in points
+        ],
+    }
 
 
 def measure_inference(cfg: DictConfig, s: Setup, lev: Levers, rec: dict[str, Any], clock: timing.PhaseClock) -> None:

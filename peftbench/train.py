@@ -260,6 +260,8 @@ def train(
     param_groups: Optional[list[dict[str, Any]]] = None,
     set_checkpointing: Optional[Callable[[bool], None]] = None,
     rank: Optional[Rank] = None,
+    curve: Optional[Callable[[], float]] = None,
+    curve_every: int = 0,
 ) -> dict[str, Any]:
     """Train for ``steps`` optimizer steps of ``lev.grad_accum`` micro-batches each
     (``OptimizerStep``); returns metrics (timing, memory, FLOPs) and the per-step losses and times.
@@ -270,13 +272,18 @@ def train(
     the FLOP step then also counts the step without recomputation, the model FLOPs behind MFU,
     in an extra untimed pass whose gradients are discarded and whose random state is restored.
     ``rank``: this process's rank of a distributed run (None: a plain run); ``batches`` then
-    yields the global micro-batches, of which it trains on its slice.
+    yields the global micro-batches, of which it trains on its slice. ``curve``: the learning
+    curve's evaluation (an eval loss), called after every ``curve_every`` steps and after the
+    last, between steps (outside every timed, tracked or counted region); its points go to
+    ``curve`` in the result: the step and the padded tokens trained so far.
     """
     opt = make_optimizer(model, lev, steps, device, param_groups)
     step_once = OptimizerStep(model, opt, lev, device, rank)
     instruments = Instruments(memory_steps, steps, device)
     untimed = max(timing_warmup, instruments.flop_step + 1)
     losses: list[float] = []
+    points: list[dict[str, Any]] = []
+    padded = 0  # tokens trained so far, padding included (the FLOP counter's basis)
     timed = StepRecorder()
     model.train()
     cuda_reset(device)  # the cache released: the train window's reserved bytes are its own
@@ -301,13 +308,16 @@ def train(
         instruments.after(step, micro, again)
         if step >= untimed:
             timed.add(sw.ms, host)  # the global batch: throughput counts every rank's tokens
+        padded += sum(int(b["input_ids"].numel()) for b in host)
+        if curve is not None and curve_every > 0 and ((step + 1) % curve_every == 0 or step + 1 == steps):
+            points.append({"step": step + 1, "padded_tokens": padded, "eval_loss": curve()})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
     bar.close()
     measured = instruments.finish()
     if opt.scaler is not None:
         measured["train_loss_scale_final"] = float(opt.scaler.get_scale())
-    out: dict[str, Any] = {"train_losses": losses, "train_step_ms": timed.ms, "steps": timed}
+    out: dict[str, Any] = {"train_losses": losses, "train_step_ms": timed.ms, "steps": timed, "curve": points}
     out["metrics"] = {**timed.metrics(), **measured, "train_loss_final": losses[-1] if losses else None}
     return out
 

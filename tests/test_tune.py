@@ -317,3 +317,48 @@ def test_the_report_never_puts_figures_from_different_splits_side_by_side(tmp_pa
         [str(root / "final" / next(p.name for p in (root / "final").glob("*-a-*.json")))], tmp_path / "one"
     ).read_text()
     assert not any("examples" in line for line in text.splitlines() if line.startswith("## "))
+
+
+# ------------------------------------------------------------------------ learning curve
+
+
+def test_the_learning_curve_adds_up_to_the_run_and_leaves_training_alone(tiny_run):
+    plain, _ = tiny_run("method=lora", "train.steps=5")
+    rec, _ = tiny_run("method=lora", "train.steps=5", "measure.curve_every=2")
+    curve = rec["learning_curve"]
+    m = rec["metrics"]
+    assert curve["split"] == "validation" and curve["examples"] == 4 and curve["every"] == 2
+    assert [p["step"] for p in curve["points"]] == [2, 4, 5]  # every 2 steps and the last
+    last = curve["points"][-1]
+    # the last point's FLOPs and seconds are the run's: FLOPs per token x every token trained,
+    # the median step x the steps (the report's training time)
+    assert last["train_flops"] == m["train_flops_per_token"] * last["padded_tokens"]
+    assert last["train_s"] == pytest.approx(m["train_step_ms_median"] * 5 / 1000)
+    assert last["padded_tokens"] <= 5 * 2 * 32  # 5 steps of 2 rows of at most 32 tokens
+    tokens = [p["padded_tokens"] for p in curve["points"]]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3
+    # on every eval example, the last point is the final eval loss of the same model
+    assert last["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-6)
+    # training is untouched, and the curve's time is its own phase
+    assert rec["train_losses"] == plain["train_losses"]
+    assert rec["phase_s"]["curve"] > 0 and sum(rec["phase_s"].values()) == pytest.approx(rec["wall_s"], rel=1e-6)
+    assert "learning_curve" not in plain and plain["config_hash"] != rec["config_hash"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["measure.curve_every=-1"], "measure.curve_every=-1: must be >= 0"),
+        (["measure.curve_examples=0"], "measure.curve_examples=0: must be >= 1"),
+        (
+            ["measure.curve_every=2", "parallel=ddp"],
+            "measure.curve_every=2: a learning curve is taken in a one-process",
+        ),
+    ],
+)
+def test_bad_curve_settings_are_one_line(overrides, message, tmp_path, capsys):
+    from peftbench import cli
+
+    status = cli.main([*overrides, *TINY_RUN, f"results_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and message in err[0], err

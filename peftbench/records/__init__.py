@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 SCHEMA_VERSION = 1
 # measure keys added after records existed, at the value that measures what records measured
 # before them; ``reuse_zero_shot`` changes where figures come from, not what they are
-MEASURE_DEFAULTS = {"profile": "full", "reuse_zero_shot": True}
+MEASURE_DEFAULTS = {"profile": "full", "reuse_zero_shot": True, "curve_every": 0, "curve_examples": 64}
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -241,7 +241,9 @@ def group_section(g: pd.DataFrame, by_id: dict[str, dict[str, Any]], out: Path, 
 
 
 # the phases of a run (``run.execute``) in the order they happen; a record may lack some
-PHASES = ("load", "zero_shot", "train", "eval", "forgetting", "latency", "decode", "checkpoint", "writing", "other")
+PHASES = (
+    "load", "zero_shot", "train", "curve", "eval", "forgetting", "latency", "decode", "checkpoint", "writing", "other",
+)  # fmt: skip
 
 
 def time_table(g: pd.DataFrame) -> list[str]:
