@@ -290,7 +290,8 @@ class TuneConfig:
     an accuracy). seeds: the seeds of the final runs (the trials use the first). trial: overrides
     of a trial (cheap: validation split, the quality-only profile; ``tune.trial.train.steps=20``
     on the command line shortens them). final: overrides of a final run (the test split, all of
-    it, every measurement; ``tune.final.<key>=`` sets one more).
+    it, every measurement, a learning-curve point every 5 steps; ``tune.final.<key>=`` sets one
+    more).
     search: ``grid``. results_dir: trials in ``<results_dir>/trials``, the selections in
     ``<results_dir>/selection``, the finals in ``<results_dir>/final``.
     """
@@ -301,7 +302,12 @@ class TuneConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     trial: list[str] = field(default_factory=lambda: ["task.eval_split=validation", "measure.profile=quality"])
     final: list[str] = field(
-        default_factory=lambda: ["task.eval_split=test", "task.num_eval=null", "task.num_generate=null"]
+        default_factory=lambda: [
+            "task.eval_split=test",
+            "task.num_eval=null",
+            "task.num_generate=null",
+            "measure.curve_every=5",
+        ]
     )
     search: str = "grid"
     results_dir: str = "results/tuned"

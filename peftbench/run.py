@@ -307,7 +307,7 @@ class Evaluation:
 
 def _execute(cfg: DictConfig, rec: dict[str, Any], rank: Optional[ranks.Rank], clock: timing.PhaseClock) -> None:
     """``execute`` once the run's device is current, phase by phase (``clock``: load, zero_shot,
-    train, eval, forgetting, latency, decode, checkpoint, writing)."""
+    train, curve, eval, forgetting, latency, decode, checkpoint, writing)."""
     rec["provenance"] = record.provenance(config_mod.resolve_device(cfg.device))
     s = load_base(cfg, rec, clock)
     lev = config_mod.levers(cfg)

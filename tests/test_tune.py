@@ -362,3 +362,41 @@ def test_bad_curve_settings_are_one_line(overrides, message, tmp_path, capsys):
     status = cli.main([*overrides, *TINY_RUN, f"results_dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_quality_at_the_same_compute_from_the_learning_curves(tmp_path):
+    """Method a is cheap (its last step at 30 FLOPs, 3 s), b dear; at a's budget b is read off
+    its curve between the points around it."""
+    from peftbench.report import command
+
+    root = made_up(tmp_path, {"a": [[1, 0], [1, 1]], "b": [[1, 1], [0, 1]]})
+    shapes = {"a": ([10, 20, 30], [1, 2, 3], [3.0, 2.0, 1.0]), "b": ([20, 40, 60], [2, 4, 6], [2.5, 1.5, 0.5])}
+    for f in (root / "final").glob("*.json"):
+        rec = json.loads(f.read_text())
+        flops, secs, loss = shapes[rec["method"]]
+        shift = 0.1 * rec["config"]["seed"]  # seeds differ: the curve is their mean
+        rec["learning_curve"] = {
+            "split": "test",
+            "examples": 64,
+            "every": 5,
+            "points": [
+                {
+                    "step": 5 * (i + 1),
+                    "padded_tokens": 100 * (i + 1),
+                    "train_flops": x,
+                    "train_s": s,
+                    "eval_loss": y + shift,
+                }
+                for i, (x, s, y) in enumerate(zip(flops, secs, loss))
+            ],
+        }
+        f.write_text(json.dumps(rec))
+    flops, seconds, rows = tuned.compute_matched(tuned.load(root))
+    assert (flops, seconds) == (30, 3)
+    got = {c.method: (last, at_f, at_s) for c, last, at_f, at_s in rows}
+    assert got["a"] == pytest.approx((1.05, 1.05, 1.05))
+    assert got["b"] == pytest.approx((0.55, 2.05, 2.05))  # 2.5 - (30 - 20) / 20, plus the seeds' mean shift
+    assert tuned.at_budget([10, 20], [1, 2], 5) is None  # below the curve's first point: unknown
+    text = command.build([str(root)], tmp_path / "report").read_text()
+    assert "| b | 0.5500 | 2.0500 | 2.0500 |" in text
+    assert (tmp_path / "report" / f"tuned-curve-flops-{root.name}.png").is_file()

@@ -95,7 +95,7 @@ class Record(Open):
     train_step_ms: Optional[list[Number]] = None
     train_losses: Optional[list[Number]] = None
     wall_s: Figure = None
-    # wall seconds per phase (load, zero_shot, train, eval, forgetting, latency, decode,
+    # wall seconds per phase (load, zero_shot, train, curve, eval, forgetting, latency, decode,
     # checkpoint, writing, other); they sum to ``wall_s``
     phase_s: Optional[dict[str, Annotated[float, Field(ge=0)]]] = None
     latency_grid: Optional[list[LatencyRow]] = None

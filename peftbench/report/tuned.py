@@ -312,6 +312,9 @@ def markdown(t: Tuned, out: Path) -> list[str]:
         lines += ["", f"![validation objective against the learning rate]({plot})"]
     for title, name in pareto_plots(t, rows, out):
         lines += ["", f"![{title}]({name})"]
+    lines += compute_matched_table(t)
+    for title, name in curve_plots(t, out):
+        lines += ["", f"![{title}]({name})"]
     return [*lines, ""]
 
 
@@ -425,4 +428,121 @@ def pareto_plots(t: Tuned, rows: list[Row], out: Path) -> list[tuple[str, str]]:
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         made.append((f"quality against {xlabel}", name))
+    return made
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A method's learning curve, each point the mean over its seeds' curves (points at the same
+    step): steps, training FLOPs and seconds so far, and the eval loss."""
+
+    method: str
+    split: str
+    examples: int
+    steps: list[int]
+    flops: list[float]
+    seconds: list[float]
+    loss: list[float]
+    seeds: int
+
+
+def curves(t: Tuned) -> list[Curve]:
+    """The learning curves of the finals, one per method whose every final has one, at the same
+    steps, with FLOPs and seconds at each point."""
+    out = []
+    for m, finals in t.finals.items():
+        got: list[dict[str, Any]] = [r.get("learning_curve") or {} for r in finals]
+        pts = [c.get("points") or [] for c in got]
+        if not finals or not all(pts):
+            continue
+        steps = [p["step"] for p in pts[0]]
+        if any([p["step"] for p in ps] != steps for ps in pts):
+            continue
+        cols: dict[str, list[float]] = {}
+        for key in ("train_flops", "train_s", "eval_loss"):
+            vals = [[ps[i][key] for ps in pts] for i in range(len(steps))]
+            if any(v is None for row in vals for v in row):
+                break
+            cols[key] = [sum(row) / len(row) for row in vals]
+        if len(cols) < 3:
+            continue
+        split, examples = got[0]["split"], got[0]["examples"]
+        out.append(
+            Curve(m, split, examples, steps, cols["train_flops"], cols["train_s"], cols["eval_loss"], len(finals))
+        )
+    return out
+
+
+def at_budget(xs: list[float], ys: list[float], budget: float) -> Optional[float]:
+    """``ys`` at ``budget`` on the x axis, linearly between the points around it (exact at a
+    point); None below the first point, where the curve says nothing."""
+    if not xs or budget < xs[0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= budget <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (budget - x0) / (x1 - x0)
+    return ys[-1] if budget >= xs[-1] else None
+
+
+Matched = tuple[Curve, float, Optional[float], Optional[float]]
+
+
+def compute_matched(t: Tuned) -> tuple[Optional[float], Optional[float], list[Matched]]:
+    """The budgets (training FLOPs and seconds of the cheapest method's final step) and per
+    method: its curve, its eval loss at its last step (the same steps for every method) and at
+    each budget."""
+    cs = curves(t)
+    if not cs:
+        return None, None, []
+    flops = min(c.flops[-1] for c in cs)
+    seconds = min(c.seconds[-1] for c in cs)
+    return (
+        flops,
+        seconds,
+        [(c, c.loss[-1], at_budget(c.flops, c.loss, flops), at_budget(c.seconds, c.loss, seconds)) for c in cs],
+    )
+
+
+def compute_matched_table(t: Tuned) -> list[str]:
+    """The "same compute" table of the tuned section (nothing without learning curves)."""
+    flops, seconds, rows = compute_matched(t)
+    if not rows or flops is None or seconds is None:
+        return []
+    c0 = rows[0][0]
+    lines = [
+        "",
+        f"Quality at the same compute: the learning curve's eval loss ({c0.examples} {c0.split} examples, mean over "
+        f"seeds) at the last step, and at the budget of the cheapest method's last step: {flops:.3g} training FLOPs "
+        f"and {seconds:.1f} s of training (interpolated between the curve's points).",
+        "",
+        "| method | eval loss at the last step | at the same FLOPs | at the same seconds |",
+        "|---|---|---|---|",
+    ]
+    for c, last, at_f, at_s in rows:
+        lines.append(f"| {c.method} | {last:.4f} | {_fmt(at_f, '.4f')} | {_fmt(at_s, '.4f')} |")
+    return lines
+
+
+def curve_plots(t: Tuned, out: Path) -> list[tuple[str, str]]:
+    """The learning curves against training FLOPs and against training seconds, one line per
+    method; (title, file name) of each plot made."""
+    import matplotlib.pyplot as plt  # heavy: only when a report has a tuned comparison
+
+    cs = curves(t)
+    if not cs:
+        return []
+    made = []
+    for label, slug, axis in (("training FLOPs", "flops", "flops"), ("training seconds", "seconds", "seconds")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c in cs:
+            ax.plot(getattr(c, axis), c.loss, marker=".", label=c.method)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"eval loss ({cs[0].examples} {cs[0].split} examples)")
+        ax.set_title(f"Learning curves against {label}")
+        ax.legend()
+        fig.tight_layout()
+        name = f"tuned-curve-{slug}-{t.root.name}.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        made.append((f"learning curves against {label}", name))
     return made
