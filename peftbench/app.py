@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from peftbench import config as config_mod
+from peftbench.compare import quality_direction
 from peftbench.errors import ConfigError, RecordElsewhere, failure, one_line  # noqa: F401 (re-exported)
 from peftbench.records import config_hash, reader, writer
 
@@ -57,6 +59,11 @@ INFORMATIONAL = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--she
 # Launchers that run several jobs of a sweep at once on one machine (timings share it).
 PARALLEL_LAUNCHERS = ("JoblibLauncher", "LocalLauncher")
 SWEEP_SIZE_ENV = "PEFTBENCH_SWEEP_JOBS"
+# Hydra sweepers that list their jobs before launching them: the command checks every job first.
+# Any other (the Optuna sweeper) chooses each job from the results of the earlier ones: the
+# command checks the ends of each range it searches, and learns the jobs that ran from the
+# ledger each job leaves in its results folder (``ledger_file``).
+LISTING_SWEEPERS = ("BasicSweeper",)
 STAMP = "%Y%m%dT%H%M%S%f"  # sortable UTC time, as a run id begins
 # The class name of the Hydra launcher the command hands its jobs to ("single" without -m), for
 # the checks that depend on where jobs will run (a run across nodes finding its node).
@@ -167,22 +174,51 @@ def job_overrides(overrides: list[str], multirun: bool, config_name: str) -> lis
 
 def sweep_values(o: Any) -> list[str]:
     """The values of one sweep override; ``glob(*)`` over a config group is its options, sorted
-    (``method=glob(*)``: every ``conf/method/*.yaml``, so a new method joins every such sweep)."""
+    (``method=glob(*)``: every ``conf/method/*.yaml``, so a new method joins every such sweep);
+    an interval (``tag(log, interval(1e-5, 1e-2))``, searched by a sweeper such as Optuna's)
+    its two ends, the values a check can know before the search chooses."""
+    if o.is_interval_sweep():
+        return [str(o.value().start), str(o.value().end)]
     if isinstance(o.value(), Glob):
         group = Path(CONF_DIR) / o.key_or_group
         return o.value().filter(sorted(p.stem for p in group.glob("*.yaml")))
     return list(o.sweep_string_iterator())
 
 
-def launcher_name(overrides: list[str], multirun: bool, config_name: str) -> str:
-    """The class name of the Hydra launcher a command line's jobs go to ("single" without -m)."""
-    if not multirun:
-        return "single"
+def hydra_part(overrides: list[str], config_name: str) -> DictConfig:
+    """The ``hydra`` config a command line composes (its sweep overrides left out)."""
     fixed = [
         str(o.input_line) for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()
     ]
-    hc = hydra_compose(config_name, overrides=fixed, return_hydra_config=True).hydra
-    return str(hc.launcher.get("_target_", "")).rsplit(".", 1)[-1] or "unknown"
+    return hydra_compose(config_name, overrides=fixed, return_hydra_config=True).hydra
+
+
+def class_name(node: Any) -> str:
+    return str(node.get("_target_", "")).rsplit(".", 1)[-1] or "unknown"
+
+
+def launcher_name(overrides: list[str], multirun: bool, config_name: str) -> str:
+    """The class name of the Hydra launcher a command line's jobs go to ("single" without -m)."""
+    return class_name(hydra_part(overrides, config_name).launcher) if multirun else "single"
+
+
+def check_search(hc: DictConfig, cfg: DictConfig) -> None:
+    """A sweeper that searches is steered by the figure each job returns (``objective``): it
+    must be set, and the sweeper must seek the better end of it."""
+    sweeper = class_name(hc.sweeper)
+    objective = cfg.get("objective")
+    if objective is None:
+        raise ConfigError(
+            f"objective=null: the {sweeper} chooses each job from the figures of the earlier ones; "
+            f"allowed: the metric each job returns, one of {', '.join(config_mod.TUNE_OBJECTIVES)}"
+        )
+    want = "minimize" if quality_direction(objective) == "lower" else "maximize"
+    given = getattr(hc.sweeper.get("direction"), "name", hc.sweeper.get("direction"))
+    if given is not None and str(given) != want:
+        raise ConfigError(
+            f"hydra.sweeper.direction={given}: objective={objective} is better when "
+            f"{quality_direction(objective)}; allowed: {want}"
+        )
 
 
 def check_added_keys(overrides: list[str], config_name: str) -> None:
@@ -258,12 +294,15 @@ def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
         check_renamed(overrides, app.renamed)
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=app.prog):
             os.environ[LAUNCHER_ENV] = launcher_name(overrides, multirun, app.config_name)
+            hc = hydra_part(overrides, app.config_name) if multirun else None
             for job in job_overrides(overrides, multirun, app.config_name):
                 current = job
                 check_added_keys(job, app.config_name)
                 cfg = hydra_compose(app.config_name, overrides=job)
                 check_results_dir(cfg.results_dir)
                 app.check(cfg)
+                if hc is not None and class_name(hc.sweeper) not in LISTING_SWEEPERS:
+                    check_search(hc, cfg)
                 jobs.append(plan_job(cfg, job))
     except Exception as e:  # every composition problem becomes one line
         print(f"{app.prog}: error: {explain(e, current)}", file=sys.stderr)
@@ -339,26 +378,54 @@ def marker(results_dir: str, chash: str) -> Path:
     return Path(results_dir) / f".running-{chash}-{os.getpid()}"
 
 
+def ledger_file(results_dir: str, sweep_id: str, chash: str) -> Path:
+    """Where a job of the searching sweep ``sweep_id`` leaves its overrides (a JSON list), so
+    that the command learns which jobs the sweeper chose; removed once the sweep is summarised."""
+    return Path(results_dir) / f".job-{sweep_id}-{chash}.json"
+
+
+def objective_value(rec: Optional[dict[str, Any]], objective: Optional[str]) -> Optional[float]:
+    """The figure a job returns to Hydra's sweeper: the record's ``objective`` metric when the
+    run ended ok with a finite value of it, else None (a searching sweeper counts the trial as
+    failed and goes on)."""
+    if objective is None or rec is None or rec.get("status") != "ok":
+        return None
+    value = (rec.get("metrics") or {}).get(objective)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Task:
-    """Hydra's task function of one command: ``job(app, cfg)``. An object, not a closure, so the
-    launchers that run jobs in other processes (joblib, submitit) carry the command with it."""
+    """Hydra's task function of one command: ``job(app, cfg)``, returning the run's
+    ``objective`` figure to the sweeper (``objective_value``). An object, not a closure, so the
+    launchers that run jobs in other processes (joblib, submitit) carry the command with it.
+    sweep_id: set for a sweep whose sweeper chooses its jobs; each job then leaves its
+    overrides in ``ledger_file``."""
 
     app: App
+    sweep_id: str = ""
 
-    def __call__(self, cfg: DictConfig) -> None:
-        job(self.app, cfg)
+    def __call__(self, cfg: DictConfig) -> Optional[float]:
+        if self.sweep_id:
+            chash = config_hash(config_mod.to_container(cfg))
+            ledger = ledger_file(cfg.results_dir, self.sweep_id, chash)
+            ledger.parent.mkdir(parents=True, exist_ok=True)
+            ledger.write_text(json.dumps(list(HydraConfig.get().overrides.task)))
+        return objective_value(job(self.app, cfg), cfg.get("objective"))
 
 
-def job(app: App, cfg: DictConfig) -> None:
-    """One job of ``app``'s command, in whatever process the launcher chose."""
+def job(app: App, cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """One job of ``app``'s command, in whatever process the launcher chose; its record (None
+    when it was not written here)."""
     chash = config_hash(config_mod.to_container(cfg))
     now = reader.code_state()
     old = reuse(cfg, chash, now) if app.resume else None
     if old is not None:
         print(f"{app.prog}: reusing {old['_path']} (ok record of config {chash}, same code; force=true re-runs)")
         app.print_record(old, Path(old["_path"]))
-        return
+        return old
     running = marker(cfg.results_dir, chash)
     try:
         running.parent.mkdir(parents=True, exist_ok=True)
@@ -371,14 +438,15 @@ def job(app: App, cfg: DictConfig) -> None:
             tmp = share.with_name(f".tmp{share.name}")
             tmp.write_text(json.dumps({**rec, "stamp": dt.datetime.now(dt.timezone.utc).strftime(STAMP)}))
             tmp.replace(share)
-            return
+            return None
     except OSError as e:  # the record could not be written (disk full, folder gone)
         where = e.filename or cfg.results_dir
         print(f"{app.prog}: error: cannot write the record {where}: {e.strerror or e}", file=sys.stderr)
-        return
+        return None
     finally:
         running.unlink(missing_ok=True)
     app.print_record(rec, path)
+    return rec
 
 
 # ------------------------------------------------------------------------------ outcome
@@ -472,14 +540,14 @@ def summarize(app: App, jobs: list[Job], since: str) -> int:
 
 
 # --------------------------------------------------------------------------------- main
-def hydra_main(app: App, argv: list[str]) -> None:
+def hydra_main(app: App, argv: list[str], sweep_id: str = "") -> None:
     """Hand ``argv`` to Hydra with ``app``'s job (``Task``) as the task function. A launcher's exception is
     raised here (``HYDRA_FULL_ERROR``) instead of being printed by Hydra as a traceback."""
     sys.argv = [sys.argv[0], *argv]
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        hydra.main(config_path=CONF_DIR, config_name=app.config_name, version_base=None)(Task(app))()
+        hydra.main(config_path=CONF_DIR, config_name=app.config_name, version_base=None)(Task(app, sweep_id))()
     finally:
         if full_error is None:
             del os.environ["HYDRA_FULL_ERROR"]
@@ -487,13 +555,14 @@ def hydra_main(app: App, argv: list[str]) -> None:
             os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
-def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
+def launch(app: App, argv: list[str], jobs: list[Job], since: str, sweep_id: str = "") -> None:
     """Run the jobs through Hydra's launcher. If the launcher fails part-way (a joblib worker
     killed, a submitit job that died), say so in one line, then run the jobs it never started
-    here, one after another; the ones it lost stay without a record."""
+    here, one after another; the ones it lost stay without a record. sweep_id: a searching
+    sweep's (``Task``); its jobs are not known in advance, so none is run again here."""
     multirun = any(a in ("-m", "--multirun") for a in argv)
     try:
-        hydra_main(app, argv)
+        hydra_main(app, argv, sweep_id)
         return
     except Exception as e:
         if not multirun:
@@ -504,6 +573,8 @@ def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
             file=sys.stderr,
         )
     wait_for_running(jobs)
+    if sweep_id:
+        return
     now = reader.code_state()
     for j in jobs:
         if outcome(j, since, now)[0] == "missing" and not started(j):
@@ -512,22 +583,66 @@ def launch(app: App, argv: list[str], jobs: list[Job], since: str) -> None:
             )
 
 
+def searching(argv: list[str], config_name: str) -> bool:
+    """Whether a command line's sweeper chooses its jobs as it goes (not in ``LISTING_SWEEPERS``)."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return False
+    config_mod.register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            overrides = [a for a in argv if not a.startswith("-")]
+            return class_name(hydra_part(overrides, config_name).sweeper) not in LISTING_SWEEPERS
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def ledger_jobs(app: App, checked: list[Job], sweep_id: str) -> list[Job]:
+    """The jobs a searching sweep ran, from the ledger files they left (in the results folders
+    of the checked jobs), oldest first; the files are removed."""
+    found: list[Job] = []
+    for folder in sorted({j.results_dir for j in checked}):
+        for path in sorted(Path(folder).glob(f".job-{sweep_id}-*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                overrides = [str(o) for o in json.loads(path.read_text())]
+            except (OSError, ValueError):
+                continue
+            found.append(plan_job(compose(*overrides, config_name=app.config_name), overrides))
+            path.unlink(missing_ok=True)
+    return found
+
+
+def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
+    """Check every job, run them, and return the exit status read back from the records with
+    the jobs that ran (for a searching sweeper, those it chose; ``ledger_jobs``). Exit status
+    2 and no job for a config error."""
+    jobs = check_jobs(app, argv)
+    if isinstance(jobs, int):
+        return jobs, []
+    since = dt.datetime.now(dt.timezone.utc).strftime(STAMP)
+    sweep_id = f"{since}-{os.getpid()}" if searching(argv, app.config_name) else ""
+    os.environ[SWEEP_SIZE_ENV] = "" if sweep_id else str(len(jobs))
+    checked = jobs
+    try:
+        launch(app, argv, jobs, since, sweep_id)
+        if sweep_id:
+            jobs = ledger_jobs(app, checked, sweep_id)
+        if any(a in ("-m", "--multirun") for a in argv):
+            return summarize(app, jobs, since), jobs
+        state, _ = outcome(jobs[0], since, reader.code_state())
+        return (EXIT_OK if state in ("ok", "reused", "elsewhere") else EXIT_FAILED), jobs
+    finally:
+        clear_markers(jobs)
+        if sweep_id:
+            for folder in {j.results_dir for j in checked}:
+                for path in Path(folder).glob(f".job-{sweep_id}-*.json"):
+                    path.unlink(missing_ok=True)
+
+
 def main(app: App, argv: Optional[list[str]] = None) -> int:
     """Check every job, run them, and return the exit status read back from the records."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a.startswith(INFORMATIONAL) for a in argv):
         hydra_main(app, argv)
         return EXIT_OK
-    jobs = check_jobs(app, argv)
-    if isinstance(jobs, int):
-        return jobs
-    since = dt.datetime.now(dt.timezone.utc).strftime(STAMP)
-    os.environ[SWEEP_SIZE_ENV] = str(len(jobs))
-    launch(app, argv, jobs, since)
-    try:
-        if any(a in ("-m", "--multirun") for a in argv):
-            return summarize(app, jobs, since)
-        state, _ = outcome(jobs[0], since, reader.code_state())
-        return EXIT_OK if state in ("ok", "reused", "elsewhere") else EXIT_FAILED
-    finally:
-        clear_markers(jobs)
+    return sweep(app, argv)[0]

@@ -7,7 +7,7 @@ cannot work. Both end in a one-line error naming the key, the value and what is 
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -219,7 +219,9 @@ class ParallelConfig:
 
 @dataclass
 class Config:
-    """Top-level run configuration. ``rank`` is interpolated into methods that have one."""
+    """Top-level run configuration. ``rank`` is interpolated into methods that have one.
+    objective: the metric a job returns to Hydra's sweeper (null: none), for a sweeper that
+    searches (``hydra/sweeper=optuna``); one of ``TUNE_OBJECTIVES``, read from the record."""
 
     method: Any = MISSING
     model: ModelConfig = MISSING
@@ -232,6 +234,7 @@ class Config:
     rank: int = 8
     results_dir: str = "results/runs"
     force: bool = False
+    objective: Optional[str] = None
 
 
 @dataclass
@@ -276,7 +279,7 @@ class EstimateConfig:
 
 
 TUNE_OBJECTIVES = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_choice_accuracy", "eval_generate_accuracy")
-TUNE_SEARCHES = ("grid",)
+TUNE_SEARCHES = ("grid", "optuna")
 
 
 @dataclass
@@ -292,8 +295,12 @@ class TuneConfig:
     on the command line shortens them). final: overrides of a final run (the test split, all of
     it, every measurement, a learning-curve point every 5 steps; ``tune.final.<key>=`` sets one
     more).
-    search: ``grid``. results_dir: trials in ``<results_dir>/trials``, the selections in
-    ``<results_dir>/selection``, the finals in ``<results_dir>/final``.
+    search: ``grid`` (every rate of the grid) or ``optuna`` (Hydra's Optuna sweeper, TPE seeded
+    with the first seed, the rate drawn log-uniformly between the grid's lowest and highest
+    multiple of the default; ``pip install hydra-optuna-sweeper``). trials: the Optuna trials per
+    method (null: as many as the grid has rates). results_dir: trials in
+    ``<results_dir>/trials``, the selections in ``<results_dir>/selection``, the finals in
+    ``<results_dir>/final``.
     """
 
     methods: list[str] = field(default_factory=lambda: ["full", "lora", "adapter", "prefix"])
@@ -310,6 +317,7 @@ class TuneConfig:
         ]
     )
     search: str = "grid"
+    trials: Optional[int] = None
     results_dir: str = "results/tuned"
 
 
@@ -330,6 +338,20 @@ def check_tune(t: Any) -> None:
     require(len(t.seeds) > 0, "tune.seeds", list(t.seeds), "at least one seed")
     require(len(set(t.seeds)) == len(t.seeds), "tune.seeds", list(t.seeds), "each seed once")
     require(t.search in TUNE_SEARCHES, "tune.search", t.search, f"allowed: {', '.join(TUNE_SEARCHES)}")
+    trials = t.get("trials")
+    require(
+        trials is None or (isinstance(trials, int) and not isinstance(trials, bool) and trials >= 2),
+        "tune.trials",
+        trials,
+        "null (as many as tune.grid has rates) or an integer >= 2",
+    )
+    if t.search == "optuna":
+        require(
+            importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None,
+            "tune.search",
+            t.search,
+            "needs the Optuna sweeper (pip install hydra-optuna-sweeper); allowed: grid",
+        )
     for key, overrides in (("tune.trial", t.trial), ("tune.final", t.final)):
         for o in overrides:
             name = str(o).split("=", 1)[0].lstrip("+~")
@@ -626,6 +648,13 @@ def check(cfg: DictConfig) -> None:
     require(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, f"allowed: {', '.join(DTYPES)}")
     check_precision(cfg.train.precision, resolve_device(cfg.device).type, cfg.model.dtype)
     check_output_and_model(cfg, "a random-init model needs model.arch (or set model.name_or_path)")
+    objective = cfg.get("objective")
+    require(
+        objective is None or objective in TUNE_OBJECTIVES,
+        "objective",
+        objective,
+        f"allowed: null or {', '.join(TUNE_OBJECTIVES)}",
+    )
 
 
 def check_output_and_model(cfg: DictConfig, no_model: str) -> None:

@@ -131,6 +131,8 @@ def test_a_rerun_does_only_what_is_missing(sentences, tmp_path, capsys):
         (["-m"], "-m: flags are not taken"),
         (["rank=abc"], "rank=abc"),
         (["model=tiny-llama"], "task=synthetic-lm: generates its data, so its validation and test splits"),
+        (["tune.trials=1"], "tune.trials=1: null (as many as tune.grid has rates) or an integer >= 2"),
+        (["tune.search=random"], "tune.search=random: allowed: grid, optuna"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, argv, message):
@@ -139,6 +141,112 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, argv
     assert status == 2 and len(err) == 1 and err[0].startswith("peftbench.tune: error: "), err
     assert message in err[0]
     assert not (tmp_path / "tuned").exists()
+
+
+# ------------------------------------------------------------------------ the Optuna search
+
+
+def test_the_optuna_search_runs_on_the_tiny_model_and_resumes(sentences, tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # in the dev extra, so CI runs this
+    args = [*tune_args(tmp_path, "tune.search=optuna", "tune.trials=3"), *run_args(sentences)]
+    assert tune_cli.main(args) == 0, capsys.readouterr().err[-2000:]
+    err = capsys.readouterr().err
+    assert "lora: 3 Optuna (TPE) trials, lr log-uniform in [0.0001, 0.01] (default 0.001)" in err
+    root = tmp_path / "tuned"
+    sel = json.loads((root / "selection" / "lora.json").read_text())
+    lrs = [t["lr"] for t in sel["trials"]]
+    assert sel["search"] == "optuna" and sel["range"] == pytest.approx([1e-4, 1e-2]) and len(lrs) == 3
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 3 and lrs == sorted(lrs)
+    # each trial is a record on validation at its rate, and the best of them is chosen
+    trials = [json.loads(p.read_text()) for p in (root / "trials").glob("*.json")]
+    assert sorted(r["config"]["train"]["lr"] for r in trials) == pytest.approx(lrs)
+    assert {r["config"]["task"]["eval_split"] for r in trials} == {"validation"}
+    best = min(trials, key=lambda r: r["metrics"]["eval_loss"])
+    assert sel["selected_lr"] == pytest.approx(best["config"]["train"]["lr"])
+    assert sel["selected_objective"] == best["metrics"]["eval_loss"]
+    finals = [json.loads(p.read_text()) for p in (root / "final").glob("*.json")]
+    assert {r["config"]["train"]["lr"] for r in finals} == {float(plan.lr_text(sel["selected_lr"]))}
+    assert not list(root.rglob(".job-*"))  # the ledger is removed once read
+    # the same command again: the sampler asks for the same rates, every record is reused
+    assert tune_cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "sweep of 3 job(s): 0 ran ok, 3 reused" in err and "sweep of 2 job(s): 0 ran ok, 2 reused" in err
+    again = json.loads((root / "selection" / "lora.json").read_text())
+    assert [t["lr"] for t in again["trials"]] == lrs and again["selected_lr"] == sel["selected_lr"]
+
+
+def test_the_main_command_returns_the_objective_to_optunas_sweeper(tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from peftbench import cli
+
+    out = tmp_path / "runs"
+    argv = [
+        "-m",
+        "train.lr=tag(log,interval(1e-4,1e-2))",
+        "train.steps=3",
+        *TINY_RUN,
+        "objective=eval_loss",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.sampler.seed=0",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"results_dir={out}",
+    ]
+    assert cli.main(argv) == 0
+    assert "sweep of 3 job(s): 3 ran ok, 0 reused" in capsys.readouterr().err
+    recs = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert len(recs) == 3 and len({r["config"]["train"]["lr"] for r in recs}) == 3
+    best = min(recs, key=lambda r: r["metrics"]["eval_loss"])
+    found = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert f"best_value: {best['metrics']['eval_loss']}" in found  # what each job returned
+    # the objective names what a job returns, not what it runs: the same config hash
+    assert best["config"]["objective"] == "eval_loss"
+    assert best["config_hash"] == plan.config_hash(
+        [f"train.lr={best['config']['train']['lr']!r}", "train.steps=3", *TINY_RUN]
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([], "objective=null: the OptunaSweeper chooses each job from the figures of the earlier ones"),
+        (["objective=eval_loss", "hydra.sweeper.direction=maximize"], "hydra.sweeper.direction=maximize: "),
+        (["objective=accuracy"], "objective=accuracy: allowed: null or eval_loss"),
+    ],
+)
+def test_a_searching_sweep_without_a_usable_objective_is_one_line(tmp_path, capsys, extra, message):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from peftbench import cli
+
+    argv = ["-m", "train.lr=tag(log,interval(1e-4,1e-2))", "hydra/sweeper=optuna", *TINY_RUN, *extra]
+    assert cli.main([*argv, f"results_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peftbench: error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_returns_its_objective_only_when_it_is_a_finite_figure_of_an_ok_run():
+    from peftbench import app
+
+    ok = {"status": "ok", "metrics": {"eval_loss": 0.25, "eval_accuracy": 0.5}}
+    assert app.objective_value(ok, "eval_loss") == 0.25 and app.objective_value(ok, None) is None
+    assert app.objective_value({**ok, "status": "failed"}, "eval_loss") is None
+    assert app.objective_value({"status": "ok", "metrics": {"eval_loss": math.nan}}, "eval_loss") is None
+    assert app.objective_value(ok, "eval_perplexity") is None and app.objective_value(None, "eval_loss") is None
+
+
+def test_an_optuna_best_near_an_end_of_its_range_is_flagged():
+    from omegaconf import OmegaConf
+
+    t = OmegaConf.create({"objective": "eval_loss", "grid": [0.1, 10], "seeds": [0], "search": "optuna"})
+    # range 1e-4..1e-2: two decades; 10% of it is a factor of 10**0.2 = 1.58 from either end
+    near_low = plan.select(t, "lora", 1e-3, [trial(1.5e-4, 0.5), trial(1e-3, 0.7), trial(3e-3, 0.9)])
+    assert near_low["at_edge"] == "lowest"
+    inside = plan.select(t, "lora", 1e-3, [trial(1.7e-4, 0.5), trial(1e-3, 0.7), trial(3e-3, 0.9)])
+    assert inside["at_edge"] is None  # lowest tried, but not near the range's end
+    near_high = plan.select(t, "lora", 1e-3, [trial(2e-3, 0.9), trial(7e-3, 0.5)])
+    assert near_high["at_edge"] == "highest"
 
 
 # ------------------------------------------------------------------------ selection

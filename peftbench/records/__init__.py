@@ -24,12 +24,13 @@ MEASURE_DEFAULTS = {"profile": "full", "reuse_zero_shot": True, "curve_every": 0
 
 def config_hash(config: dict[str, Any]) -> str:
     """Short stable hash of a resolved config (everything that defines the run but where its
-    record is written and whether it is forced). A one-process run (``parallel.strategy:
-    none``) hashes without its ``parallel`` settings: it is the same run as before they existed,
-    so earlier records stay comparable and reusable; a distributed one without the node's place
-    (``node_rank``, ``master``: every node of a run hashes alike), and without ``nnodes`` on one
-    node. Likewise the ``measure`` keys of ``MEASURE_DEFAULTS`` at their defaults."""
-    cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force")}
+    record is written, whether it is forced and which figure it returns to a sweeper). A
+    one-process run (``parallel.strategy: none``) hashes without its ``parallel`` settings: it is
+    the same run as before they existed, so earlier records stay comparable and reusable; a
+    distributed one without the node's place (``node_rank``, ``master``: every node of a run
+    hashes alike), and without ``nnodes`` on one node. Likewise the ``measure`` keys of
+    ``MEASURE_DEFAULTS`` at their defaults."""
+    cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force", "objective")}
     measure = dict(cfg.get("measure") or {})
     for key, default in MEASURE_DEFAULTS.items():  # keys added later hash as before they existed
         if key in measure and measure[key] == default:

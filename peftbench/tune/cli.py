@@ -6,7 +6,9 @@ For each method of ``tune.methods``, one after another:
 
 1. trials: the method at each rate of ``tune.grid`` (multiples of its default), seed
    ``tune.seeds[0]``, with ``tune.trial``'s overrides (the validation split, the quality-only
-   profile), one ``python -m peftbench -m`` sweep into ``<results_dir>/trials``;
+   profile), one ``python -m peftbench -m`` sweep into ``<results_dir>/trials``; with
+   ``tune.search=optuna``, ``tune.trials`` rates chosen by Hydra's Optuna sweeper between the
+   grid's ends instead;
 2. selection: the rate of the best validation ``tune.objective`` among the trials' records,
    written to ``<results_dir>/selection/<method>.json``; a best rate at an edge of the grid is
    flagged ("widen the grid");
@@ -28,7 +30,9 @@ Exit status: 0 every job ok; 1 a job failed or left no record, or a method had n
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Optional
+
+from omegaconf import DictConfig
 
 from peftbench import app, cli
 from peftbench.errors import failure
@@ -49,6 +53,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: error: {app.explain(e, argv)}", file=sys.stderr)
         return app.EXIT_CONFIG
     grids = {m: plan.rates(defaults[m], list(t.grid)) for m in t.methods}
+    if t.search == "optuna":  # the rates are chosen as the search goes: check the range's ends
+        grids = {m: list(plan.search_range(defaults[m], list(t.grid))) for m in t.methods}
     for m in t.methods:  # every sweep checked before anything runs
         for jobs in (
             [plan.trial_overrides(t, args.run, m, lr) for lr in grids[m]],
@@ -59,17 +65,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 return checked
     failed = False
     for m in t.methods:
-        lrs = grids[m]
-        print(
-            f"{PROG}: {m}: trials at lr {', '.join(map(plan.lr_text, lrs))} (default {plan.lr_text(defaults[m])})",
-            file=sys.stderr,
-        )
-        trials = [plan.trial_overrides(t, args.run, m, lr) for lr in lrs]
-        status = app.main(cli.APP, plan.sweep(trials))
+        status, tried = trials(t, args.run, m, defaults[m], grids[m])
         if status == app.EXIT_CONFIG:
             return status
         failed |= status != app.EXIT_OK
-        sel = plan.select(t, m, defaults[m], [(lr, plan.record_of(o)) for lr, o in zip(lrs, trials)])
+        sel = plan.select(t, m, defaults[m], tried)
         try:
             path = plan.write_selection(t.results_dir, sel)
         except OSError as e:
@@ -84,3 +84,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         failed |= status != app.EXIT_OK
     print(tuned.text(tuned.load(t.results_dir)))
     return app.EXIT_FAILED if failed else app.EXIT_OK
+
+
+def trials(
+    t: DictConfig, run: list[str], method: str, default: float, lrs: list[float]
+) -> tuple[int, list[tuple[float, Optional[dict[str, Any]]]]]:
+    """Run one method's trials (the grid's rates, or an Optuna search between ``lrs``' ends);
+    the sweep's exit status and each trial's rate with its record."""
+    if t.search == "optuna":
+        print(
+            f"{PROG}: {method}: {plan.n_trials(t)} Optuna (TPE) trials, lr log-uniform in "
+            f"[{plan.lr_text(lrs[0])}, {plan.lr_text(lrs[-1])}] (default {plan.lr_text(default)})",
+            file=sys.stderr,
+        )
+        status, jobs = app.sweep(cli.APP, plan.optuna_sweep(t, run, method, default))
+        return status, plan.tried_of(jobs)
+    print(
+        f"{PROG}: {method}: trials at lr {', '.join(map(plan.lr_text, lrs))} (default {plan.lr_text(default)})",
+        file=sys.stderr,
+    )
+    grid = [plan.trial_overrides(t, run, method, lr) for lr in lrs]
+    status = app.main(cli.APP, plan.sweep(grid))
+    return status, [(lr, plan.record_of(o)) for lr, o in zip(lrs, grid)]

@@ -25,6 +25,9 @@ from peftbench.errors import ConfigError
 from peftbench.records import reader, writer
 
 TRIALS, SELECTION, FINAL = "trials", "selection", "final"
+# An Optuna search's best rate this close to an end of its range, as a share of the range on a
+# log scale, is flagged at the edge (a grid's, only at its lowest or highest rate).
+EDGE_SHARE = 0.1
 # Run overrides a search sets itself, per job: refused on the command line.
 SET_BY_SEARCH = ("method", "train.lr", "seed", "results_dir")
 SELECTION_KIND = "lr-selection"
@@ -144,6 +147,54 @@ def final_overrides(t: DictConfig, run: list[str], method: str, lr: float, seed:
     ]
 
 
+def search_range(default: float, grid: list[float]) -> tuple[float, float]:
+    """The lowest and highest rate a search may try: ``default`` times the grid's ends."""
+    return default * min(grid), default * max(grid)
+
+
+def n_trials(t: DictConfig) -> int:
+    """How many trials a method gets: ``tune.trials``, else as many as the grid has rates."""
+    return int(t.trials) if t.get("trials") is not None else len(t.grid)
+
+
+def optuna_sweep(t: DictConfig, run: list[str], method: str, default: float) -> list[str]:
+    """The ``-m`` command line of one method's Optuna trials: Hydra's Optuna sweeper with a TPE
+    sampler seeded by the first seed (random for the first half of the trials, then guided by
+    them), the rate log-uniform over ``search_range``, one trial at a time, each job returning
+    ``tune.objective`` to the sweeper. Deterministic given the trials' figures, so a re-run
+    asks for the same rates and reuses their records."""
+    lo, hi = search_range(default, list(t.grid))
+    n = n_trials(t)
+    goal = "minimize" if direction(t.objective) == "lower" else "maximize"
+    return [
+        "-m",
+        *run,
+        f"method={method}",
+        f"train.lr=tag(log,interval({lo!r},{hi!r}))",
+        f"seed={t.seeds[0]}",
+        *t.trial,
+        f"results_dir={Path(t.results_dir) / TRIALS}",
+        f"objective={t.objective}",
+        "hydra/sweeper=optuna",
+        f"hydra.sweeper.n_trials={n}",
+        "hydra.sweeper.n_jobs=1",
+        f"hydra.sweeper.direction={goal}",
+        f"hydra.sweeper.study_name={method}",
+        f"hydra.sweeper.sampler.seed={t.seeds[0]}",
+        f"hydra.sweeper.sampler.n_startup_trials={max(1, n // 2)}",
+    ]
+
+
+def tried_of(jobs: list[app.Job]) -> list[tuple[float, Optional[dict[str, Any]]]]:
+    """The rate and newest record (None if it left none) of each job of a sweep, by rate."""
+    out = []
+    for j in jobs:
+        lr = app.given_value("train.lr", list(j.overrides))
+        assert lr is not None, j.overrides
+        out.append((float(lr), reader.newest(reader.by_hash(j.results_dir, j.config_hash))))
+    return sorted(out, key=lambda x: x[0])
+
+
 def sweep(jobs: list[list[str]]) -> list[str]:
     """One ``-m`` command line running every job of ``jobs`` (they differ in one key at most,
     whose values are joined with commas)."""
@@ -182,7 +233,8 @@ def select(
 ) -> dict[str, Any]:
     """The selection record of ``method`` from its trials (rate, record or None): the rate of the
     best finite validation ``objective``; ``at_edge`` says when that is the lowest or highest
-    rate tried (the optimum may lie outside the grid: widen it)."""
+    rate of the grid, or for an Optuna search within ``EDGE_SHARE`` of an end of its range (the
+    optimum may lie outside it: widen the grid)."""
     lower = direction(t.objective) == "lower"
     rows = []
     for lr, rec in tried:
@@ -201,9 +253,14 @@ def select(
     scored = [r for r in rows if r["objective"] is not None]
     best = (min if lower else max)(scored, key=lambda r: float(cast(float, r["objective"]))) if scored else None
     lrs = [lr for lr, _ in tried]
+    lo, hi = search_range(default, list(t.grid))
     edge = None
-    if best is not None and len(lrs) > 1:
+    search = t.get("search", "grid")
+    if best is not None and search == "grid" and len(lrs) > 1:
         edge = "lowest" if best["lr"] == min(lrs) else "highest" if best["lr"] == max(lrs) else None
+    elif best is not None and search != "grid":
+        place = math.log(float(cast(float, best["lr"])) / lo) / math.log(hi / lo)
+        edge = "lowest" if place <= EDGE_SHARE else "highest" if place >= 1 - EDGE_SHARE else None
     return {
         "kind": SELECTION_KIND,
         "method": method,
@@ -212,6 +269,8 @@ def select(
         "split": "validation",
         "default_lr": default,
         "grid": list(t.grid),
+        "search": search,
+        "range": [lo, hi],
         "trials": rows,
         "selected_lr": None if best is None else best["lr"],
         "selected_run_id": None if best is None else best["run_id"],
