@@ -249,7 +249,9 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ("results_dir", "force")) -> list[str]:
+def config_diff(
+    a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ("results_dir", "force", "objective")
+) -> list[str]:
     """Dotted config keys whose values differ between two records (``key: a -> b``)."""
     fa, fb = flat(a.get("config") or {}), flat(b.get("config") or {})
     out = []

@@ -126,7 +126,7 @@ def labels(df: pd.DataFrame, recs: list[dict[str, Any]], ignore: tuple[str, ...]
     ``recs[i]`` is the record of row ``i``, and keys starting with ``ignore`` are left out."""
     out = df["method"].astype(str).copy()
     configs = [records.flat(r.get("config") or {}) for r in recs]
-    ignore = ("results_dir", "force", "method.name", *ignore)
+    ignore = ("results_dir", "force", "objective", "method.name", *ignore)
     for _, g in df.groupby(["device", "model", "task", "method"], dropna=False):
         cfgs = {i: configs[i] for i in g.index}
         keys = sorted({k for c in cfgs.values() for k in c if not k.startswith(ignore)})
