@@ -8,7 +8,8 @@ The base model stays frozen. For ``n`` virtual tokens, every attention layer ``l
 kv_dim = key/value heads x head_dim, so under grouped-query attention (LLaMA with
 ``num_key_value_heads < num_attention_heads``) the prefix has the width of the key/value
 projections, not of the hidden state. The prefix reaches the model through the transformers
-cache interface: a ``DynamicCache`` holding the prefix is passed as ``past_key_values``, so no
+cache interface: a ``DynamicCache`` holding the prefix is passed as the KV cache argument
+(``past_key_values``, or ``cache`` from transformers 5.24: ``virtual.cache_keyword``), so no
 attention code is replaced. The model then places the real tokens at positions n..n+L-1 (it
 counts the cached tokens as seen), exactly as Hugging Face peft does.
 
@@ -42,8 +43,6 @@ the 2D attention mask, which the wrapper extends by the n virtual tokens.
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, cast
 
@@ -51,7 +50,7 @@ import torch
 from torch import nn
 
 from methods import ConfigError, check_context, context_length, freeze_all_but, register
-from methods.virtual import VirtualTokenModel
+from methods.virtual import VirtualTokenModel, cache_keyword, given_cache
 
 ENCODER_NAME = "prefix_encoder"
 
@@ -184,9 +183,11 @@ class PrefixModel(VirtualTokenModel):
         """The base model's forward with the prefix in front of every layer's keys and values.
 
         ``attention_mask`` covers the real tokens only (past and present); the wrapper adds the
-        virtual ones. ``past_key_values``, when given, must come from an earlier output of this
-        wrapper (it already holds the prefix). ``labels`` go to the base model unchanged.
+        virtual ones. ``past_key_values`` (or ``cache``, its name from transformers 5.24), when
+        given, must come from an earlier output of this wrapper (it already holds the prefix).
+        ``labels`` go to the base model unchanged.
         """
+        past_key_values = given_cache(past_key_values, kwargs)
         # BUG?: with neither input_ids nor inputs_embeds, x is None and x.shape raises AttributeError
         x: torch.Tensor = input_ids if input_ids is not None else inputs_embeds  # type: ignore[assignment]
         batch, length = x.shape[:2]
@@ -202,8 +203,8 @@ class PrefixModel(VirtualTokenModel):
             inputs_embeds=inputs_embeds,
             attention_mask=self._extend_mask(attention_mask, batch),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
+            **{self.cache_name: past_key_values},
             **kwargs,
         )
 
@@ -221,7 +222,7 @@ class PrefixModel(VirtualTokenModel):
         return self.base_model.generate(
             input_ids=input_ids,
             attention_mask=self._extend_mask(attention_mask, input_ids.shape[0]),
-            past_key_values=self.prefix_cache(input_ids.shape[0]),
+            **{self.cache_name: self.prefix_cache(input_ids.shape[0])},
             **kwargs,
         )
 
@@ -242,17 +243,8 @@ def read_only_layer(layer_type: type) -> type:
 
 
 def accepts_cache(model: nn.Module) -> bool:
-    """True if ``model``'s forward can hand ``past_key_values`` to a backbone that reads it."""
-
-    def params(m: nn.Module) -> Mapping[str, inspect.Parameter]:
-        return inspect.signature(m.forward).parameters
-
-    top = params(model)
-    if "past_key_values" in top:
-        return True
-    backbone = getattr(model, "base_model", model)
-    passes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in top.values())
-    return backbone is not model and passes_kwargs and "past_key_values" in params(backbone)
+    """True if ``model``'s forward can hand a KV cache (by either name) to a backbone that reads it."""
+    return cache_keyword(model) is not None
 
 
 @register
@@ -284,8 +276,9 @@ class Prefix:
             )
         if not accepts_cache(model):
             raise ConfigError(
-                f"method=prefix: {type(model).__name__} ({model_type}) does not accept past_key_values, "
-                "so a prefix cannot reach its attention; allowed: models whose forward takes a KV cache"
+                f"method=prefix: {type(model).__name__} ({model_type}) does not accept a KV cache "
+                "(past_key_values or cache), so a prefix cannot reach its attention; allowed: models "
+                "whose forward takes a KV cache"
             )
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ConfigError(

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from methods import ConfigError, check_context, context_length, freeze_all_but, register
-from methods.virtual import VirtualTokenModel
+from methods.virtual import VirtualTokenModel, given_cache
 
 ENCODER_NAME = "prompt_encoder"
 
@@ -99,6 +99,7 @@ class PromptModel(VirtualTokenModel):
     ) -> Any:
         """The base model's forward on [P; E]; ``attention_mask``, ``labels``, ``position_ids``
         and ``token_type_ids`` cover the real tokens only (the wrapper extends them)."""
+        past_key_values = given_cache(past_key_values, kwargs)  # ``cache`` from transformers 5.24
         n = self.num_virtual_tokens
         # BUG?: with neither input_ids nor inputs_embeds, x is None and x.shape raises AttributeError
         x: torch.Tensor = input_ids if input_ids is not None else inputs_embeds  # type: ignore[assignment]
@@ -115,8 +116,8 @@ class PromptModel(VirtualTokenModel):
             inputs_embeds=self.embed(input_ids, inputs_embeds),
             attention_mask=self._extend_mask(attention_mask, batch),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
+            **{self.cache_name: past_key_values},
             **kwargs,
         )
         if getattr(out, "logits", None) is not None and out.logits.dim() == 3:

@@ -6,16 +6,52 @@ own names>``), reads every attribute it lacks (``config``, ``device``, ``generat
 from it, extends the caller's attention mask by ``n`` ones (the virtual tokens are seen by every
 token; padding stays hidden), and checks that the real tokens still fit the context with the
 one rule, ``methods.check_context``.
+
+The KV cache argument is named ``past_key_values`` up to transformers 5.23 and ``cache`` from
+5.24 (the old name still accepted there, with a deprecation warning, until 5.40). The wrappers
+take either name and hand the cache on under the name the wrapped model's forward declares
+(``cache_keyword``), so they run on both.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from methods import check_context
+
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24, then before
+
+
+def cache_keyword(model: nn.Module) -> Optional[str]:
+    """The name ``model``'s forward takes its KV cache by (``CACHE_KEYWORDS``), looking through
+    a wrapper that passes ``**kwargs`` on to its ``base_model``; None if it takes none."""
+
+    def params(m: nn.Module) -> Mapping[str, inspect.Parameter]:
+        return inspect.signature(m.forward).parameters
+
+    top = params(model)
+    found = next((k for k in CACHE_KEYWORDS if k in top), None)
+    if found is not None:
+        return found
+    backbone = getattr(model, "base_model", model)
+    if backbone is model or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in top.values()):
+        return None
+    inner = params(backbone)
+    return next((k for k in CACHE_KEYWORDS if k in inner), None)
+
+
+def given_cache(past_key_values: Any, kwargs: dict[str, Any]) -> Any:
+    """The cache a caller passed by either name (``cache`` taken out of ``kwargs``); both at
+    once is an error."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise TypeError("past_key_values and cache: the same argument under two names; pass one")
+    return cache if cache is not None else past_key_values
 
 
 class VirtualTokenModel(nn.Module):
@@ -29,6 +65,8 @@ class VirtualTokenModel(nn.Module):
         self.base_model: Any = base  # a transformers model, read duck-typed (generate, get_input_embeddings, dtype)
         self.num_virtual_tokens = n
         self.taker = taker
+        # the base model's name for its KV cache argument (transformers 5.24 renamed it)
+        self.cache_name = cache_keyword(base) or "past_key_values"
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -57,6 +95,7 @@ class VirtualTokenModel(nn.Module):
         for key in ("num_beams", "num_return_sequences"):
             if kwargs.get(key, 1) != 1:
                 raise ValueError(f"{key}={kwargs[key]}: generation with virtual tokens supports 1 only")
-        if "past_key_values" in kwargs:
-            raise ValueError("past_key_values: generate builds its own cache")
+        for key in CACHE_KEYWORDS:
+            if key in kwargs:
+                raise ValueError(f"{key}: generate builds its own cache")
         self._check_length(input_ids.shape[1] + (kwargs.get("max_new_tokens") or 0))

@@ -21,6 +21,7 @@ ones it lost are named in the summary.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import itertools
 import json
 import math
@@ -36,6 +37,7 @@ from typing import Any, Optional
 
 import hydra
 import torch
+import transformers
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -46,6 +48,7 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+from packaging.requirements import Requirement
 
 from peftbench import config as config_mod
 from peftbench.compare import quality_direction
@@ -639,9 +642,33 @@ def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
                     path.unlink(missing_ok=True)
 
 
+def untested_transformers() -> Optional[str]:
+    """A warning line when the installed transformers is outside the range peftbench declares
+    (its requirement in ``pyproject.toml``, the range CI tests), else None (also when peftbench
+    runs uninstalled, from a source tree)."""
+    try:
+        wanted = next(
+            r
+            for r in map(Requirement, importlib.metadata.requires("peftbench") or [])
+            if r.name == "transformers" and r.marker is None
+        )
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        return None
+    have = transformers.__version__
+    if wanted.specifier.contains(have, prereleases=True):
+        return None
+    return (
+        f"peftbench: warning: transformers {have} is outside the tested range {wanted.specifier}; "
+        "runs may fail or measure differently (pip install 'transformers" + str(wanted.specifier) + "')"
+    )
+
+
 def main(app: App, argv: Optional[list[str]] = None) -> int:
     """Check every job, run them, and return the exit status read back from the records."""
     argv = sys.argv[1:] if argv is None else argv
+    warning = untested_transformers()
+    if warning is not None:
+        print(warning, file=sys.stderr)
     if any(a.startswith(INFORMATIONAL) for a in argv):
         hydra_main(app, argv)
         return EXIT_OK

@@ -29,7 +29,7 @@ from methods import ConfigError, trainable_parameters
 from methods.prefix import PrefixConfig, PrefixModel
 from peftbench.models import head_names
 
-from conftest import compose_config
+from conftest import PEFT_BROKEN_WHY, compose_config, peft_virtual_tokens_broken
 
 # peft 0.21 reads a property that transformers 5.23 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -183,6 +183,8 @@ def test_meta_device_apply_counts_the_same():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_forward_matches_peft(family, projection):
     build, task, _, _ = FAMILIES[family]
+    if peft_virtual_tokens_broken(task):
+        pytest.skip(PEFT_BROKEN_WHY)
     model = build()
     _, wrapped = ours(model, projection)
     wrapped.eval()
@@ -270,14 +272,15 @@ def test_greedy_generation_matches_manual_loop_and_peft(family):
             seq = torch.cat([seq, nxt[:, None]], dim=1)
     assert out.shape == (2, prompt.shape[1] + steps)
     assert torch.equal(out, seq)
-    pm = peft_twin(model, task, True, wrapped)
-    ref = pm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False)
-    assert torch.equal(out, ref)
-    # without the prefix the continuation differs (the cache really carries the prefix)
     plain = model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False
     )
-    assert not torch.equal(out, plain)
+    assert not torch.equal(out, plain)  # without the prefix the continuation differs
+    if peft_virtual_tokens_broken(task, generation=True):
+        pytest.skip(PEFT_BROKEN_WHY)
+    pm = peft_twin(model, task, True, wrapped)
+    ref = pm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False)
+    assert torch.equal(out, ref)
 
 
 # --------------------------------------------------------------------------- config errors
@@ -327,7 +330,7 @@ def test_unsupported_architectures_are_config_errors():
     distil = DistilBertForSequenceClassification(
         DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=1, n_heads=4)
     )
-    with pytest.raises(ConfigError, match="does not accept past_key_values"):
+    with pytest.raises(ConfigError, match=r"does not accept a KV cache \(past_key_values or cache\)"):
         method.apply(distil)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4))
     with pytest.raises(ConfigError, match="encoder-decoder"):
@@ -398,6 +401,8 @@ def test_minilm_checkpoint_matches_peft():
     tok = AutoTokenizer.from_pretrained(path)
     b = dict(tok(["a gripping, funny film", "dull"], padding=True, return_tensors="pt"))
     b["labels"] = torch.tensor([1, 0])
+    if peft_virtual_tokens_broken("SEQ_CLS"):
+        pytest.skip(PEFT_BROKEN_WHY)
     _, wrapped = ours(model, projection=False)
     wrapped.eval()
     pm = peft_twin(model, "SEQ_CLS", False, wrapped)
@@ -405,3 +410,49 @@ def test_minilm_checkpoint_matches_peft():
         a, p = wrapped(**b), pm(**b)
     torch.testing.assert_close(a.logits, p.logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(a.loss, p.loss, atol=ATOL, rtol=0)
+
+
+def test_the_cache_goes_to_the_model_under_the_name_its_forward_declares():
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache``: the wrappers take
+    either name and hand the cache on under the wrapped model's own (the other name would reach
+    its ``**kwargs``, or a deprecation shim, not the cache)."""
+    from methods import virtual
+
+    seen: dict = {}
+
+    class New(torch.nn.Module):  # forward as transformers >= 5.24 declares it
+        config = tiny_llama().config
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.dtype = torch.float32
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
+            seen.update(kwargs, cache=cache)
+            return None
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return None
+
+    class Wrapper(torch.nn.Module):  # passes **kwargs on to its base_model
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = inner
+
+        def forward(self, input_ids=None, **kwargs):
+            return None
+
+    assert virtual.cache_keyword(New()) == "cache" and virtual.cache_keyword(Old()) == "past_key_values"
+    assert virtual.cache_keyword(Wrapper(New())) == "cache" and virtual.cache_keyword(torch.nn.Linear(2, 2)) is None
+    assert virtual.cache_keyword(tiny_llama()) in virtual.CACHE_KEYWORDS  # the installed transformers'
+    wrapped = methods.build(prefix_cfg(num_virtual_tokens=3)).apply(New())
+    assert wrapped.cache_name == "cache"
+    wrapped(input_ids=torch.ones(2, 4, dtype=torch.long))
+    assert "past_key_values" not in seen and seen["cache"].get_seq_length() == 3  # the prefix
+    given = wrapped.prefix_cache(2)
+    wrapped(input_ids=torch.ones(2, 4, dtype=torch.long), cache=given)  # the new name from a caller
+    assert seen["cache"] is given
+    with pytest.raises(TypeError, match="past_key_values and cache"):
+        wrapped(input_ids=torch.ones(2, 4, dtype=torch.long), cache=given, past_key_values=given)

@@ -16,6 +16,8 @@ from methods import ConfigError, trainable_parameters
 from methods.prompt import PromptConfig
 from peftbench.models import head_names
 
+from conftest import PEFT_BROKEN_WHY, peft_virtual_tokens_broken
+
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 ATOL = 1e-5
@@ -67,12 +69,14 @@ def test_greedy_generation_matches_manual_loop_and_peft(family):
             nxt = wrapped(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
     assert torch.equal(out, seq)
+    plain = model.generate(input_ids=prompt, attention_mask=ones, max_new_tokens=steps, do_sample=False)
+    assert not torch.equal(out, plain)
+    if peft_virtual_tokens_broken(generation=True):
+        pytest.skip(PEFT_BROKEN_WHY)
     ref = peft_twin(model, family, wrapped).generate(
         input_ids=prompt, attention_mask=ones, max_new_tokens=steps, do_sample=False
     )
     assert torch.equal(out, ref)
-    plain = model.generate(input_ids=prompt, attention_mask=ones, max_new_tokens=steps, do_sample=False)
-    assert not torch.equal(out, plain)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
