@@ -141,7 +141,9 @@ def test_every_committed_record_validates():
     assert files
     loaded = reader.load([REPO / "results"])
     assert loaded.skipped == []
-    assert len(loaded.records) == len(files)
+    # every other file is a tuned comparison's selection, kept beside its records
+    assert all(Path(c).parent.name == "selection" for c in loaded.companions)
+    assert len(loaded.records) + len(loaded.companions) == len(files)
 
 
 def test_latency_points_read_the_grid_the_writer_writes():

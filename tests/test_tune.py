@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from peftbench.records import reader
 from peftbench.report import tuned
 from peftbench.tasks import data as task_data
 from peftbench.tune import cli as tune_cli
@@ -100,6 +101,10 @@ def test_selection_reads_validation_never_test_and_finals_read_test(sentences, t
     assert "TUNED COMPARISON" in out and "measured on 10 test examples" in out
     walls = [r["wall_s"] for r in [*trials.values(), *finals]]
     assert f"wall time: 3 trials {sum(walls[:3]) / 60:.1f} min, 2 finals {sum(walls[3:]) / 60:.1f} min" in out
+    # the whole comparison reads back as records plus its selection files, nothing skipped
+    everything = reader.load([root])
+    assert everything.skipped == [] and len(everything.records) == 5
+    assert everything.companions == [str(root / "selection" / "lora.json")]
 
 
 def test_a_rerun_does_only_what_is_missing(sentences, tmp_path, capsys):

@@ -33,24 +33,35 @@ KINDS = {
 }
 
 
+# The kind of a tuned comparison's selection file (``peftbench.tune.plan``), kept beside records:
+# read as a companion, neither a record nor a file skipped for a problem.
+SELECTION_KIND = "lr-selection"
+COMPANION_KINDS = (SELECTION_KIND,)
+
+
 class RecordError(ValueError):
     """A path that is missing, unreadable or not a peftbench record (one-line message)."""
 
 
 @dataclass
 class Loaded:
-    """Records found under some paths, and the files that were skipped with the reason."""
+    """Records found under some paths, the files that were skipped with the reason, and the
+    companion files kept beside records (``COMPANION_KINDS``: a tuned comparison's selections)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    companions: list[str] = field(default_factory=list)
 
     def add(self, f: Path) -> None:
-        """The record in file ``f``, or the file among the skipped with the reason."""
+        """The record in file ``f``, or the file among the companions, or among the skipped
+        with the reason."""
         rec, why = parse(f)
-        if rec is None:
-            self.skipped.append((str(f), why))
-        else:
+        if rec is not None:
             self.records.append(rec)
+        elif companion(f):
+            self.companions.append(str(f))
+        else:
+            self.skipped.append((str(f), why))
 
     def scan(self, folder: Path) -> None:
         """Every ``*.json`` file under ``folder`` (recursively, not into symlinked folders) but the
@@ -89,6 +100,15 @@ def parse(p: Path) -> tuple[Optional[dict[str, Any]], str]:
         return None, why
     obj["_path"] = str(p)
     return obj, ""
+
+
+def companion(p: Path) -> bool:
+    """Whether ``p`` (already found not to be a record) is a companion file (``COMPANION_KINDS``)."""
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and obj.get("kind") in COMPANION_KINDS
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ TRIALS, SELECTION, FINAL = "trials", "selection", "final"
 EDGE_SHARE = 0.1
 # Run overrides a search sets itself, per job: refused on the command line.
 SET_BY_SEARCH = ("method", "train.lr", "seed", "results_dir")
-SELECTION_KIND = "lr-selection"
+SELECTION_KIND = reader.SELECTION_KIND
 
 
 @dataclass(frozen=True)
