@@ -58,7 +58,7 @@ class Loaded:
         rec, why = parse(f)
         if rec is not None:
             self.records.append(rec)
-        elif companion(f):
+        elif why.startswith(schema.NOT_A_RECORD) and companion(f):  # a regular file of JSON
             self.companions.append(str(f))
         else:
             self.skipped.append((str(f), why))
@@ -103,7 +103,8 @@ def parse(p: Path) -> tuple[Optional[dict[str, Any]], str]:
 
 
 def companion(p: Path) -> bool:
-    """Whether ``p`` (already found not to be a record) is a companion file (``COMPANION_KINDS``)."""
+    """Whether ``p`` (already found to be a regular file of JSON that is not a record: reading a
+    FIFO or a device here would block) is a companion file (``COMPANION_KINDS``)."""
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):

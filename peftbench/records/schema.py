@@ -109,6 +109,10 @@ def where(loc: tuple[Any, ...]) -> str:
     return out
 
 
+# How ``problem`` begins for some other program's JSON (the reader then checks for a companion file).
+NOT_A_RECORD = "not a peftbench record"
+
+
 def problem(obj: Any) -> Optional[str]:
     """Why ``obj`` (parsed JSON) is not a valid run record, in one line, or None if it is one."""
     if not isinstance(obj, dict):
@@ -119,7 +123,7 @@ def problem(obj: Any) -> Optional[str]:
         errors = e.errors()
         missing = [where(x["loc"]) for x in errors if x["type"] == "missing" and len(x["loc"]) == 1]
         if len(missing) > 2:  # some other program's JSON
-            return f"not a peftbench record (missing {', '.join(missing)})"
+            return f"{NOT_A_RECORD} (missing {', '.join(missing)})"
         first = errors[0]
         value = "" if first["type"] == "missing" else f"={reprlib.repr(first['input'])}"
         why = REASONS.get(first["type"], first["msg"].replace("Input should be", "must be"))
