@@ -360,14 +360,11 @@ def test_a_killed_job_does_not_take_the_sweep_down(launcher, tmp_path):
 def test_a_transformers_outside_the_tested_range_is_one_warning_line(monkeypatch, capsys):
     """The range is the package's own requirement (pyproject.toml, what CI tests); outside it the
     command says so once on stderr and goes on."""
-    import importlib.metadata
-
-    import transformers
-
     from peftbench import app
 
-    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ["torch>=2.4", "transformers>=5.12,<5.25"])
-    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    meta, tf = app.importlib.metadata, app.transformers  # the objects the app reads, whatever else re-imported
+    monkeypatch.setattr(meta, "requires", lambda name: ["torch>=2.4", "transformers>=5.12,<5.25"])
+    monkeypatch.setattr(tf, "__version__", "5.25.0")
     line = app.untested_transformers()
     assert line is not None and "\n" not in line
     assert line.startswith("peftbench: warning: transformers 5.25.0 is outside the tested range ")
@@ -376,11 +373,7 @@ def test_a_transformers_outside_the_tested_range_is_one_warning_line(monkeypatch
     assert app.main(app.App("p", "config", print, dict, print, print), ["x=1"]) == app.EXIT_CONFIG
     assert capsys.readouterr().err.strip() == line
     for inside in ("5.12.1", "5.24.0"):
-        monkeypatch.setattr(transformers, "__version__", inside)
+        monkeypatch.setattr(tf, "__version__", inside)
         assert app.untested_transformers() is None
-    monkeypatch.setattr(
-        importlib.metadata,
-        "requires",
-        lambda name: (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)),
-    )
+    monkeypatch.setattr(meta, "requires", lambda name: (_ for _ in ()).throw(meta.PackageNotFoundError(name)))
     assert app.untested_transformers() is None  # run from a source tree, uninstalled
