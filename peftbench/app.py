@@ -200,11 +200,6 @@ def class_name(node: Any) -> str:
     return str(node.get("_target_", "")).rsplit(".", 1)[-1] or "unknown"
 
 
-def launcher_name(overrides: list[str], multirun: bool, config_name: str) -> str:
-    """The class name of the Hydra launcher a command line's jobs go to ("single" without -m)."""
-    return class_name(hydra_part(overrides, config_name).launcher) if multirun else "single"
-
-
 def check_search(hc: DictConfig, cfg: DictConfig) -> None:
     """A sweeper that searches is steered by the figure each job returns (``objective``): it
     must be set, and the sweeper must seek the better end of it."""
@@ -296,8 +291,8 @@ def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
     try:
         check_renamed(overrides, app.renamed)
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=app.prog):
-            os.environ[LAUNCHER_ENV] = launcher_name(overrides, multirun, app.config_name)
-            hc = hydra_part(overrides, app.config_name) if multirun else None
+            hc = hydra_part(overrides, app.config_name) if multirun else None  # composed once for both uses
+            os.environ[LAUNCHER_ENV] = class_name(hc.launcher) if hc is not None else "single"
             for job in job_overrides(overrides, multirun, app.config_name):
                 current = job
                 check_added_keys(job, app.config_name)
