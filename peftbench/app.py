@@ -291,6 +291,13 @@ def check_jobs(app: App, argv: list[str]) -> int | list[Job]:
     try:
         check_renamed(overrides, app.renamed)
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None, job_name=app.prog):
+            outside = config_mod.external_launcher()
+            if multirun and outside is not None and outside.world > 1:
+                raise ConfigError(
+                    f"-m: {outside.name} started {outside.world} processes, and each would run the whole sweep; "
+                    f"allowed: the sweep without {outside.name}, each job starting its own ranks "
+                    f"(parallel=ddp parallel.nproc={outside.local})"
+                )
             hc = hydra_part(overrides, app.config_name) if multirun else None  # composed once for both uses
             os.environ[LAUNCHER_ENV] = class_name(hc.launcher) if hc is not None else "single"
             for job in job_overrides(overrides, multirun, app.config_name):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, cast
@@ -372,6 +374,99 @@ RENAMED_ESTIMATE_KEYS = {
 }
 
 
+# ------------------------------------------------------------------- external launchers
+# What torchrun (and ``python -m torch.distributed.run``, ``accelerate launch``) sets in every
+# process it starts: the process's rank, the world, this node's share, and where to meet.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """The external launcher this process was started by, read from the variables it set
+    (``external_launcher``): ``name``; this process's ``rank`` of ``world`` processes, ``local``
+    of them on each node. ``joins``: torchrun-like, so a distributed job joins the launcher's
+    world as its ranks (``peftbench.launch.join``). srun with several tasks per node and mpirun
+    start one whole peftbench per process, which peftbench refuses: its jobs start their own
+    ranks."""
+
+    name: str
+    rank: int
+    world: int
+    local: int
+    joins: bool
+
+
+def external_launcher(env: Optional[Mapping[str, str]] = None) -> Optional[Launcher]:
+    """The launcher that started this process (``env``: ``os.environ``), or None: torchrun (or
+    any launcher setting ``TORCHRUN_VARS``), srun with more tasks than nodes in its step, or
+    mpirun (Open MPI's or a PMI launcher's size). srun with one task per node is not one: that is
+    how a run across nodes starts each node's job (``peftbench.launch.topology``)."""
+    env = os.environ if env is None else env
+
+    def num(key: str) -> Optional[int]:
+        try:
+            return int(env[key])
+        except (KeyError, ValueError):
+            return None
+
+    rank, world, local = num("RANK"), num("WORLD_SIZE"), num("LOCAL_WORLD_SIZE")
+    if all(k in env for k in TORCHRUN_VARS) and None not in (rank, world, local):
+        name = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "the launcher (RANK, WORLD_SIZE)"
+        return Launcher(name, cast(int, rank), cast(int, world), cast(int, local), True)
+    tasks, nodes = num("SLURM_STEP_NUM_TASKS"), num("SLURM_STEP_NUM_NODES")
+    if tasks is not None and nodes is not None:
+        if tasks > nodes:
+            return Launcher("srun", num("SLURM_PROCID") or 0, tasks, -(-tasks // max(nodes, 1)), False)
+        return None
+    for size_var, rank_var in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")):
+        size = num(size_var)
+        if size is not None and size > 1:
+            return Launcher("mpirun", num(rank_var) or 0, size, num("OMPI_COMM_WORLD_LOCAL_SIZE") or size, False)
+    return None
+
+
+def launcher_nproc(default: Any) -> int:
+    """``parallel.nproc``'s default in ``conf/parallel/{ddp,fsdp}.yaml``: the processes per node of
+    the torchrun-like launcher this process was started by, else ``default``."""
+    found = external_launcher()
+    return found.local if found is not None and found.joins else int(default)
+
+
+def check_launcher(par: DictConfig, found: Optional[Launcher]) -> None:
+    """Under an external launcher of more than one process (``found``), one record per job: a
+    torchrun-like launcher is joined by a ddp or fsdp job whose ``nproc`` and ``nnodes`` match
+    its world; anything else is refused in one line saying how to run it."""
+    if found is None or found.world == 1:
+        return
+    require(
+        found.joins,
+        "parallel.nproc",
+        par.nproc,
+        f"{found.name} started {found.world} processes, {found.local} per node, and each would run the whole "
+        f"job and write its record; allowed: one process per node (srun --ntasks-per-node=1), which starts "
+        f"its parallel.nproc ranks itself (parallel=ddp parallel.nproc={found.local})",
+    )
+    require(
+        par.strategy != "none",
+        "parallel.strategy",
+        par.strategy,
+        f"{found.name} started {found.world} processes, and each would run this job and write its record; "
+        f"allowed: ddp or fsdp (the job joins {found.name}'s {found.world} ranks), or one process without {found.name}",
+    )
+    require(
+        par.nproc == found.local,
+        "parallel.nproc",
+        par.nproc,
+        f"{found.name} started {found.local} processes per node; allowed: {found.local} (or leave parallel.nproc out)",
+    )
+    require(
+        par.nnodes * found.local == found.world,
+        "parallel.nnodes",
+        par.nnodes,
+        f"{found.name}'s world has {found.world} ranks, {found.local} per node; allowed: {found.world // found.local}",
+    )
+
+
 def package_model_path(package: str) -> str:
     """Directory of a model shipped inside a Python package (``get_model_path()``)."""
     return importlib.import_module(package).get_model_path()
@@ -383,10 +478,14 @@ def repo_path(relative: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register the config files' resolvers (``${repo_path:...}``, ``${package_model_path:...}``)
-    in OmegaConf; idempotent. Run when this module is imported, so that every process that
+    """Register the config files' resolvers (``${repo_path:...}``, ``${package_model_path:...}``,
+    ``${launcher_nproc:...}``) in OmegaConf; idempotent. Run when this module is imported, so that every process that
     reads a config (a launcher's job, a rank) can resolve it."""
-    for name, resolver in (("package_model_path", package_model_path), ("repo_path", repo_path)):
+    for name, resolver in (
+        ("package_model_path", package_model_path),
+        ("repo_path", repo_path),
+        ("launcher_nproc", launcher_nproc),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -559,10 +658,12 @@ def check_world(cfg: DictConfig, batch_key: str) -> None:
 
 
 def check_parallel(cfg: DictConfig) -> None:
-    """A run's ``parallel`` settings (``check_world``, then where the ranks run: backend, node
-    and device count). Whether this process can find its node is the launcher's check
+    """A run's ``parallel`` settings (``check_launcher`` against an external launcher,
+    ``check_world``, then where the ranks run: backend, node and device count). Whether this
+    process can find its node is the launcher's check
     (``peftbench.launch.check_topology``)."""
     par = cfg.parallel
+    check_launcher(par, external_launcher())
     require(par.backend in BACKENDS, "parallel.backend", par.backend, f"allowed: {', '.join(BACKENDS)}")
     require(par.timeout_s > 0, "parallel.timeout_s", par.timeout_s, "must be > 0 seconds")
     if par.strategy in STRATEGIES and par.strategy != "none":

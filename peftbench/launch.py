@@ -19,6 +19,13 @@ after ``parallel.timeout_s``) and the job's record says ``failed``, naming the r
 reason (``RankFailed``); the sweep goes on. Across several nodes each node's job starts its own
 ranks (``topology``: from the config or the scheduler job); node 0 writes the record and the
 others raise ``errors.RecordElsewhere``.
+
+Started by torchrun (``torchrun --nproc-per-node 2 -m peftbench parallel=ddp``, or ``accelerate
+launch``), every process runs the command: a ddp or fsdp job joins the launcher's world, each
+process as its rank (``join``), and rank 0 writes the one record; ``parallel.nproc`` defaults to
+the launcher's processes per node and is checked against them (``config.check_launcher``), and a
+job that would run once per process (``parallel=none``, a sweep, srun with several tasks per
+node, mpirun) is refused in one line on every process, exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -63,7 +70,11 @@ def execute(cfg: DictConfig, rec: dict[str, Any]) -> None:
         run.execute(cfg, rec)
         return
     config_mod.check(cfg)
-    found = launch(cfg)
+    outside = config_mod.external_launcher()
+    if outside is not None and outside.joins and outside.world > 1:
+        found = join(cfg, outside)
+    else:
+        found = launch(cfg)
     rec.update({k: v for k, v in found.items() if k not in IDENTITY})
 
 
@@ -86,9 +97,19 @@ def free_port() -> int:
 
 
 def _worker(cfg: DictConfig, errors: str) -> Optional[dict[str, Any]]:
-    """One rank (in its own process): join the group, run the job as this rank, and return the
-    record (rank 0) or None. A failure is written to ``errors/<rank>.txt`` and raised, so the
-    launcher stops the other ranks."""
+    """One rank started by ``spawn`` (in its own process): ``_rank``; a failure is written to
+    ``errors/<rank>.txt`` and raised, so the launcher stops the other ranks."""
+    try:
+        return _rank(cfg)
+    except BaseException as e:
+        Path(errors, f"{os.environ['RANK']}.txt").write_text(failure(e) + "\n" + traceback.format_exc())
+        raise
+
+
+def _rank(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """This process as one rank of the world its launcher set up (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``: ``spawn``'s or torchrun's): join the group,
+    run the job as this rank, and return the record (rank 0) or None."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
         device = config_mod.resolve_device(cfg.device)
@@ -109,12 +130,36 @@ def _worker(cfg: DictConfig, errors: str) -> Optional[dict[str, Any]]:
         rec = run.new_record(cfg)
         run.execute(cfg, rec, Rank(rank, world, cfg.parallel.strategy))
         return rec if rank == 0 else None
-    except BaseException as e:
-        Path(errors, f"{rank}.txt").write_text(failure(e) + "\n" + traceback.format_exc())
-        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def join(cfg: DictConfig, outside: config_mod.Launcher) -> dict[str, Any]:
+    """Run the job as this process's rank of the world an external launcher started (torchrun,
+    ``accelerate launch``: every process runs the command, ``config.check_launcher`` has checked
+    ``parallel.nproc`` and ``nnodes`` against the world). Rank 0 returns its record, which its
+    job writes: one record per job. Any other rank raises ``errors.RecordElsewhere`` saying how
+    its share ended (ok, or failed with its reason). A rank that fails is the launcher's to stop
+    the others (torchrun does); rank 0 records a failure only when it fails itself."""
+    where = f"rank {outside.rank} of {outside.world} ({outside.name})"
+    try:
+        rec = _rank(cfg)
+    except Exception as e:
+        if outside.rank == 0:
+            raise
+        raise RecordElsewhere(f"{where} failed: {failure(e)}", ok=False) from e
+    if outside.rank != 0:
+        raise RecordElsewhere(f"{where} trained; rank 0 writes the record", ok=True)
+    assert rec is not None  # rank 0's
+    rec.setdefault("parallel", {}).update(
+        {
+            "nnodes": outside.world // outside.local,
+            "nproc_per_node": outside.local,
+            "rendezvous": f"{outside.name} (its {outside.world} processes joined as the ranks)",
+        }
+    )
+    return rec
 
 
 @dataclass(frozen=True)
@@ -152,11 +197,13 @@ def job_environment() -> Any:
 
 def knows_its_node(par: DictConfig) -> bool:
     """Whether a job of ``parallel`` settings ``par`` will find its node: one node, both
-    ``node_rank`` and ``master`` given, inside a scheduler job, or submitted through submitit's
-    SLURM launcher (whose tasks are scheduler jobs)."""
+    ``node_rank`` and ``master`` given, started by torchrun, inside a scheduler job, or submitted
+    through submitit's SLURM launcher (whose tasks are scheduler jobs)."""
     given = par.node_rank is not None and par.master is not None
     slurm = os.environ.get(LAUNCHER_ENV, "") == "SlurmLauncher"
-    return par.nnodes == 1 or given or slurm or job_environment() is not None
+    outside = config_mod.external_launcher()
+    joins = outside is not None and outside.joins  # torchrun knows every process's place
+    return par.nnodes == 1 or given or slurm or joins or job_environment() is not None
 
 
 def check_topology(par: DictConfig) -> None:

@@ -665,3 +665,109 @@ def test_the_report_shows_one_ranks_memory_and_the_bytes_moved(tmp_path):
         "| lora | fsdp | 2 | 2.00 | 1.00 | 0.00 | 0.50 | 0.50 |  | 3.00 | 0.25 | 1.62 | 12.3 ms (26%) | 5.2500 |" in md
     )
     assert "| lora | ddp | 2x2 |" in md and "| 1.00 |  |  |  |  | 5.5000 |" in md
+
+
+# ---------------------------------------------------------------- started by an external launcher
+def torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m peftbench <SHORT> <args>`` from the repository."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "peftbench"]
+        + [*SHORT, f"results_dir={tmp_path}", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
+def test_torchrun_is_joined_as_the_ranks_and_rank_0_writes_the_one_record(tmp_path):
+    done = torchrun(tmp_path, "method=lora", "parallel=ddp")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = the_record(tmp_path)  # exactly one record
+    assert rec["status"] == "ok" and rec["parallel"]["world_size"] == 2
+    assert rec["parallel"]["nproc_per_node"] == 2 and rec["parallel"]["nnodes"] == 1
+    assert rec["parallel"]["rendezvous"].startswith("torchrun")
+    assert rec["config"]["parallel"]["nproc"] == 2  # taken from torchrun: not given here
+    assert "peftbench: rank 1 of 2 (torchrun) trained; rank 0 writes the record" in done.stdout
+    alone = one_process(["method=lora", *SHORT])
+    assert rec["train_losses"] == pytest.approx(alone["train_losses"], rel=1e-5, abs=1e-6)
+    # the job peftbench starts itself with parallel.nproc=2: an earlier record of it is reused
+    same = app.compose("method=lora", "parallel=ddp", "parallel.nproc=2", *SHORT, f"results_dir={tmp_path}")
+    assert rec["config_hash"] == app.config_hash(config_mod.to_container(same))
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["method=lora"],
+            "peftbench: error: parallel.strategy=none: torchrun started 2 processes, and each would run this job "
+            "and write its record; allowed: ddp or fsdp (the job joins torchrun's 2 ranks), or one process "
+            "without torchrun",
+        ),
+        (
+            ["method=lora", "parallel=ddp", "parallel.nproc=4"],
+            "peftbench: error: parallel.nproc=4: torchrun started 2 processes per node; allowed: 2 (or leave "
+            "parallel.nproc out)",
+        ),
+        (
+            ["-m", "method=lora,ia3", "parallel=ddp"],
+            "peftbench: error: -m: torchrun started 2 processes, and each would run the whole sweep; allowed: the "
+            "sweep without torchrun, each job starting its own ranks (parallel=ddp parallel.nproc=2)",
+        ),
+    ],
+)
+def test_what_torchrun_would_run_once_per_process_is_refused_on_every_rank(tmp_path, args, line):
+    done = torchrun(tmp_path, *args)
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    assert lines.count(line) == 2, done.stderr[-2000:]  # one line on each rank
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+TORCHRUN_ENV = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+TORCHRUN_ENV.update({"MASTER_ADDR": "node0", "MASTER_PORT": "29500"})
+
+
+@pytest.mark.parametrize(
+    "env, found",
+    [
+        ({}, None),
+        ({**TORCHRUN_ENV, "TORCHELASTIC_RUN_ID": "x"}, config_mod.Launcher("torchrun", 3, 4, 2, True)),
+        (TORCHRUN_ENV, config_mod.Launcher("the launcher (RANK, WORLD_SIZE)", 3, 4, 2, True)),  # accelerate launch
+        (
+            {"SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2", "SLURM_PROCID": "5"},
+            config_mod.Launcher("srun", 5, 8, 4, False),
+        ),
+        ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2", "PMI_SIZE": "2"}, None),  # one task per node: ours
+        ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2"}, config_mod.Launcher("mpirun", 2, 4, 4, False)),
+        ({"OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ],
+)
+def test_the_external_launcher_is_read_from_what_it_sets(env, found):
+    assert config_mod.external_launcher(env) == found
+
+
+def test_nproc_defaults_to_torchruns_processes_per_node_and_nnodes_is_checked(monkeypatch):
+    for k, v in {**TORCHRUN_ENV, "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = app.compose("method=lora", "parallel=ddp", "train.batch_size=4")
+    assert cfg.parallel.nproc == 2
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.check_launcher(cfg.parallel, config_mod.external_launcher())
+    assert str(e.value) == "parallel.nnodes=1: torchrun's world has 4 ranks, 2 per node; allowed: 2"
+    cfg.parallel.nnodes = 2
+    config_mod.check_launcher(cfg.parallel, config_mod.external_launcher())
+
+
+def test_srun_with_several_tasks_per_node_is_refused_in_one_line(tmp_path):
+    env = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1", "SLURM_PROCID": "0"}
+    done = cli_run(tmp_path, "method=lora", "parallel=ddp", env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "peftbench: error: parallel.nproc=2: srun started 2 processes, 2 per node, and each would run the whole job "
+        "and write its record; allowed: one process per node (srun --ntasks-per-node=1), which starts its "
+        "parallel.nproc ranks itself (parallel=ddp parallel.nproc=2)"
+    )
+    assert not any(tmp_path.iterdir())
