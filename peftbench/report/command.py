@@ -3,7 +3,9 @@
     python -m peftbench.report --results results/runs --out reports/latest
 
 Writes ``records.csv`` (one row per record, every scalar metric), ``latency.csv`` (the latency
-grids, long form), ``report.md`` and PNG plots. Runs are grouped by (device, model, task):
+grids, long form), ``report.md`` with PNG plots, and ``report.html`` (``peftbench.report.html``:
+the same report as one self-contained page, opened offline, with a sortable, filterable records
+table and a Pareto view over any two figures). Runs are grouped by (device, model, task):
 numbers of different devices or models never share a chart, and ratios against full
 fine-tuning are taken within a group. Failed runs are listed, not plotted; estimates
 (``kind: estimate``) get their own table. A file that is not a record is reported and skipped.
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from peftbench.records import reader as records
-from peftbench.report import aggregate, render, tuned
+from peftbench.report import aggregate, html, render, tuned
 from peftbench.report.render import WriteError, writing
 
 
@@ -69,6 +71,8 @@ def build(sources: list[str], out: str | Path) -> Path:
         text = "\n".join([title, "", *sections, rest])
     with writing(out / "report.md") as page:
         page.write_text(text + "\n")
+    with writing(out / "report.html") as path:
+        path.write_text(html.page(df, loaded.records, text, out))
     return page
 
 

@@ -658,6 +658,12 @@ def plot_ranks(g: pd.DataFrame, out: Path, slug: str) -> list[tuple[str, str]]:
     return made
 
 
+def seed_std(r: pd.Series) -> float:
+    """The standard deviation of a pooled row's quality over its seeds; 0 for one run."""
+    spread = quality_spread(r)
+    return spread.std if spread is not None and spread.n >= 2 else 0.0
+
+
 def plot_pareto(
     g: pd.DataFrame,
     out: Path,
@@ -667,8 +673,9 @@ def plot_pareto(
     title: str = "Quality against memory",
 ) -> list[tuple[str, str]]:
     """Quality against a cost (column, divisor, axis label; default peak training MiB), with
-    the Pareto front in the quality's direction. Only the rows whose quality is the group's
-    first metric in ``QUALITY_ORDER`` are compared."""
+    the Pareto front in the quality's direction and, for a row that pools seeds, an error bar of
+    the quality's standard deviation over them. Only the rows whose quality is the group's first
+    metric in ``QUALITY_ORDER`` are compared."""
     made: list[tuple[str, str]] = []
     col, scale, xlabel = cost
     if "quality" not in g or col not in g:
@@ -681,6 +688,17 @@ def plot_pareto(
     front = sorted(pareto(pts, higher))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:gray")
+    std = [seed_std(r) for _, r in s.iterrows()]
+    if any(e > 0 for e in std):
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=std,
+            fmt="none",
+            ecolor="tab:gray",
+            capsize=3,
+            label="± std over seeds",
+        )
     fp = sorted(pts[i] for i in front)
     ax.plot([p[0] for p in fp], [p[1] for p in fp], color="tab:red", marker="o", label="Pareto front")
     for (x, y), label in zip(pts, s["label"]):
