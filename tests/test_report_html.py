@@ -10,11 +10,11 @@ import shutil
 import subprocess
 
 import pytest
+from test_compare import write
 from test_report_llm import llm
 
 from peftbench import report
 from peftbench.report import html
-from test_compare import write
 
 from conftest import REPO
 

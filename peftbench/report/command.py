@@ -5,7 +5,8 @@
 Writes ``records.csv`` (one row per record, every scalar metric), ``latency.csv`` (the latency
 grids, long form), ``report.md`` with PNG plots, and ``report.html`` (``peftbench.report.html``:
 the same report as one self-contained page, opened offline, with a sortable, filterable records
-table and a Pareto view over any two figures). Runs are grouped by (device, model, task):
+table and a Pareto view over any two figures). ``--history FILE`` adds the gate's figures
+against the commits (``peftbench.report.trend``). Runs are grouped by (device, model, task):
 numbers of different devices or models never share a chart, and ratios against full
 fine-tuning are taken within a group. Failed runs are listed, not plotted; estimates
 (``kind: estimate``) get their own table. A file that is not a record is reported and skipped.
@@ -32,8 +33,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from peftbench import history
 from peftbench.records import reader as records
-from peftbench.report import aggregate, html, render, tuned
+from peftbench.report import aggregate, html, render, trend, tuned
 from peftbench.report.render import WriteError, writing
 
 
@@ -49,8 +51,9 @@ def unwritable(out: Path) -> Optional[str]:
     return None
 
 
-def build(sources: list[str], out: str | Path) -> Path:
-    """Load, tabulate, plot and render; returns the path of ``report.md``."""
+def build(sources: list[str], out: str | Path, history_file: Optional[str] = None) -> Path:
+    """Load, tabulate, plot and render; returns the path of ``report.md``. ``history_file``: a
+    history of the gate's figures (``peftbench.history``) to plot against the commits."""
     tuned_roots = [Path(s) for s in sources if (Path(s) / tuned.SELECTION).is_dir()]
     # a tuned comparison's folder: its general tables from the finals (test split) alone
     loaded = records.load([str(Path(s) / tuned.FINAL) if Path(s) in tuned_roots else s for s in sources])
@@ -69,6 +72,8 @@ def build(sources: list[str], out: str | Path) -> Path:
         title, _, rest = text.partition("\n")
         sections = [line for root in tuned_roots for line in tuned.markdown(tuned.load(root), out)]
         text = "\n".join([title, "", *sections, rest])
+    if history_file is not None:
+        text += "\n" + "\n".join(trend.section(history.read(history_file), out, history_file))
     with writing(out / "report.md") as page:
         page.write_text(text + "\n")
     with writing(out / "report.html") as path:
@@ -80,13 +85,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m peftbench.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", nargs="+", default=["results/runs"], help="record folders or files")
     p.add_argument("--out", default="reports/latest", help="folder for report.md, CSVs and plots")
+    p.add_argument("--history", help="a history of the gate's figures (python -m peftbench.history) to plot")
     a = p.parse_args(argv)
     why = unwritable(Path(a.out))
     if why:
         print(f"peftbench.report: error: --out={a.out}: {why}", file=sys.stderr)
         return 2
+    if a.history is not None:  # read before any work: a bad file writes nothing
+        try:
+            history.read(a.history)
+        except (OSError, ValueError) as e:
+            print(
+                f"peftbench.report: error: --history={a.history}: {getattr(e, 'strerror', None) or e}", file=sys.stderr
+            )
+            return 2
     try:
-        page = build(a.results, a.out)
+        page = build(a.results, a.out, a.history)
     except records.RecordError as e:
         print(f"peftbench.report: error: {e}", file=sys.stderr)
         return 2

@@ -214,7 +214,8 @@ function drawTable() {
     });
   }
   const tb = document.querySelector('#records tbody');
-  tb.innerHTML = rows.map(i => '<tr>' + cols.map(c => `<td>${fmt(D.rows[i][idx[c]])}</td>`).join('') + '</tr>').join('');
+  const cells = i => cols.map(c => `<td>${fmt(D.rows[i][idx[c]])}</td>`).join('');
+  tb.innerHTML = rows.map(i => '<tr>' + cells(i) + '</tr>').join('');
   document.getElementById('count').textContent = `${rows.length} of ${D.rows.length} rows`;
   document.querySelectorAll('#records th').forEach(th => th.onclick = () => {
     const c = th.dataset.col; sortDir = sortCol === c ? -sortDir : 1; sortCol = c; drawTable();
@@ -222,7 +223,11 @@ function drawTable() {
   drawPareto(rows);
 }
 function mean(a) { return a.reduce((s, v) => s + v, 0) / a.length; }
-function std(a) { if (a.length < 2) return 0; const m = mean(a); return Math.sqrt(a.reduce((s, v) => s + (v - m) ** 2, 0) / (a.length - 1)); }
+function std(a) {
+  if (a.length < 2) return 0;
+  const m = mean(a);
+  return Math.sqrt(a.reduce((s, v) => s + (v - m) ** 2, 0) / (a.length - 1));
+}
 function better(col, rows) {
   if (col !== 'quality') return D.direction[col] || null;
   const ds = new Set(rows.map(i => D.quality_direction[D.rows[i][idx.quality_metric]]));
@@ -260,7 +265,10 @@ function drawPareto(rows) {
     legend: {orientation: 'h'}}, {displaylogo: false});
 }
 function csv(rows) {
-  const q = v => { const s = v === null ? '' : String(v); return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; };
+  const q = v => {
+    const s = v === null ? '' : String(v);
+    return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  };
   return [C.map(q).join(','), ...rows.map(i => D.rows[i].map(q).join(','))].join('\n') + '\n';
 }
 function setup() {
