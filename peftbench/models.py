@@ -151,7 +151,15 @@ def build(cfg: ModelConfig, kind: str, vocab_size: int, pad_token_id: int, num_l
         model.config.architectures = [type(model).__name__]  # from_config leaves it unset
         return model
     extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
-    model = auto_class(kind).from_pretrained(checkpoint(cfg), dtype=torch_dtype(cfg.dtype), **extra)
+    loaded: Any = auto_class(kind).from_pretrained(
+        checkpoint(cfg), dtype=torch_dtype(cfg.dtype), output_loading_info=True, **extra
+    )
+    model, info = loaded
+    # every weight from the file: a classification head is new by design, a tied output embedding
+    # is the input one; anything else transformers filled with random values is refused
+    fresh = head_names(model) if kind == "classification" else set()
+    missing = [k for k in weights.missing_weights(list(info.get("missing_keys", [])), model) if k not in fresh]
+    weights.refuse_missing(str(cfg.name_or_path), missing, len(model.state_dict()))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model

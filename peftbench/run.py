@@ -55,6 +55,20 @@ def measures_forgetting(cfg: DictConfig) -> bool:
     return bool(cfg.measure.forgetting) and cfg.model.name_or_path is not None and cfg.task.kind == "causal-lm"
 
 
+def cache_writes(cfg: DictConfig) -> str:
+    """What a run of ``cfg`` may write to the cache folder (``weights.cache_root``), as the check
+    of that folder says it; empty when nothing."""
+    what = []
+    where = cfg.model.name_or_path
+    if where is not None and weights.is_gguf(weights.local_path(where, cfg.model.install)):
+        what.append("the GGUF file dequantized once")
+    if measures_forgetting(cfg):
+        what.append("the base model's forgetting reference")
+    if cfg.measure.reuse_zero_shot:
+        what.append("the zero-shot figures")
+    return ", ".join(what)
+
+
 def tokenizer_text(raw: tasks.RawTask) -> list[str]:
     """The text a word-level tokenizer is fitted on: the training texts, and for an instruction
     task also its prompts as the plain template renders them (else every prompt word is [UNK])."""
@@ -146,6 +160,9 @@ def check_run(cfg: DictConfig) -> None:
         cfg.train.batch_size,
         f"larger than the {n} training examples; allowed: at most {n}",
     )
+    writes = cache_writes(cfg)
+    if writes:
+        weights.check_cache_writable(writes)
     meta = models.build_meta(cfg.model, cfg.task.kind, models.tokens_in_use(cfg.model, cfg.task.vocab_size))
     method = methods.build(cfg.method)
     method.apply(meta)

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,22 @@ def cache_root() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftbench"
+
+
+def check_cache_writable(what: str) -> None:
+    """One-line ``ConfigError`` unless the cache folder (``cache_root``) is a folder this process
+    can write, or can be made: checked before any job runs, as ``results_dir`` is. ``what``:
+    what the run would write there."""
+    root = cache_root()
+    nearest = next(p for p in (root, *root.parents) if os.path.lexists(p))
+    why = None
+    if not nearest.is_dir():
+        why = "exists and is not a folder" if nearest == root else f"cannot be made: {nearest} is not a folder"
+    elif not os.access(nearest, os.W_OK | os.X_OK):
+        why = "cannot be written" if nearest == root else f"cannot be made: no permission to write in {nearest}"
+    if why is not None:
+        name = f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV) else f"the cache folder {root}"
+        raise ConfigError(f"{name}: {why}; allowed: a folder peftbench can write, for {what} (set {CACHE_ENV})")
 
 
 def package_file(spec: str, install: Optional[str] = None) -> Path:
@@ -107,14 +124,67 @@ def require_gguf_reader(name_or_path: str, install: Optional[str]) -> None:
         )
 
 
+STAMP = "peftbench-weights.json"  # what a cache folder holds, written last
+CACHED = "model.safetensors"  # the dequantized weights, whose size and SHA-256 the stamp records
+
+
+def cache_damage(folder: Path) -> Optional[str]:
+    """Why the GGUF cache folder ``folder`` cannot be trusted, or None: its stamp unreadable, or
+    the weights file missing, of another size, or of another SHA-256 than the stamp recorded
+    when it was written (a stamp without them predates the check: rebuilt once)."""
+    try:
+        about = json.loads((folder / STAMP).read_text())
+        want = about["files"][CACHED]
+        size, sha = int(want["bytes"]), str(want["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STAMP} is unreadable or records no size and SHA-256 of {CACHED}"
+    weights = folder / CACHED
+    if not weights.is_file():
+        return f"{CACHED} is missing"
+    have = weights.stat().st_size
+    if have != size:
+        return f"{CACHED} holds {have:,} bytes, {size:,} were written"
+    if file_sha256(str(weights)) != sha:
+        return f"the SHA-256 of {CACHED} is not the one written"
+    return None
+
+
+def missing_weights(missing: list[str], model: Any) -> list[str]:
+    """The keys of ``missing`` (``from_pretrained``'s ``missing_keys``) that are not tied to a
+    weight the file holds: an output embedding tied to the input one is not missing."""
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        out = model.get_output_embeddings()
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if out is not None and p is out.weight}
+    return sorted(k for k in missing if k not in tied)
+
+
+def refuse_missing(name_or_path: str, missing: list[str], total: int) -> None:
+    """One-line ``ConfigError`` when the file lacks weights of the model (``missing``, of
+    ``total`` parameters): transformers would fill them with random values."""
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: the file lacks {len(missing)} of the model's {total} weights "
+            f"({shown}), which would be random; allowed: a file with every weight of the model"
+        )
+
+
 def gguf_folder(path: str, name_or_path: str, install: Optional[str]) -> Path:
     """The cache folder holding ``path`` dequantized to float32 safetensors, its config and its
-    tokenizer; made on first use (atomically: a complete folder appears under its final name)."""
+    tokenizer; made on first use (atomically: a complete folder appears under its final name),
+    and checked on every use (``cache_damage``): a damaged folder is said in one line and made
+    again. A file that lacks weights of its model is refused (``refuse_missing``)."""
     require_gguf_reader(name_or_path, install)
     sha = file_sha256(path)
     folder = cache_root() / "gguf" / f"{Path(path).stem}-{sha[:16]}"
-    if (folder / "peftbench-weights.json").is_file():
-        return folder
+    if (folder / STAMP).is_file():
+        why = cache_damage(folder)
+        if why is None:
+            return folder
+        print(f"peftbench: the cached weights {folder} are damaged ({why}); dequantizing again", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+    check_cache_writable("the GGUF file is dequantized there once")
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,19 +193,23 @@ def gguf_folder(path: str, name_or_path: str, install: Optional[str]) -> Path:
     print(f"peftbench: dequantizing {name} once into {folder} (later loads read the cache)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            parent, gguf_file=name, dtype=torch.float32, output_loading_info=True
+        )
+        model, info = loaded
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(
             f"model.name_or_path={name_or_path}: transformers cannot load this GGUF file "
             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         ) from None
+    refuse_missing(name_or_path, missing_weights(list(info.get("missing_keys", [])), model), len(model.state_dict()))
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the cache holds plain float32 weights
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
     try:
         type(model.config).from_dict(config).save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / CACHED))
         tokenizer.save_pretrained(tmp)
         about = {
             "source": str(path),
@@ -143,12 +217,13 @@ def gguf_folder(path: str, name_or_path: str, install: Optional[str]) -> Path:
             "format": "gguf",
             **gguf_quantization(path),
             "cached_dtype": "float32",
+            "files": {CACHED: {"bytes": (tmp / CACHED).stat().st_size, "sha256": file_sha256(str(tmp / CACHED))}},
         }
-        (tmp / "peftbench-weights.json").write_text(json.dumps(about, indent=1))
+        (tmp / STAMP).write_text(json.dumps(about, indent=1))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process made it first
-            if not (folder / "peftbench-weights.json").is_file():
+            if not (folder / STAMP).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,7 +245,8 @@ def provenance(name_or_path: str, install: Optional[str] = None) -> dict[str, An
     quantization types (the weights are its dequantized values); for a folder or hub id, where."""
     path = local_path(name_or_path, install)
     if is_gguf(path):
-        about = json.loads((Path(resolve(name_or_path, install)) / "peftbench-weights.json").read_text())
+        about = json.loads((Path(resolve(name_or_path, install)) / STAMP).read_text())
+        about.pop("files", None)  # the cache's own check, not what the weights are
         return {**about, "dequantized": True}
     kind = "folder" if Path(path).expanduser().is_dir() else "hub"
     return {"source": path, "format": kind, "dequantized": False}

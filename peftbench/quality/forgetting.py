@@ -22,7 +22,9 @@ import hashlib
 import json
 import random
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -30,7 +32,7 @@ from torch import nn
 
 from peftbench.quality import generation
 from peftbench.tasks import answers, chat
-from peftbench.weights import cache_root
+from peftbench.weights import cache_root, file_sha256
 
 GENERAL_PROMPTS = (
     "Explain in two sentences why the sky looks blue.",
@@ -156,8 +158,9 @@ def reference(
     batch size differs by float rounding only)."""
     key = cache_key(base_sha256, tokenizer, template, tokens, quantize, batch_size)
     path = cache_root() / "forgetting" / f"{key}.pt"
-    if path.is_file():
-        return Reference(**torch.load(path))
+    cached = load_reference(path)
+    if cached is not None:
+        return cached
     was_training = model.training
     model.eval()
     try:
@@ -172,7 +175,29 @@ def reference(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{random.getrandbits(32):08x}")
     torch.save(ref.__dict__, tmp)
+    digest_path(path).write_text(file_sha256(str(tmp)) + "\n")  # before the file it vouches for
     tmp.replace(path)
+    return ref
+
+
+def digest_path(path: Path) -> Path:
+    """Where the SHA-256 of the cached reference ``path`` is kept, written with it."""
+    return path.with_name(path.name + ".sha256")
+
+
+def load_reference(path: Path) -> Optional[Reference]:
+    """The cached reference at ``path``, or None when there is none or it is damaged (its
+    SHA-256 not the one written with it, or unreadable: one line on standard error; the caller
+    computes it again and replaces it)."""
+    if not path.is_file():
+        return None
+    try:
+        ok = digest_path(path).read_text().strip() == file_sha256(str(path))
+        ref = Reference(**torch.load(path)) if ok else None
+    except Exception:  # whatever a damaged file raises while unpickling
+        ref = None
+    if ref is None:
+        print(f"peftbench: forgetting cache entry {path} is damaged; computing it again", file=sys.stderr)
     return ref
 
 
