@@ -136,6 +136,37 @@ def test_messages_that_are_not_role_content_dicts_are_one_line(tmp_path, message
     )
 
 
+def test_a_turn_after_the_last_assistant_message_is_one_line(tmp_path):
+    dangling = [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "And then?"},
+    ]
+    chats(tmp_path, [dangling])
+    assert one_line_error(tasks.check, task_cfg(tmp_path)) == (
+        "task.messages_column=messages: train.jsonl example 1 has 1 message(s) after the last assistant "
+        "message (the response); allowed: a conversation that ends with it"
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value, kind",
+    [("output", ["yes", "no"], "list"), ("instruction", {"q": "hi"}, "dict"), ("input", True, "bool")],
+)
+def test_an_alpaca_field_that_is_not_text_is_one_line_as_in_chat_files(tmp_path, field, value, kind):
+    alpaca(tmp_path, [{**ALPACA[0], field: value}])
+    key = {"output": "response_column", "instruction": "prompt_column", "input": "input_column"}[field]
+    assert one_line_error(tasks.check, task_cfg(tmp_path)) == (
+        f"task.{key}={field}: train.json example 1 holds a {kind}, not text; allowed: a string"
+    )
+
+
+def test_an_alpaca_number_is_its_text(tmp_path):
+    alpaca(tmp_path, [{**ALPACA[0], "output": 42}])
+    raw = tasks.load(task_cfg(tmp_path))
+    assert "42" in raw.train_text[0]
+
+
 def test_an_unknown_answer_rule_is_one_line(tmp_path):
     assert one_line_error(tasks.check, task_cfg(alpaca(tmp_path), "task.answer_rule=fuzzy")) == (
         "task.answer_rule=fuzzy: unknown rule; allowed: exact, first_word, last_number, regex"

@@ -6,7 +6,11 @@ Two layouts, columns configurable:
 - Alpaca: ``instruction`` (``task.prompt_column``), optional ``input`` (``task.input_column``,
   appended to the instruction after a blank line), ``output`` (``task.response_column``);
 - chat: ``messages`` (``task.messages_column``), a list of ``{"role", "content"}``; the last
-  assistant message is the response, the messages before it the prompt.
+  message, the assistant's, is the response, the messages before it the prompt (a conversation
+  that does not end with an assistant message is refused: its last turns would be dropped).
+
+Text fields are strings in both layouts (an Alpaca field may be a number, as CSV readers type a
+column of digits); a list or an object is refused in one line, never trained on as its repr.
 
 The reference answer of an eval example (for accuracy by generation) is its response.
 """
@@ -47,8 +51,15 @@ def check_columns(cfg: TaskConfig, columns: list[str], where: str) -> str:
     return fmt
 
 
-def _text(value: Any) -> str:
-    return "" if value is None else str(value).strip()
+def _text(value: Any, key: str, column: str, where: str) -> str:
+    """A text field of an Alpaca row: a string (a number, as CSV readers type a column of digits,
+    is its text; missing is empty). A list, an object or a boolean is refused in one line naming
+    the key, as a chat file's non-text content is: neither is trained on as its Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"task.{key}={column}: {where} holds a {type(value).__name__}, not text; allowed: a string")
+    return str(value).strip()
 
 
 def example(cfg: TaskConfig, row: dict[str, Any], fmt: str, where: str) -> Example:
@@ -56,9 +67,9 @@ def example(cfg: TaskConfig, row: dict[str, Any], fmt: str, where: str) -> Examp
     malformed message list."""
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     if fmt == "alpaca":
-        instruction = _text(row.get(cfg.prompt_column))
-        extra = _text(row.get(cfg.input_column)) if cfg.input_column else ""
-        response = _text(row.get(cfg.response_column))
+        instruction = _text(row.get(cfg.prompt_column), "prompt_column", cfg.prompt_column, where)
+        extra = _text(row.get(cfg.input_column), "input_column", cfg.input_column, where) if cfg.input_column else ""
+        response = _text(row.get(cfg.response_column), "response_column", cfg.response_column, where)
         if not response:
             raise ConfigError(
                 f"task.response_column={cfg.response_column}: {where} has an empty response; allowed: a non-empty text"
@@ -82,6 +93,11 @@ def example(cfg: TaskConfig, row: dict[str, Any], fmt: str, where: str) -> Examp
         raise ConfigError(
             f"task.messages_column={cfg.messages_column}: {where} has an empty response "
             "(no non-empty assistant message); allowed: at least one"
+        )
+    if last != len(messages) - 1:  # a turn after the response would be dropped without a word
+        raise ConfigError(
+            f"task.messages_column={cfg.messages_column}: {where} has {len(messages) - 1 - last} message(s) "
+            "after the last assistant message (the response); allowed: a conversation that ends with it"
         )
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
     if not any(m["role"] == "user" for m in prompt):
