@@ -208,6 +208,9 @@ class ParallelConfig:
     ``node_rank`` (0 .. nnodes-1) and the ``master`` (HOST:PORT) of node 0, as ``torchrun
     --nnodes --node-rank --master-addr`` does; in a submitit SLURM job of ``nnodes`` nodes both
     come from the job when left null. Where the job runs, not what it is: neither is hashed.
+
+    oversubscribe: on a CPU, more ranks on this node than it has cores (each rank's timings then
+    share the cores; memory, bytes moved and losses stay exact); refused unless true. Not hashed.
     """
 
     strategy: str = "none"
@@ -217,6 +220,7 @@ class ParallelConfig:
     nnodes: int = 1
     node_rank: Optional[int] = None
     master: Optional[str] = None
+    oversubscribe: bool = False
 
 
 @dataclass
@@ -688,6 +692,14 @@ def check_parallel(cfg: DictConfig) -> None:
         "parallel.backend",
         par.backend,
         f"nccl needs a CUDA device (the run's device is {device.type}); allowed here: auto, gloo",
+    )
+    cores = os.cpu_count() or 1
+    require(
+        device.type != "cpu" or par.nproc <= cores or par.oversubscribe,
+        "parallel.nproc",
+        par.nproc,
+        f"more CPU ranks than the {cores} cores here (they would contend for them, and many ranks run out of "
+        f"memory); allowed: at most {cores}, or parallel.oversubscribe=true",
     )
     if device.type == "cuda":
         require(

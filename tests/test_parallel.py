@@ -624,7 +624,7 @@ def test_estimate_against_measured_distributed_runs(nproc, model):
     for two modules."""
     from peftbench.estimate.calibrate import parallel_rows
 
-    for method, strategy, part, est, got in parallel_rows(nproc, model=model):
+    for method, strategy, part, est, got in parallel_rows(nproc, model=model):  # oversubscribed at 4
         name = (nproc, model, method, strategy, part)
         if part == "peak":
             if strategy == "ddp":
@@ -771,3 +771,19 @@ def test_srun_with_several_tasks_per_node_is_refused_in_one_line(tmp_path):
         "parallel.nproc ranks itself (parallel=ddp parallel.nproc=2)"
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_more_cpu_ranks_than_cores_are_refused_unless_oversubscribed(monkeypatch):
+    monkeypatch.setattr(config_mod.os, "cpu_count", lambda: 2)
+    many = ["method=lora", "parallel=ddp", "parallel.nproc=4", "train.batch_size=4", "device=cpu"]
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.check(app.compose(*many))
+    assert str(e.value) == (
+        "parallel.nproc=4: more CPU ranks than the 2 cores here (they would contend for them, and many ranks run "
+        "out of memory); allowed: at most 2, or parallel.oversubscribe=true"
+    )
+    over = app.compose(*many, "parallel.oversubscribe=true")
+    config_mod.check(over)
+    # where the job runs, not what it is: the same config hash either way
+    plain = app.compose(*many)
+    assert app.config_hash(config_mod.to_container(over)) == app.config_hash(config_mod.to_container(plain))

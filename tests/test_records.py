@@ -237,6 +237,8 @@ def foreign(tmp_path, good):
     (folder / "zero.json").symlink_to("/dev/zero")  # reading it would never end
     (folder / "latin1.json").write_bytes('{"caf\xe9": 1}'.encode("latin-1"))
     (folder / "huge-int.json").write_text('{"n": ' + "9" * 5000 + "}")
+    with open(folder / "huge.json", "wb") as f:  # sparse: 17 MiB that parsing would hold ~10 times over
+        f.truncate(17 * 2**20)
     (folder / "dir.json").mkdir()  # a folder, searched like any other
     (folder / "locked").mkdir()
     return folder
@@ -249,6 +251,7 @@ FOREIGN = {
     "zero.json": "not a regular file (a character device)",
     "latin1.json": "not UTF-8 text (byte 0xe9 at offset 5)",
     "huge-int.json": "not JSON (Exceeds the limit (4300 digits) for integer string conversion",
+    "huge.json": "17 MiB, larger than any record (at most 16 MiB; predictions live in .jsonl files beside it)",
     "locked": "cannot list the folder (Permission denied)",
 }
 

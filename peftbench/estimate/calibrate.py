@@ -160,6 +160,7 @@ def parallel_rows(
             f"train.batch_size={batch}",
             f"parallel={s}",
             f"parallel.nproc={nproc}",
+            "parallel.oversubscribe=true",  # bytes and memory are exact on any number of cores
         )
         for m, s in cases
     ]

@@ -28,7 +28,7 @@ def config_hash(config: dict[str, Any]) -> str:
     one-process run (``parallel.strategy: none``) hashes without its ``parallel`` settings: it is
     the same run as before they existed, so earlier records stay comparable and reusable; a
     distributed one without the node's place (``node_rank``, ``master``: every node of a run
-    hashes alike), and without ``nnodes`` on one node. Likewise the ``measure`` keys of
+    hashes alike) and without ``oversubscribe``, and without ``nnodes`` on one node. Likewise the ``measure`` keys of
     ``MEASURE_DEFAULTS`` at their defaults."""
     cfg = {k: v for k, v in config.items() if k not in ("results_dir", "force", "objective")}
     measure = dict(cfg.get("measure") or {})
@@ -42,7 +42,7 @@ def config_hash(config: dict[str, Any]) -> str:
     if par.get("strategy", "none") == "none":
         cfg.pop("parallel", None)
     elif par:  # where a node runs is not what the run is; one node hashes as before nnodes existed
-        for key in ("node_rank", "master"):
+        for key in ("node_rank", "master", "oversubscribe"):
             par.pop(key, None)
         if par.get("nnodes", 1) == 1:
             par.pop("nnodes", None)

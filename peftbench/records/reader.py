@@ -23,6 +23,9 @@ from peftbench.records import REPO, git, schema
 # The files whose content decides what a run measures; a change elsewhere (tests, docs,
 # results) does not make an old record stale.
 CODE_PATHS = ("peftbench", "methods", "conf", "pyproject.toml")
+# the largest file read as a record: a record is kilobytes (its per-example predictions are a
+# .jsonl file beside it), and parsing JSON takes about ten times the file's size in memory
+MAX_RECORD_BYTES = 16 * 2**20
 # what a file that is not a regular file is, for the reason it is skipped
 KINDS = {
     stat.S_IFDIR: "a folder",
@@ -86,6 +89,12 @@ def parse(p: Path) -> tuple[Optional[dict[str, Any]], str]:
         kind = stat.S_IFMT(p.stat().st_mode)
         if kind != stat.S_IFREG:  # reading a FIFO would block, a device might never end
             return None, f"not a regular file ({KINDS.get(kind, 'of an unknown kind')})"
+        size = p.stat().st_size
+        if size > MAX_RECORD_BYTES:  # parsing a huge JSON file takes about 10x its size in memory
+            return None, (
+                f"{size / 2**20:,.0f} MiB, larger than any record (at most {MAX_RECORD_BYTES >> 20} MiB; "
+                "predictions live in .jsonl files beside it): not read"
+            )
         obj = json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         return None, f"cannot read ({e.strerror or e})"
