@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -57,6 +58,7 @@ from peftbench.records import config_hash, reader, writer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_INTERRUPTED = 130  # a user's Ctrl-C (128 + SIGINT, as shells report it)
 # Flags that ask Hydra for information (help, the composed config) and run no job.
 INFORMATIONAL = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--shell-completion")
 # Launchers that run several jobs of a sweep at once on one machine (timings share it).
@@ -351,6 +353,8 @@ def run_job(
     except RecordElsewhere as e:  # another process writes this run's record
         return {"status": "ok" if e.ok else "failed", "note": str(e)}, None
     except Exception as e:  # recorded, not raised: a sweep goes on
+        if getattr(e, "sigval", None) == signal.SIGINT:  # the rank launcher's word for a Ctrl-C
+            raise KeyboardInterrupt from e
         rec["status"], rec["error"] = "failed", failure(e)
         if not isinstance(e, ConfigError):
             rec["traceback"] = traceback.format_exc()
@@ -629,7 +633,11 @@ def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
     os.environ[SWEEP_SIZE_ENV] = "" if sweep_id else str(len(jobs))
     checked = jobs
     try:
-        launch(app, argv, jobs, since, sweep_id)
+        try:
+            launch(app, argv, jobs, since, sweep_id)
+        except KeyboardInterrupt:
+            print(interrupted(app, jobs, since), file=sys.stderr)
+            return EXIT_INTERRUPTED, jobs
         if sweep_id:
             jobs = ledger_jobs(app, checked, sweep_id)
         if any(a in ("-m", "--multirun") for a in argv):
@@ -642,6 +650,21 @@ def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
             for folder in {j.results_dir for j in checked}:
                 for path in Path(folder).glob(f".job-{sweep_id}-*.json"):
                     path.unlink(missing_ok=True)
+
+
+def interrupted(app: App, jobs: list[Job], since: str) -> str:
+    """The one line a user's Ctrl-C ends a command with: what was saved before it (the rule for a
+    plain run, a sweep and a distributed job alike: the job that was running writes nothing, no
+    later job starts, and the same command finishes the rest, reusing what was saved)."""
+    now = reader.code_state()
+    states = [outcome(j, since, now)[0] for j in {(j.results_dir, j.config_hash): j for j in jobs}.values()]
+    saved = sum(s in ("ok", "failed", "elsewhere") for s in states)
+    reused = sum(s == "reused" for s in states)
+    return (
+        f"{app.prog}: interrupted (Ctrl-C): {saved} of {len(states)} job(s) wrote a record before it"
+        + (f" ({reused} reused)" if reused else "")
+        + "; the job that was running wrote nothing; the same command runs what is left, reusing what was saved"
+    )
 
 
 def untested_transformers() -> Optional[str]:
@@ -674,4 +697,8 @@ def main(app: App, argv: Optional[list[str]] = None) -> int:
     if any(a.startswith(INFORMATIONAL) for a in argv):
         hydra_main(app, argv)
         return EXIT_OK
-    return sweep(app, argv)[0]
+    try:
+        return sweep(app, argv)[0]
+    except KeyboardInterrupt:  # while checking, before any job ran
+        print(f"{app.prog}: interrupted (Ctrl-C) before any job ran; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -24,7 +24,7 @@ before any runs; the sweeps resume (a job with an ok record of the same config a
 reused), so an interrupted comparison is finished by running the same command again.
 
 Exit status: 0 every job ok; 1 a job failed or left no record, or a method had no usable trial;
-2 a config error (nothing was run).
+2 a config error (nothing was run); 130 a Ctrl-C (the running job wrote nothing, no other started).
 """
 
 from __future__ import annotations
@@ -43,7 +43,18 @@ PROG = "peftbench.tune"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command (``compare_methods``); a Ctrl-C outside a sweep ends it in one line too."""
+    try:
+        return compare_methods(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: interrupted (Ctrl-C); the same command runs what is left, reusing what was saved", file=sys.stderr
+        )
+        return app.EXIT_INTERRUPTED
+
+
+def compare_methods(argv: list[str]) -> int:
+    """Check every job, then for each method its trials, selection and finals; the exit status."""
     try:
         args = plan.split_args(argv)
         t = plan.compose_tune(args)
@@ -66,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = False
     for m in t.methods:
         status, tried = trials(t, args.run, m, defaults[m], grids[m])
-        if status == app.EXIT_CONFIG:
+        if status in (app.EXIT_CONFIG, app.EXIT_INTERRUPTED):  # a Ctrl-C stops the whole comparison
             return status
         failed |= status != app.EXIT_OK
         sel = plan.select(t, m, defaults[m], tried)
@@ -81,6 +92,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         finals = [plan.final_overrides(t, args.run, m, sel["selected_lr"], s) for s in t.seeds]
         status = app.main(cli.APP, plan.sweep(finals))
+        if status == app.EXIT_INTERRUPTED:
+            return status
         failed |= status != app.EXIT_OK
     print(tuned.text(tuned.load(t.results_dir)))
     return app.EXIT_FAILED if failed else app.EXIT_OK
