@@ -597,6 +597,19 @@ def world_size(par: Any) -> int:
     return int(par.get("nproc", 1)) * int(par.get("nnodes", 1))
 
 
+def model_label(model: Any) -> str:
+    """The name a record gives the model of ``model`` settings: the preset's name, or, when
+    ``model.name_or_path`` replaces the weights the preset names (its ``conf/model/<name>.yaml``),
+    where the weights came from and the preset they run as (``<path> (as llama2-7b)``)."""
+    preset = Path(__file__).resolve().parent.parent / "conf" / "model" / f"{model.name}.yaml"
+    given = model.get("name_or_path")
+    try:
+        own = OmegaConf.create({"p": cast(DictConfig, OmegaConf.load(preset)).get("name_or_path")}).p
+    except Exception:  # no such preset file (a name set on the command line), or one that cannot be read
+        return str(model.name)
+    return str(model.name) if given is None or str(given) == str(own) else f"{given} (as {model.name})"
+
+
 def split_across(par: DictConfig) -> str:
     """What a global batch must be a multiple of under ``par``, as error messages say it."""
     if par.nnodes == 1:

