@@ -128,10 +128,18 @@ STAMP = "peftbench-weights.json"  # what a cache folder holds, written last
 CACHED = "model.safetensors"  # the dequantized weights, whose size and SHA-256 the stamp records
 
 
+def file_stamp(path: Path) -> dict[str, Any]:
+    """What the cache stamp records of a file it holds: size (bytes), modification time (ns)
+    and SHA-256."""
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(str(path))}
+
+
 def cache_damage(folder: Path) -> Optional[str]:
     """Why the GGUF cache folder ``folder`` cannot be trusted, or None: its stamp unreadable, or
-    the weights file missing, of another size, or of another SHA-256 than the stamp recorded
-    when it was written (a stamp without them predates the check: rebuilt once)."""
+    the weights file missing, of another size, or, when its modification time is not the one
+    written (something wrote to it since), of another SHA-256 (a stamp without them predates
+    the check: rebuilt once). An untouched file is not hashed again: a second of every run."""
     try:
         about = json.loads((folder / STAMP).read_text())
         want = about["files"][CACHED]
@@ -141,10 +149,12 @@ def cache_damage(folder: Path) -> Optional[str]:
     weights = folder / CACHED
     if not weights.is_file():
         return f"{CACHED} is missing"
-    have = weights.stat().st_size
-    if have != size:
-        return f"{CACHED} holds {have:,} bytes, {size:,} were written"
-    if file_sha256(str(weights)) != sha:
+    st = weights.stat()
+    if st.st_size != size:
+        return f"{CACHED} holds {st.st_size:,} bytes, {size:,} were written"
+    if want.get("mtime_ns") == st.st_mtime_ns:  # untouched since it was written: hashing can wait
+        return None
+    if file_sha256(str(weights)) != sha:  # written to since (its time changed): its bytes decide
         return f"the SHA-256 of {CACHED} is not the one written"
     return None
 
@@ -217,7 +227,7 @@ def gguf_folder(path: str, name_or_path: str, install: Optional[str]) -> Path:
             "format": "gguf",
             **gguf_quantization(path),
             "cached_dtype": "float32",
-            "files": {CACHED: {"bytes": (tmp / CACHED).stat().st_size, "sha256": file_sha256(str(tmp / CACHED))}},
+            "files": {CACHED: file_stamp(tmp / CACHED)},
         }
         (tmp / STAMP).write_text(json.dumps(about, indent=1))
         try:

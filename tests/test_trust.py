@@ -73,7 +73,7 @@ def cache_folder(root: Path, content: bytes = b"weights!") -> Path:
     folder = root / "gguf" / "model-0123456789abcdef"
     folder.mkdir(parents=True)
     (folder / weights.CACHED).write_bytes(content)
-    files = {weights.CACHED: {"bytes": len(content), "sha256": weights.file_sha256(str(folder / weights.CACHED))}}
+    files = {weights.CACHED: weights.file_stamp(folder / weights.CACHED)}
     (folder / weights.STAMP).write_text(json.dumps({"format": "gguf", "files": files}))
     return folder
 
@@ -83,8 +83,12 @@ def test_a_damaged_gguf_cache_is_found_on_read(tmp_path):
     assert weights.cache_damage(folder) is None
     (folder / weights.CACHED).write_bytes(b"weight")  # truncated
     assert weights.cache_damage(folder) == "model.safetensors holds 6 bytes, 8 were written"
-    (folder / weights.CACHED).write_bytes(b"garbage!")  # same size, other bytes
+    (folder / weights.CACHED).write_bytes(b"garbage!")  # same size, other bytes (a new modification time)
+    os.utime(folder / weights.CACHED, ns=(1, 1))
     assert weights.cache_damage(folder) == "the SHA-256 of model.safetensors is not the one written"
+    (folder / weights.CACHED).write_bytes(b"weights!")  # the bytes written, touched since: hashed, fine
+    os.utime(folder / weights.CACHED, ns=(2, 2))
+    assert weights.cache_damage(folder) is None
     (folder / weights.CACHED).unlink()
     assert weights.cache_damage(folder) == "model.safetensors is missing"
     (folder / weights.STAMP).write_text(json.dumps({"format": "gguf"}))  # written before the check existed
