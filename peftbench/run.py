@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, cast
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import methods
 from peftbench import config as config_mod
@@ -167,6 +167,63 @@ def check_run(cfg: DictConfig) -> None:
     method = methods.build(cfg.method)
     method.apply(meta)
     config_mod.check_context(cfg, method, meta.config)
+    check_data(cfg, meta.config, getattr(method, "context_tokens", 0))
+
+
+@functools.lru_cache(maxsize=4)
+def data_lengths(task_json: str, model_json: str) -> tuple[Optional[int], list[int]]:
+    """The train split's packed blocks (None unless the task packs text) and the eval prompts'
+    token lengths (empty unless it has prompts), the data tokenized as a run of these task and
+    model settings (JSON) does; raises the tokenizer's one-line errors. Once per process for the
+    jobs of a sweep that share them."""
+    task, model = OmegaConf.create(json.loads(task_json)), OmegaConf.create(json.loads(model_json))
+    raw = tasks.load(cast(Any, task))
+    if raw.train_prompts is None and not raw.pack:
+        return None, []
+    tokenizer = models.load_tokenizer(cast(Any, model)) or tasks.word_tokenizer(tokenizer_text(raw), task.vocab_size)
+    train, ev = tasks.tokenize(raw, tokenizer, task.max_length, task.template)
+    return (len(train.ids) if raw.pack else None), list(ev.prompt_lengths or [])
+
+
+# the most new tokens a generation may ask for where the model states no context length
+MAX_NEW_TOKENS = 4096
+
+
+def check_data(cfg: DictConfig, model_config: Any, taken: int) -> None:
+    """The data as the run will tokenize it, checked before anything runs (``check_run``): every
+    prompt fits ``task.max_length`` with a response token (``tasks.tokenize``'s error, now exit 2
+    instead of a failed record); packed text makes at least a batch of blocks; and generation,
+    the longest prompt it runs on plus ``task.max_new_tokens`` (plus a method's own positions,
+    ``taken``), fits the model's context (else ``MAX_NEW_TOKENS``). Tokenizes the data once:
+    seconds for tens of thousands of examples; a GGUF model's tokenizer comes from its cache."""
+    if cfg.task.kind != "causal-lm" or cfg.train.steps == 0:
+        return
+    blocks, prompts = data_lengths(
+        json.dumps(config_mod.to_container(cfg.task)), json.dumps(config_mod.to_container(cfg.model))
+    )
+    if blocks is not None:
+        config_mod.require(
+            blocks >= cfg.train.batch_size,
+            "train.batch_size",
+            cfg.train.batch_size,
+            f"the train split packs into {blocks} block(s) of task.max_length={cfg.task.max_length} "
+            f"tokens; allowed: at most {blocks}, or a smaller task.max_length (at least 8) or more text",
+        )
+    n = len(prompts) if cfg.task.num_generate is None else min(cfg.task.num_generate, len(prompts))
+    if n == 0:
+        return
+    longest = max(prompts[:n]) + taken
+    context = methods.context_length(model_config)
+    bound = MAX_NEW_TOKENS if context is None else context - longest
+    where = "the stated bound" if context is None else f"the model's {context}-token context"
+    config_mod.require(
+        cfg.task.max_new_tokens <= bound,
+        "task.max_new_tokens",
+        cfg.task.max_new_tokens,
+        f"the longest prompt generated from is {longest} tokens"
+        + (f" ({taken} of them the method's)" if taken else "")
+        + f", and with the new tokens it must fit {where}; allowed: at most {max(bound, 0)}",
+    )
 
 
 def execute(cfg: DictConfig, rec: dict[str, Any], rank: Optional[ranks.Rank] = None) -> None:

@@ -59,7 +59,12 @@ def test_an_eval_split_shorter_than_one_block_names_max_length():
     texts = ["the cat sat on the mat", "a dog"]
     raw = RawTask(train_text=texts * 4, eval_text=["a dog"], train_labels=None, eval_labels=None, pack=True)
     assert one_line_error(tasks.tokenize, raw, tasks.word_tokenizer(texts, 64), 8) == (
-        "task.max_length=8: the eval split packs into 2 tokens, fewer than one block; allowed: at most 2"
+        "task.max_length=8: the eval split packs into 2 tokens, fewer than one block of the shortest allowed (8); "
+        "allowed: more text in that split"
+    )
+    enough = RawTask(train_text=texts * 4, eval_text=texts, train_labels=None, eval_labels=None, pack=True)
+    assert one_line_error(tasks.tokenize, enough, tasks.word_tokenizer(texts, 64), 16) == (
+        "task.max_length=16: the eval split packs into 9 tokens, fewer than one block; allowed: at most 9"
     )
 
 

@@ -64,6 +64,9 @@ def tokenize(raw: RawTask, tokenizer: Any, max_length: int, template: str = "aut
     return Split(enc(raw.train_text), raw.train_labels), Split(enc(raw.eval_text), raw.eval_labels)
 
 
+MIN_BLOCK = 8  # the shortest task.max_length (``config.check``'s rule)
+
+
 def pack_split(texts: list[str], tokenizer: Any, max_length: int, name: str) -> Split:
     """The texts as one stream of token ids, cut into blocks of exactly ``max_length`` tokens,
     each block one example.
@@ -80,7 +83,11 @@ def pack_split(texts: list[str], tokenizer: Any, max_length: int, name: str) -> 
     if len(stream) < max_length:
         raise ConfigError(
             f"task.max_length={max_length}: the {name} split packs into {len(stream)} tokens, "
-            f"fewer than one block; allowed: at most {len(stream)}"
+            + (
+                f"fewer than one block; allowed: at most {len(stream)}"
+                if len(stream) >= MIN_BLOCK
+                else f"fewer than one block of the shortest allowed ({MIN_BLOCK}); allowed: more text in that split"
+            )
         )
     return Split([stream[i : i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)], None)
 
