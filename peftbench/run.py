@@ -174,7 +174,8 @@ def check_run(cfg: DictConfig) -> None:
 def data_lengths(task_json: str, model_json: str) -> tuple[Optional[int], list[int]]:
     """The train split's packed blocks (None unless the task packs text) and the eval prompts'
     token lengths (empty unless it has prompts), the data tokenized as a run of these task and
-    model settings (JSON) does; raises the tokenizer's one-line errors. Once per process for the
+    model settings (JSON) does; raises the tokenizer's one-line errors, and those of choices no
+    token tells apart (``generation.check_choices``). Once per process for the
     jobs of a sweep that share them."""
     task, model = OmegaConf.create(json.loads(task_json)), OmegaConf.create(json.loads(model_json))
     raw = tasks.load(cast(Any, task))
@@ -182,6 +183,8 @@ def data_lengths(task_json: str, model_json: str) -> tuple[Optional[int], list[i
         return None, []
     tokenizer = models.load_tokenizer(cast(Any, model)) or tasks.word_tokenizer(tokenizer_text(raw), task.vocab_size)
     train, ev = tasks.tokenize(raw, tokenizer, task.max_length, task.template)
+    if task.get("choices"):
+        generation.check_choices(tokenizer, list(task.choices))
     return (len(train.ids) if raw.pack else None), list(ev.prompt_lengths or [])
 
 

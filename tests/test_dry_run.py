@@ -44,3 +44,42 @@ def test_what_only_the_run_found_is_a_config_error_before_any_job(tmp_path, caps
 
 def test_generation_that_fits_passes():
     cli.checked_config("model=tiny-gpt2", "task=sentiment", "method=prefix", "task.max_new_tokens=417")
+
+
+# ------------------------------------------------------------------------- choices told apart
+def test_the_first_distinguishing_token_decides_not_the_length():
+    from peftbench.quality.generation import first_distinguishing
+
+    ids = [[5, 6, 7, 9], [5, 8]]
+    logps = [[-1.0, -0.5, -3.0, -3.0], [-1.0, -0.6]]  # summed: -7.5 against -1.6, the short one
+    assert first_distinguishing(ids, logps) == 0  # after the shared 5, 6 is likelier than 8
+    assert first_distinguishing([[1], [2], [3]], [[-2.0], [-0.1], [-0.1]]) == 1  # the first on a tie
+    assert first_distinguishing([[4, 1], [4, 2], [3]], [[-0.2, -1.0], [-0.2, -0.5], [-0.3]]) == 1
+
+
+@pytest.mark.parametrize(
+    "choices, why",
+    [
+        (["good", "good movie"], "'good' and 'good movie' cannot be told apart ('good' is how 'good movie' begins"),
+        (["bad", "bad"], "'bad' and 'bad' cannot be told apart (tokenize alike"),
+        (["good", "zyzzyva"], "'zyzzyva' tokenizes to an unknown token; allowed: choices the tokenizer knows"),
+    ],
+)
+def test_choices_no_token_tells_apart_are_refused(choices, why):
+    from peftbench import tasks
+    from peftbench.errors import ConfigError
+    from peftbench.quality.generation import check_choices
+
+    tok = tasks.word_tokenizer(["a good movie", "a bad movie"], 64)
+    with pytest.raises(ConfigError) as e:
+        check_choices(tok, choices)
+    assert str(e.value).startswith(f"task.choices={choices}: {why}")
+
+
+def test_choices_are_checked_by_the_dry_run(tmp_path, capsys):
+    code = cli.main(["task=sentiment", "task.choices=[negative,negative]", f"results_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == (
+        "peftbench: error: task.choices=['negative', 'negative']: 'negative' and 'negative' cannot be told "
+        "apart (tokenize alike, token by token); allowed: choices whose tokens differ before either ends"
+    )

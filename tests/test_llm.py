@@ -173,15 +173,17 @@ def test_choice_logprobs_equal_a_hand_computation_per_choice():
     assert len(set(got)) == 3 and all(g < 0 for g in got)
 
 
-def test_evaluate_picks_the_choice_of_highest_log_likelihood():
+def test_evaluate_picks_the_choice_its_first_distinguishing_token_prefers():
     tok = tasks.word_tokenizer(TEXTS + ["red amber"], 64)
     model = tiny_llama(len(tok)).train()
-    choices = ["blue", "green", "red amber"]
+    choices = ["blue", "green", "red amber"]  # distinct first tokens: the first token decides, not the length
     prompts = [chat.prompt_ids(tok, user(q), "plain") for q in ("what colour is the sky?", "grass?")]
     best = []
     for p in prompts:
-        scores = generation.choice_logprobs(model.eval(), p, generation.choice_ids(tok, choices), CPU)
-        best.append(choices[max(range(3), key=scores.__getitem__)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model.eval()(input_ids=torch.tensor([p])).logits[0, -1], dim=-1)
+        first = [float(logp[ids[0]]) for ids in generation.choice_ids(tok, choices)]
+        best.append(choices[max(range(3), key=first.__getitem__)])
     wrong = next(c for c in choices if c != best[1])
     model.train()
     found, pred = generation.evaluate(model, tok, prompts, [best[0], wrong], answers.rule("exact"), 2, choices, CPU)

@@ -4,10 +4,14 @@
 - by generation: greedy decoding of up to ``max_new_tokens`` tokens after the prompt, stopped at
   end-of-sequence; the answer is extracted from the text by the task's rule
   (``quality.answers``) and compared with the reference;
-- by choice (for tasks with a fixed set of answers): the summed log-likelihood of each choice's
-  tokens after the prompt, the highest one is the prediction (the lm-evaluation-harness
-  convention for multiple choice; it needs no answer format, so it gives a meaningful zero-shot
-  figure where a chat model answers in full sentences).
+- by choice (for tasks with a fixed set of answers): the choices are compared token by token
+  after the prompt, and the first token that tells them apart decides (``first_distinguishing``):
+  a choice's length or a prefix it shares with another cannot, as they can with summed
+  log-likelihoods (a token-prefix of another choice would always win). For one-token choices it
+  is the summed log-likelihood, lm-evaluation-harness's ``acc``. Choices no token can tell apart
+  (the same tokens, one the token-prefix of another, or an unknown token) are refused
+  (``check_choices``). It needs no answer format, so it gives a meaningful zero-shot figure where
+  a chat model answers in full sentences.
 
 Batching changes no result: prompts are LEFT-padded for generation (the attention mask hides the
 padding and ``generate`` derives each row's positions from the mask, so a row's real tokens sit
@@ -31,6 +35,7 @@ from typing import Any, Optional, TypeVar, cast
 import torch
 from torch import nn
 
+from peftbench.errors import ConfigError
 from peftbench.tasks.answers import accuracy
 
 T = TypeVar("T")
@@ -161,8 +166,10 @@ def choice_logprobs_batch(
     choices: list[list[int]],
     device: torch.device,
     first: Optional[Sequence[dict[int, float]]] = None,
-) -> list[list[float]]:
-    """Per prompt, the summed log-probability (nats) of each choice's tokens following it.
+    per_token: bool = False,
+) -> list[list[Any]]:
+    """Per prompt, the summed log-probability (nats) of each choice's tokens following it (with
+    ``per_token``, each token's log-probability, a list per choice).
 
     Choice ``c`` after prompt ``p`` is scored on the row ``p + c[:-1]``: its positions
     ``len(p)-1 .. len(p)+len(c)-2`` predict ``c[0] .. c[-1]``. Identical rows are run once (every
@@ -185,18 +192,57 @@ def choice_logprobs_batch(
     for i, p in enumerate(prompts):
         scores = []
         for c in choices:
-            total, start = 0.0, 0
+            tokens: list[float] = []
             if first is not None:
-                total, start = first[i][c[0]], 1
+                tokens.append(first[i][c[0]])
+            start = len(tokens)
             if start < len(c):
                 assert logits is not None
                 row = logits[keys[(i, tuple(c[:-1]))], len(p) - 1 + start : len(p) - 1 + len(c)]
                 logp = torch.log_softmax(row.float(), dim=-1)  # predicts c[start:]
                 at = torch.arange(len(c) - start, device=logp.device)
-                total += float(logp[at, torch.tensor(c[start:], device=logp.device)].sum())
-            scores.append(total)
+                tokens += logp[at, torch.tensor(c[start:], device=logp.device)].tolist()
+            scores.append(tokens if per_token else sum(tokens))
         out.append(scores)
     return out
+
+
+def first_distinguishing(ids: list[list[int]], logps: list[list[float]]) -> int:
+    """The index of the choice picked token by token: of the choices still in, those whose next
+    token has the highest log-probability go on (choices that share a token share its
+    log-probability: the same context), so the first token that tells choices apart decides,
+    whatever their lengths; the first one on a tie. ``ids``: the choices' tokens, none a prefix
+    of another (``check_choices``); ``logps``: each token's log-probability after the prompt."""
+    alive, depth = list(range(len(ids))), 0
+    while len(alive) > 1:
+        best = max(alive, key=lambda i: logps[i][depth])  # the first of the highest
+        alive = [i for i in alive if ids[i][depth] == ids[best][depth]]
+        depth += 1
+    return alive[0]
+
+
+def check_choices(tokenizer: Any, choices: list[str]) -> None:
+    """One-line ``ConfigError`` for choices no token can tell apart: one that tokenizes to
+    nothing or to a token the tokenizer does not know, two with the same tokens, or one whose
+    tokens begin another's (``first_distinguishing`` needs a token where each pair differs)."""
+    ids = choice_ids(tokenizer, choices)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    shown = f"task.choices={list(choices)}"
+    for c, t in zip(choices, ids):
+        if not t or (unk is not None and unk in t):
+            raise ConfigError(
+                f"{shown}: {c!r} tokenizes to {'nothing' if not t else 'an unknown token'}; "
+                "allowed: choices the tokenizer knows"
+            )
+    for i, (a, ta) in enumerate(zip(choices, ids)):
+        for b, tb in list(zip(choices, ids))[i + 1 :]:
+            short, long_, s_text, l_text = (ta, tb, a, b) if len(ta) <= len(tb) else (tb, ta, b, a)
+            if long_[: len(short)] == short:
+                how = "tokenize alike" if len(short) == len(long_) else f"{s_text!r} is how {l_text!r} begins"
+                raise ConfigError(
+                    f"{shown}: {a!r} and {b!r} cannot be told apart ({how}, token by token); "
+                    "allowed: choices whose tokens differ before either ends"
+                )
 
 
 def choice_logprobs(model: nn.Module, prompt: list[int], choices: list[list[int]], device: torch.device) -> list[float]:
@@ -218,14 +264,15 @@ def choose(
     device: torch.device,
     batch_size: int,
 ) -> list[str]:
-    """Per prompt, the choice of highest summed log-likelihood (the first one on a tie)."""
+    """Per prompt, the choice its first distinguishing token picks (``first_distinguishing``)."""
+    check_choices(tokenizer, choices)
     ids = choice_ids(tokenizer, choices)
 
-    def run(chunk: list[list[int]]) -> list[list[float]]:
-        return choice_logprobs_batch(model, chunk, ids, device)
+    def run(chunk: list[list[int]]) -> list[list[Any]]:
+        return choice_logprobs_batch(model, chunk, ids, device, per_token=True)
 
     scores = by_length(prompts, batch_size, len, run)
-    return [choices[max(range(len(choices)), key=s.__getitem__)] for s in scores]
+    return [choices[first_distinguishing(ids, s)] for s in scores]
 
 
 def evaluate(
@@ -250,6 +297,8 @@ def evaluate(
     try:
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
+        if choices:
+            check_choices(tokenizer, choices)
         ids = choice_ids(tokenizer, choices) if choices else []
 
         def run(chunk: list[list[int]]) -> list[tuple[list[int], dict[int, float]]]:
@@ -261,11 +310,13 @@ def evaluate(
         chosen: list[Optional[str]] = [None] * len(prompts)
         if choices:
 
-            def score(chunk: list[tuple[list[int], dict[int, float]]]) -> list[list[float]]:
-                return choice_logprobs_batch(model, [p for p, _ in chunk], ids, device, [f for _, f in chunk])
+            def score(chunk: list[tuple[list[int], dict[int, float]]]) -> list[list[Any]]:
+                return choice_logprobs_batch(
+                    model, [p for p, _ in chunk], ids, device, [f for _, f in chunk], per_token=True
+                )
 
             scores = by_length([(p, f) for p, (_, f) in zip(prompts, done)], batch_size, lambda r: len(r[0]), score)
-            chosen = [choices[max(range(len(choices)), key=s.__getitem__)] for s in scores]
+            chosen = [choices[first_distinguishing(ids, s)] for s in scores]
             metrics["choice_accuracy"] = accuracy(cast(list[str], chosen), references, extract)
     finally:
         model.train(was_training)
