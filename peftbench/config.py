@@ -842,6 +842,11 @@ def check_task(task: DictConfig) -> None:
     require(task.num_eval is None or task.num_eval >= 1, "task.num_eval", task.num_eval, "must be >= 1 or null")
 
 
+# layer counts of a model's architecture (transformers' names), bounded in an estimate
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+MAX_ESTIMATE_LAYERS = 1024
+
+
 def check_estimate(cfg: DictConfig) -> None:
     """Reject an estimate config whose values cannot work (one-line ``ConfigError``)."""
     check_method(cfg)
@@ -865,6 +870,16 @@ def check_estimate(cfg: DictConfig) -> None:
     require(cfg.vocab_size >= 1, "vocab_size", cfg.vocab_size, "must be >= 1")
     check_world(cfg, "train.batch_size")
     check_output_and_model(cfg, "needs model.arch (or set model.name_or_path to a folder with a config.json)")
+    arch = cfg.model.get("arch") or {}
+    for key in LAYER_KEYS:
+        layers = arch.get(key)
+        require(
+            not isinstance(layers, int) or layers <= MAX_ESTIMATE_LAYERS,
+            f"model.arch.{key}",
+            layers,
+            "the estimate builds every layer on the meta device, in host memory and time in proportion; "
+            f"allowed: at most {MAX_ESTIMATE_LAYERS:,} (the deepest published models have under 200)",
+        )
 
 
 def check_numbers(cfg: DictConfig) -> None:

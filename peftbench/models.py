@@ -111,8 +111,15 @@ def model_config(
             )
         try:
             config = AutoConfig.for_model(model_type, **arch, vocab_size=rows, pad_token_id=pad_token_id, **extra)
-        except ValueError as e:
+        except ValueError as e:  # an unknown model_type
             raise ConfigError(f"model.arch.model_type={model_type}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # the config class's own validators (hidden size against heads, ...)
+            reason = " ".join(str(e).split()).rsplit("Error: ", 1)[-1]
+            given = ", ".join(f"{k}={v}" for k, v in sorted(arch.items()))
+            raise ConfigError(
+                f"model.arch ({given}): transformers refuses this {model_type} architecture: {reason}; "
+                "allowed: an architecture its config class accepts"
+            ) from None
     else:
         config = pretrained_config(cast(str, checkpoint(cfg)), cfg.name_or_path, **extra)  # name_or_path is set
         rows = getattr(config, "vocab_size", None)

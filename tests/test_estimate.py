@@ -331,3 +331,28 @@ def test_bad_values_are_one_line_and_exit_2(args, expected, tmp_path, capsys):
     assert err.startswith("peftbench.estimate: error: ") and err.strip().count("\n") == 0, err
     assert expected in err, err
     assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (
+            ["model=llama2-7b", "model.arch.num_hidden_layers=100000"],
+            "model.arch.num_hidden_layers=100000: the estimate builds every layer on the meta device, in host "
+            "memory and time in proportion; allowed: at most 1,024 (the deepest published models have under 200)",
+        ),
+        (
+            ["model=tiny-llama", "seq_length=128", "model.arch.hidden_size=1"],
+            "transformers refuses this llama architecture: The hidden size (1) is not a multiple of the number of "
+            "attention heads (8).; allowed: an architecture its config class accepts",
+        ),
+    ],
+)
+def test_an_impossible_or_huge_architecture_is_one_line_before_any_work(tmp_path, capsys, overrides, line):
+    from peftbench.estimate import cli as estimate_cli
+
+    code = estimate_cli.main([*overrides, f"results_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].endswith(line), err
+    assert err[0].startswith("peftbench.estimate: error: model.arch")
+    assert not any(tmp_path.iterdir())
