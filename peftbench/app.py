@@ -190,6 +190,24 @@ def sweep_values(o: Any) -> list[str]:
     return list(o.sweep_string_iterator())
 
 
+def expand_globs(argv: list[str]) -> list[str]:
+    """``argv`` with each ``group=glob(...)`` over a config group written out as its options
+    (``sweep_values``): Hydra's own glob also lists the group's schemas in the ConfigStore
+    (``model_schema``), a job that cannot compose."""
+    parser = OverridesParser.create()
+    out = []
+    for a in argv:
+        if a.startswith("-") or "glob(" not in a:
+            out.append(a)
+            continue
+        (o,) = parser.parse_overrides([a])
+        if isinstance(o.value(), Glob) and (Path(CONF_DIR) / o.key_or_group).is_dir():
+            out.append(f"{a.split('=', 1)[0]}={','.join(sweep_values(o))}")
+        else:
+            out.append(a)
+    return out
+
+
 def hydra_part(overrides: list[str], config_name: str) -> DictConfig:
     """The ``hydra`` config a command line composes (its sweep overrides left out)."""
     fixed = [
@@ -634,7 +652,7 @@ def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
     checked = jobs
     try:
         try:
-            launch(app, argv, jobs, since, sweep_id)
+            launch(app, expand_globs(argv), jobs, since, sweep_id)
         except KeyboardInterrupt:
             print(interrupted(app, jobs, since), file=sys.stderr)
             return EXIT_INTERRUPTED, jobs

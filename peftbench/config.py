@@ -282,6 +282,7 @@ class EstimateConfig:
     flops_attention: bool = True
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     results_dir: str = "results/estimates"
+    task: Any = None
 
 
 TUNE_OBJECTIVES = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_choice_accuracy", "eval_generate_accuracy")

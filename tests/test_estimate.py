@@ -356,3 +356,33 @@ def test_an_impossible_or_huge_architecture_is_one_line_before_any_work(tmp_path
     assert code == 2 and len(err) == 1 and err[0].endswith(line), err
     assert err[0].startswith("peftbench.estimate: error: model.arch")
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------ every preset the run takes
+def test_an_encoder_preset_is_estimated_as_sequence_classification_exactly():
+    """model=minilm (its default task: classification) is estimated with its fresh two-class
+    head trained; every part equals the tracker's measurement of the real step (bytes, FLOPs)."""
+    for method, lever in (("lora", "fp32"), ("full", "checkpointing")):
+        for part, est, got in EC.calibration_rows("minilm", method, lever, 2, 16):
+            assert est == got, (method, lever, part, est, got)
+    cfg = compose_estimate("model=minilm", "method=lora", "seq_length=64")
+    built, _ = E.build(cfg)
+    assert methods.trainable_parameters(built) == 74_498  # LoRA r=8 on q, v and the head: as a run counts
+
+
+def test_a_glob_over_a_config_group_is_its_yaml_options():
+    assert app.expand_globs(["-m", "model=glob(tiny-*)", "method=lora"]) == [
+        "-m",
+        "model=tiny-gpt2,tiny-llama",
+        "method=lora",
+    ]
+
+
+@pytest.mark.slow
+def test_every_model_preset_is_estimated(tmp_path):
+    proc = run_cli("-m", "model=glob(*)", "method=lora", "seq_length=128", f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the launcher failed" not in proc.stderr
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    presets = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+    assert sorted(r["model"] for r in recs) == presets and all(r["status"] == "ok" for r in recs)

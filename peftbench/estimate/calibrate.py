@@ -75,10 +75,11 @@ def measured_step(cfg: DictConfig) -> dict[str, int]:
     on random ids with a mask of ones."""
     lev = config_mod.levers(cfg)
     spec, vocab = cost.model_spec(cfg)
-    model = models.build(spec, "causal-lm", vocab, 0, 0)
+    kind = cost.task_kind(cfg)
+    model = models.build(spec, kind, vocab, 0, 2)
     torch.manual_seed(0)
     model = cost.prepare(model, cfg, lev)
-    return cost.tracked_step(model, lev, cost.micro_batches(lev, cfg.seq_length, vocab))
+    return cost.tracked_step(model, lev, cost.micro_batches(lev, cfg.seq_length, vocab, kind))
 
 
 def calibration_rows(model: str, method: str, lever: str, batch: int, seq: int) -> list[tuple[str, int, int]]:

@@ -67,12 +67,24 @@ def prepare_base(model: nn.Module, cfg: DictConfig, lev: Levers, quantized: bool
     return quantize.quantize_base(model, cfg.model.quantize)
 
 
+def task_kind(cfg: DictConfig) -> str:
+    """What the estimated model does: a causal LM, or, for an encoder preset whose default task
+    is classification (``model=minilm``), sequence classification with a fresh head."""
+    task = cfg.get("task")
+    return str(task.kind) if task is not None else "causal-lm"
+
+
 def prepare_method(model: nn.Module, cfg: DictConfig, lev: Levers) -> tuple[nn.Module, Any]:
-    """What ``run.setup`` does next: the method, then gradient checkpointing. Returns (model, method)."""
+    """What ``run.setup`` does next: the method, gradient checkpointing, then a fresh task head
+    trained (sequence classification). Returns (model, method)."""
     method = methods.build(cfg.method)
     model = method.apply(model)
     if lev.gradient_checkpointing:
         models.set_gradient_checkpointing(model, True)
+    head = models.head_names(model)
+    for name, p in model.named_parameters():
+        if name in head:
+            p.requires_grad_(True)
     return model, method
 
 
@@ -89,7 +101,7 @@ def build(cfg: DictConfig, lev: Optional[Levers] = None) -> tuple[nn.Module, Any
     model's context. ``lev``: the config's levers (default ``config.levers(cfg)``)."""
     lev = lev or config_mod.levers(cfg)
     spec, vocab = model_spec(cfg)
-    meta = models.build_meta(spec, "causal-lm", vocab, 0)
+    meta = models.build_meta(spec, task_kind(cfg), vocab)  # two classes for a classification head
     config = meta.config
     prepare_base(meta, cfg, lev, quantized=False)
     model, method = prepare_method(meta, cfg, lev)
@@ -205,14 +217,16 @@ class MatmulFlops(TorchDispatchMode):
         return out
 
 
-def micro_batches(lev: Levers, seq_length: int, vocab: int) -> list[dict[str, torch.Tensor]]:
+def micro_batches(lev: Levers, seq_length: int, vocab: int, kind: str = "causal-lm") -> list[dict[str, torch.Tensor]]:
     """``lev.grad_accum`` micro-batches of one rank's ``lev.rank_batch`` x ``seq_length`` random
-    ids, a mask of ones and labels (the harness's batch; ids from a fixed seed)."""
+    ids, a mask of ones and labels (the harness's batch; ids from a fixed seed): the ids
+    themselves for a causal LM, one of two classes per example for classification."""
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(lev.grad_accum):
         ids = torch.randint(0, vocab, (lev.rank_batch, seq_length), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        labels = ids.clone() if kind == "causal-lm" else torch.randint(0, 2, (lev.rank_batch,), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
 
 
@@ -371,11 +385,10 @@ def fake_model(config: Any, cfg: DictConfig, lev: Levers) -> tuple[nn.Module, An
     # heavy third-party modules (fake tensors load torch._dynamo: about 1.3 s) are imported where
     # a trace needs them, so a config error is told at once
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = models.auto_class(task_kind(cfg)).from_config(config, dtype=torch.float32)
     with quantized_once_per_shape():
         quantized = prepare_base(model, cfg, lev)
     to_fake(model, mode)
@@ -415,7 +428,10 @@ def trace(config: Any, cfg: DictConfig, lev: Optional[Levers] = None) -> dict[st
     lev = lev or config_mod.levers(cfg)
     model, mode, quantized = fake_model(config, cfg, lev)
     with mode:
-        micro = [{k: torch.empty_like(v) for k, v in b.items()} for b in micro_batches(lev, cfg.seq_length, 2)]
+        micro = [
+            {k: torch.empty_like(v) for k, v in b.items()}
+            for b in micro_batches(lev, cfg.seq_length, 2, task_kind(cfg))
+        ]
     kernel = AttentionKernel(cfg.attention)
     sharded = fsdp_sharded(cfg, lev)
     group = fake_group(lev.world_size) if sharded else contextlib.nullcontext()
