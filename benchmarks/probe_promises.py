@@ -164,8 +164,14 @@ def run_case(c: Case, tmp: Path) -> tuple[int, str]:
 def verdict(c: Case, tmp: Path, code: int, err: str) -> tuple[str, str]:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else ""
-    recs = [json.loads(p.read_text()) for p in (tmp / "runs").glob("*.json")] if (tmp / "runs").is_dir() else []
-    recs = [r for r in recs if isinstance(r, dict) and "run_id" in r]
+    recs = []
+    for p in (tmp / "runs").glob("*.json") if (tmp / "runs").is_dir() else []:
+        try:
+            rec = json.loads(p.read_text()) if p.stat().st_size < 2**24 else None
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and "run_id" in rec:
+            recs.append(rec)
     seen = f"exit {code}; {last[:150]}"
     if c.promise == "refused":
         if code != 2 or recs or "Traceback" in err:
