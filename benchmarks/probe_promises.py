@@ -6,7 +6,8 @@ data, labels, Ctrl-C, launchers), and count the cases kept, broken and surprisin
     python benchmarks/probe_promises.py --only choices,data
 
 Each case runs a real command in a fresh temporary folder and holds it to the promise it names:
-``refused`` (exit status 2, one line on standard error naming the key, nothing written),
+``refused`` (exit status 2, one line on standard error naming the key, nothing written;
+``ranks-refused``: that on every rank torchrun started, torchrun itself then exiting 1),
 ``failed`` (exit status 1 and a failed record saying why), ``ok`` (exit status 0, the records
 expected), ``interrupted`` (Ctrl-C: exit status 130, one line, no traceback, nothing half
 written). A case whose promise is kept but whose words are not the expected ones is
@@ -133,7 +134,7 @@ CASES = [
     Case("data", "an Alpaca output that is a list", ["peftbench", "task=instruction", "task.path={tmp}/alpaca",
          "results_dir={tmp}/runs"], "refused", "holds a list, not text", alpaca_list),
     Case("launchers", "torchrun with parallel=none", ["torch.distributed.run", "--nproc-per-node", "2", "-m",
-         "peftbench", "method=lora", "results_dir={tmp}/runs"], "refused",
+         "peftbench", "method=lora", "results_dir={tmp}/runs"], "ranks-refused",
          "parallel.strategy=none: torchrun started 2 processes"),
     Case("ctrl-c", "a sweep", ["peftbench", "-m", "method=lora,ia3", "train.steps=100000", "task.num_train=64",
          "results_dir={tmp}/runs"], "interrupted", "interrupted (Ctrl-C): 0 of 2 job(s)"),
@@ -177,6 +178,11 @@ def verdict(c: Case, tmp: Path, code: int, err: str) -> tuple[str, str]:
         if code != 2 or recs or "Traceback" in err:
             return "broken", seen
         return ("kept" if c.words in last else "surprising"), seen
+    if c.promise == "ranks-refused":  # every rank: the one line and exit status 2; torchrun then exits 1
+        said = sum(c.words in line for line in lines)  # torchrun stops the other ranks once one exits
+        if recs or "peftbench/" in err.split("Traceback")[-1] or not said or "exitcode  : 2" not in err:
+            return "broken", seen + f"; the line on {said} rank(s)"
+        return "kept", f"exit {code} (torchrun); the line on {said} rank(s), exit 2"
     if c.promise == "failed":
         failed = [r for r in recs if r.get("status") == "failed"]
         if code != 1 or len(failed) != 1:
