@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import traceback
 import uuid
 import zlib
@@ -106,10 +107,27 @@ def _worker(cfg: DictConfig, errors: str) -> Optional[dict[str, Any]]:
         raise
 
 
+def interrupt_once() -> None:
+    """Let a Ctrl-C stop this rank once: the first SIGINT raises ``KeyboardInterrupt``, and any
+    later one is ignored while the job unwinds. A terminal's Ctrl-C reaches a rank twice (from
+    the terminal, to the whole process group, and from its launcher, which forwards the SIGINT
+    it got), and a second ``KeyboardInterrupt`` inside the first's unwinding prints a traceback
+    that no handler can catch (Python reports it as ``Exception ignored in``)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set it
+        signal.signal(signal.SIGINT, stop)
+
+
 def _rank(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """This process as one rank of the world its launcher set up (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``: ``spawn``'s or torchrun's): join the group,
-    run the job as this rank, and return the record (rank 0) or None."""
+    run the job as this rank, and return the record (rank 0) or None. A Ctrl-C stops it once
+    (``interrupt_once``)."""
+    interrupt_once()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
         device = config_mod.resolve_device(cfg.device)

@@ -57,3 +57,22 @@ def test_ctrl_c_stops_the_command_in_one_line_and_writes_nothing_half_done(tmp_p
         "wrote nothing; the same command runs what is left, reusing what was saved"
     )
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob(".running-*"))
+
+
+def test_a_rank_stops_once_when_ctrl_c_reaches_it_twice():
+    """A rank gets a terminal's Ctrl-C twice (the process group's and its launcher's forwarded
+    SIGINT); the second, arriving while the first unwinds, is ignored rather than raised inside
+    the unwinding (where it printed an uncatchable traceback: CI, 2026-12-07)."""
+    code = (
+        "import os, signal, time\n"
+        "from peftbench.launch import interrupt_once\n"
+        "interrupt_once()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.5)\n"
+        "    print('unwound once')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "unwound once", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
