@@ -162,10 +162,11 @@ class MeasureConfig:
     addition questions of the general-skill accuracy.
     profile: full (every measurement) | quality (for search trials and quality sweeps: no
     latency grid, no decode timing, no inference memory or FLOPs, no checkpoint size; their
-    figures are absent from the record). reuse_zero_shot: a method that is the identity at
-    initialisation reads the base model's figures before training from the zero-shot cache
-    (``peftbench.quality.zero_shot``) when they were computed before for the same weights, data
-    and settings. eval_batch: prompts (sequences) per forward of accuracy by generation and by
+    figures are absent from the record). reuse_zero_shot: the figures before training are read
+    from the zero-shot cache (``peftbench.quality.zero_shot``) when they were computed before for
+    the same model, data and settings: the base model's for a method that is the identity at
+    initialisation, the model with the method applied, in the same initial state, for prefix and
+    prompt tuning. eval_batch: prompts (sequences) per forward of accuracy by generation and by
     choice, forgetting and skill (left-padded, with the KV cache; the same tokens and choices as
     one at a time, tested); 1: one at a time. curve_every: optimizer steps between the points of
     the learning curve (``learning_curve`` in the record: the eval loss on the first

@@ -16,6 +16,7 @@ import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Optional, cast
 
@@ -268,12 +269,12 @@ class Evaluation:
         """The figures before training (``eval_loss_initial`` and the ``*_initial`` accuracy and
         forgetting figures, the predictions before training), in the ``zero_shot`` phase. On the
         base model (``on_base``: the method is the identity at initialisation, so they are the
-        base model's), they are read from the zero-shot cache when an entry for the same
-        weights, data and settings exists, else computed and stored there; with the method
-        applied (prefix and prompt tuning change every output), computed. The record's
-        ``zero_shot`` says which."""
-        reuse = on_base and bool(self.cfg.measure.reuse_zero_shot)
-        name = zero_shot.key(self.zero_shot_spec()) if reuse else None  # digests the eval data: only when used
+        base model's); else with the method applied (prefix and prompt tuning change every
+        output), its state at initialisation in the key. Either way they are read from the
+        zero-shot cache when an entry for the same model, data and settings exists, else
+        computed and stored there; the record's ``zero_shot`` says which."""
+        reuse = bool(self.cfg.measure.reuse_zero_shot)
+        name = zero_shot.key(self.zero_shot_spec(on_base)) if reuse else None  # digests the eval data: only when used
         cached = zero_shot.load(name) if name is not None else None
         with self.clock.phase("zero_shot"):
             if cached is not None:
@@ -290,9 +291,25 @@ class Evaluation:
         on = "the base model" if on_base else "the model with the method applied"
         self.rec["zero_shot"] = {"source": "reused" if cached is not None else "computed", "on": on, "key": name}
 
-    def zero_shot_spec(self) -> dict[str, Any]:
-        """What the zero-shot figures depend on (``quality.zero_shot.key``)."""
+    def zero_shot_spec(self, on_base: bool) -> dict[str, Any]:
+        """What the zero-shot figures depend on (``quality.zero_shot.key``); off the base model,
+        the method too: its name, the digest of its tensors as initialised (and of any trained
+        head) and of the methods' source."""
         cfg, s, split = self.cfg, self.s, self.eval_split
+        method = None
+        if not on_base:
+            assert s.method is not None  # applied
+            names = s.method.adapter_names(s.model)
+            state = [
+                (n, t)
+                for n, t in chain(s.model.named_parameters(), s.model.named_buffers())
+                if n in names or (isinstance(t, torch.nn.Parameter) and t.requires_grad)
+            ]
+            method = {
+                "name": cfg.method.name,
+                "state": zero_shot.tensors_digest(state),
+                "code": zero_shot.methods_digest(),
+            }
         task = {k: cfg.task[k] for k in ("kind", "template", "max_new_tokens", "num_generate", "answer_rule")}
         return {
             "weights": self.rec["base_weights_sha256"],
@@ -307,6 +324,7 @@ class Evaluation:
             "forgetting": [cfg.measure.forgetting_tokens, cfg.measure.skill_examples] if s.reference else None,
             "precision": self.lev.precision,
             "device": s.device.type,
+            "method": method,
         }
 
     def loss(self) -> dict[str, Any]:

@@ -89,6 +89,24 @@ def test_a_method_that_changes_the_model_at_init_computes_its_own(tmp_path, cach
     assert rec["zero_shot"]["source"] == "computed" and rec["zero_shot"]["on"] == "the model with the method applied"
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_its_figures_are_shared_by_the_same_initial_state_only(tmp_path, cache, method):
+    """Prefix and prompt tuning's zero-shot figures are their initial state's: the trials of a
+    learning-rate search (same seed, other rates) share one entry, equal to the bit to figures
+    computed afresh; another seed or another number of virtual tokens is another state."""
+    first = instruction_run(tmp_path, f"method={method}", "train.lr=0.01")
+    other_lr = instruction_run(tmp_path, f"method={method}", "train.lr=0.1")
+    assert first["zero_shot"]["source"] == "computed"
+    assert other_lr["zero_shot"] == {**first["zero_shot"], "source": "reused"}
+    fresh = instruction_run(tmp_path, f"method={method}", "train.lr=0.1", "measure.reuse_zero_shot=false")
+    for key in INITIAL:
+        assert other_lr["metrics"][key] == first["metrics"][key] == fresh["metrics"][key], key
+    for changed in ("seed=1", "method.num_virtual_tokens=3"):
+        rec = instruction_run(tmp_path, f"method={method}", "train.lr=0.1", changed)
+        assert rec["zero_shot"]["source"] == "computed", changed
+        assert rec["zero_shot"]["key"] != first["zero_shot"]["key"], changed
+
+
 def test_other_evaluation_settings_are_another_entry(tmp_path, cache):
     a = instruction_run(tmp_path, "method=lora")
     b = instruction_run(tmp_path, "method=lora", "task.max_new_tokens=4")

@@ -1,12 +1,18 @@
-"""The zero-shot figures of a base model, computed once and reused by every run that starts from
-the same model (a method that is the identity at initialisation: full fine-tuning, LoRA, DoRA,
-adapters, (IA)^3, LoRA+), instead of being evaluated again in every run of a sweep.
+"""The zero-shot figures of a model, computed once and reused by every run that starts from the
+same model, instead of being evaluated again in every run of a sweep: the base model's, for a
+method that is the identity at initialisation (full fine-tuning, LoRA, DoRA, adapters, (IA)^3,
+LoRA+), and the model with the method applied for one that is not (prefix and prompt tuning),
+whose state at initialisation is part of the key: the same seed and settings give the same
+virtual tokens, so the trials of a learning-rate search share one entry, and another seed is
+another entry.
 
 An entry is keyed by everything the figures depend on (``key``): the base weights' sha256 and the
 scheme they are stored in, the evaluation data as tokenized (a digest of the ids, labels, prompt
 lengths, answers and choices), the tokenizer, the evaluation and forgetting settings, the
-numeric precision and device type, and the code that computes the figures (a digest of its
-source files). It is a JSON file under ``<cache>/zero-shot/`` holding the metrics (the record's
+numeric precision and device type, the torch and transformers versions, the code that computes
+the figures (a digest of its source files) and, for a method that changes the model at
+initialisation, its name, its tensors' digest (``tensors_digest``) and the methods' source
+(``methods_digest``). It is a JSON file under ``<cache>/zero-shot/`` holding the metrics (the record's
 ``*_initial`` figures), the per-example predictions before training, and the sha256 of both;
 ``load`` checks that digest and treats a file that fails it, or cannot be parsed, as absent (it
 is computed again and rewritten), saying so in one line.
@@ -18,9 +24,14 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import transformers
+
+import methods
 from peftbench.weights import cache_root
 
 # the files whose code computes the zero-shot figures: a change to any of them is a new key
@@ -45,14 +56,36 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def methods_digest() -> str:
+    """sha256 of the source of every method (``methods/*.py``): how a method's modules compute."""
+    h = hashlib.sha256()
+    for f in sorted(Path(methods.__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 of named tensors in name order: each one's name, dtype, shape and bytes (a method's
+    state at initialisation, which its seed and settings decide)."""
+    h = hashlib.sha256()
+    for name, t in sorted(named, key=lambda nt: nt[0]):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def digest(value: Any) -> str:
     """sha256 of a JSON-serialisable value, keys sorted."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def key(spec: dict[str, Any]) -> str:
-    """The entry's name: 24 hex digits of the digest of ``spec`` and of the code."""
-    return digest({**spec, "code": code_digest()})[:24]
+    """The entry's name: 24 hex digits of the digest of ``spec``, of the code and of the torch and
+    transformers versions (either can change a forward's numerics)."""
+    versions = [torch.__version__, transformers.__version__]
+    return digest({**spec, "code": code_digest(), "versions": versions})[:24]
 
 
 def path(name: str) -> Path:
