@@ -8,6 +8,7 @@ task ``AutoModelForSequenceClassification`` with a fresh, seeded head that every
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, cast
 
@@ -246,11 +247,26 @@ def head_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if any(part in TASK_HEADS for part in n.split("."))}
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, in name order: identical base weights give
-    identical checksums, whatever the method that is applied afterwards."""
+def unfreeze_head(model: nn.Module) -> set[str]:
+    """Make a fresh task head trainable (a method freezes the base, head included); its
+    parameter names (``head_names``)."""
+    head = head_names(model)
+    for name, p in model.named_parameters():
+        if name in head:
+            p.requires_grad_(True)
+    return head
+
+
+def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over named tensors in name order: each name, then its bytes."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(named, key=lambda nt: nt[0]):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in name order: identical base weights give
+    identical checksums, whatever the method that is applied afterwards."""
+    return tensors_sha256(model.state_dict().items())

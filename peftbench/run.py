@@ -132,10 +132,7 @@ def apply_method(cfg: DictConfig, s: Setup, rec: dict[str, Any]) -> None:
     model = method.apply(s.model)
     if cfg.train.gradient_checkpointing:  # after the method: its modules are inside the layers
         models.set_gradient_checkpointing(model, True)
-    head = models.head_names(model)
-    for name, p in model.named_parameters():
-        if name in head:
-            p.requires_grad_(True)
+    head = models.unfreeze_head(model)
     model.to(s.device)
     rec["method_config"] = method.describe(model)
     rec["method_config"]["head_modules"] = sorted({n.rsplit(".", 1)[0] for n in head})
@@ -307,7 +304,7 @@ class Evaluation:
             ]
             method = {
                 "name": cfg.method.name,
-                "state": zero_shot.tensors_digest(state),
+                "state": models.tensors_sha256(state),
                 "code": zero_shot.methods_digest(),
             }
         task = {k: cfg.task[k] for k in ("kind", "template", "max_new_tokens", "num_generate", "answer_rule")}

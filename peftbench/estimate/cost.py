@@ -81,10 +81,7 @@ def prepare_method(model: nn.Module, cfg: DictConfig, lev: Levers) -> tuple[nn.M
     model = method.apply(model)
     if lev.gradient_checkpointing:
         models.set_gradient_checkpointing(model, True)
-    head = models.head_names(model)
-    for name, p in model.named_parameters():
-        if name in head:
-            p.requires_grad_(True)
+    models.unfreeze_head(model)
     return model, method
 
 

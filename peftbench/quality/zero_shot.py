@@ -11,7 +11,7 @@ scheme they are stored in, the evaluation data as tokenized (a digest of the ids
 lengths, answers and choices), the tokenizer, the evaluation and forgetting settings, the
 numeric precision and device type, the torch and transformers versions, the code that computes
 the figures (a digest of its source files) and, for a method that changes the model at
-initialisation, its name, its tensors' digest (``tensors_digest``) and the methods' source
+initialisation, its name, its tensors' SHA-256 (``models.tensors_sha256``) and the methods' source
 (``methods_digest``). It is a JSON file under ``<cache>/zero-shot/`` holding the metrics (the record's
 ``*_initial`` figures), the per-example predictions before training, and the sha256 of both;
 ``load`` checks that digest and treats a file that fails it, or cannot be parsed, as absent (it
@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,17 +61,6 @@ def methods_digest() -> str:
     for f in sorted(Path(methods.__file__).resolve().parent.glob("*.py")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 of named tensors in name order: each one's name, dtype, shape and bytes (a method's
-    state at initialisation, which its seed and settings decide)."""
-    h = hashlib.sha256()
-    for name, t in sorted(named, key=lambda nt: nt[0]):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
