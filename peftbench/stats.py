@@ -199,6 +199,48 @@ def mcnemar_p(a: Sequence[Any], b: Sequence[Any]) -> float:
     return min(1.0, float(binomtest(only_a, only_a + only_b, 0.5).pvalue))
 
 
+@dataclass(frozen=True)
+class OverSeeds:
+    """Method A against method B from one figure per seed each (``welch``), for a figure whose
+    per-example scores are not kept (a perplexity): ``diff`` is A's mean over its seeds minus
+    B's, in the figure's units; ``low`` and ``high`` bound Welch's 95% interval (by default);
+    ``p`` is the two-sided p-value that the difference is 0; ``df`` the Welch-Satterthwaite
+    degrees of freedom; ``seeds_a`` and ``seeds_b`` the seeds per method. The test data's own
+    sampling noise is not in it: every seed of every method is scored on the same data."""
+
+    diff: float
+    low: float
+    high: float
+    p: float
+    df: float
+    seeds_a: int
+    seeds_b: int
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        """Whether the difference is significant at level ``alpha`` (p < alpha)."""
+        return self.p < alpha
+
+
+def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Optional[OverSeeds]:
+    """Welch's t-test of mean(a) - mean(b), one value per seed on each side (unequal variances);
+    None with fewer than 2 values on a side, or when neither side varies (no noise to judge by)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence}: expected a fraction between 0 and 1")
+    from scipy.stats import t as student  # heavy: only when a continuous figure is compared
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return None
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(student.ppf(0.5 + confidence / 2, df)) * se
+    p = float(2 * student.sf(abs(diff) / se, df))
+    return OverSeeds(diff, diff - half, diff + half, min(1.0, p), df, len(a), len(b))
+
+
 def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
     """Holm-Bonferroni adjusted p-values of several tests made together, under the same keys: the
     k-th smallest of m raw p-values is multiplied by m - k + 1, each adjusted value is at least

@@ -136,3 +136,21 @@ def test_holm_adjustment_pinned():
     assert stats.holm({"a": 0.6, "b": 0.01}) == {"a": 0.6, "b": pytest.approx(0.02)}
     assert stats.holm({"only": 0.04}) == {"only": 0.04} and stats.holm({}) == {}
     assert list(stats.holm({"y": 0.5, "x": 0.1})) == ["y", "x"]  # the caller's key order
+
+
+def test_welch_gives_the_textbook_answer():
+    """1, 2, 3 against 4, 5, 6: difference -3, standard error sqrt(2/3), 4 degrees of freedom,
+    t = -3.674, two-sided p = 0.0213 and the interval -3 +- 2.776 x 0.8165 (t tables)."""
+    w = stats.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert w.diff == -3.0 and w.df == pytest.approx(4.0) and (w.seeds_a, w.seeds_b) == (3, 3)
+    assert w.p == pytest.approx(0.02131, abs=5e-5) and w.significant()
+    assert (w.low, w.high) == (pytest.approx(-5.2669, abs=1e-3), pytest.approx(-0.7331, abs=1e-3))
+    same = stats.welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert same.diff == 0 and same.p == 1.0 and not same.significant()
+
+
+def test_welch_needs_two_seeds_a_side_and_some_noise():
+    assert stats.welch([1.0], [2.0, 3.0]) is None
+    assert stats.welch([1.0, 1.0], [2.0, 2.0]) is None  # nothing varies: no noise to judge by
+    with pytest.raises(ValueError, match="confidence"):
+        stats.welch([1.0, 2.0], [2.0, 3.0], confidence=1.5)

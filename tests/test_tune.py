@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from peftbench import stats
 from peftbench.records import reader
 from peftbench.report import tuned
 from peftbench.tasks import data as task_data
@@ -365,6 +366,27 @@ def test_sixty_more_right_of_a_thousand_is_distinguishable(tmp_path):
     assert rows[0].spread.mean == pytest.approx(0.8) and rows[0].spread.n == 3
     assert rows[1].paired.diff == pytest.approx(-0.06) and rows[1].paired.high < 0 and rows[1].distinguishable
     assert "worse than the best" in tuned.text(t)
+
+
+def test_a_loss_is_compared_over_seeds_with_welch(tmp_path):
+    """Perplexity runs keep no per-example losses: each method against the best by Welch's t-test
+    on the seeds' eval losses (lower is better), Holm-adjusted, and the report says so."""
+    right = [1] * 10
+    root = made_up(tmp_path, {"a": [right] * 3, "b": [right] * 3, "c": [right] * 3})
+    losses = {"a": [3.00, 3.01, 3.02], "b": [3.50, 3.52, 3.54], "c": [3.00, 3.02, 3.04]}
+    for p in (root / "final").glob("*.json"):
+        rec = json.loads(p.read_text())
+        rec["metrics"] = {"eval_loss": losses[rec["method"]][rec["config"]["seed"]], "eval_examples": 10}
+        rec.pop("predictions_file")
+        p.write_text(json.dumps(rec))
+    t = tuned.load(root)
+    rows, why = tuned.compare(t)
+    assert why is None and [r.method for r in rows] == ["a", "c", "b"]
+    b, c = rows[2], rows[1]
+    assert b.paired.diff == pytest.approx(0.51) and b.paired.low > 0 and b.distinguishable
+    assert c.paired.diff == pytest.approx(0.01) and c.paired.low < 0 < c.paired.high and c.distinguishable is False
+    assert b.p_holm == pytest.approx(min(1.0, 2 * stats.welch(losses["b"], losses["a"]).p))  # the smaller of two
+    assert "Welch's t-test" in tuned.text(t)
 
 
 def test_different_example_sets_are_never_compared(tmp_path):

@@ -7,7 +7,9 @@ quality metric every final has (``aggregate.QUALITY_ORDER``): mean and standard 
 seeds, and, for an accuracy, a paired comparison of each method with the best from the
 per-example predictions (the same test examples for every method): the difference with its 95%
 interval and p-value (paired bootstrap over examples, seeds resampled per method,
-``stats.paired_bootstrap``), Holm-adjusted over the methods compared with the best. A method
+``stats.paired_bootstrap``), Holm-adjusted over the methods compared with the best. For a loss
+(the runs keep no per-example losses) the comparison is over seeds: Welch's t-test on each
+seed's figure (``stats.welch``), which leaves out the test data's own sampling noise. A method
 whose adjusted p is at least 0.05 is not distinguishable from the best. Figures from different
 splits or example sets are never compared: such a comparison is refused with the reason.
 """
@@ -22,7 +24,7 @@ from typing import Any, Optional
 
 from peftbench.records import reader
 from peftbench.report.aggregate import QUALITY_ORDER, pareto
-from peftbench.stats import Paired, Spread, holm, paired_bootstrap
+from peftbench.stats import OverSeeds, Paired, Spread, holm, paired_bootstrap, welch
 from peftbench.tasks import answers
 
 ALPHA = 0.05
@@ -52,7 +54,7 @@ class Row:
     spread: Optional[Spread]
     examples: Optional[int]
     split: Optional[str]
-    paired: Optional[Paired] = None  # against the best; None for the best itself
+    paired: Optional[Paired | OverSeeds] = None  # against the best; None for the best itself
     p_holm: Optional[float] = None
 
     @property
@@ -164,8 +166,19 @@ def compare(t: Tuned, resamples: int = 10_000) -> tuple[list[Row], Optional[str]
     )
     if not ranked or ranked[0].spread is None or metric is None:
         return ranked, why or "no final records"
-    if not metric.endswith("_accuracy"):
-        return ranked, f"{metric}: paired comparison needs per-example correctness (accuracies only)"
+    if not metric.endswith("_accuracy"):  # no per-example scores: over seeds
+        best_values = [float(r["metrics"][metric]) for r in t.finals[ranked[0].method]]
+        tests = {
+            r.method: welch([float(x["metrics"][metric]) for x in t.finals[r.method]], best_values)
+            for r in ranked[1:]
+            if r.spread is not None
+        }
+        over = {m: w for m, w in tests.items() if w is not None}
+        adjusted = holm({m: w.p for m, w in over.items()}) if over else {}
+        rows = [ranked[0]] + [
+            Row(**{**r.__dict__, "paired": over.get(r.method), "p_holm": adjusted.get(r.method)}) for r in ranked[1:]
+        ]
+        return rows, why or (None if len(over) == len(tests) else f"{metric}: a method with one seed, not compared")
     folder = t.root / FINAL
     found = {r.method: [correct(rec, metric, folder) for rec in t.finals[r.method]] for r in ranked if r.spread}
     if any(c is None for cs in found.values() for c in cs):
@@ -226,6 +239,20 @@ def selection_line(sel: dict[str, Any]) -> str:
     )
 
 
+def how(rows: list[Row]) -> str:
+    """How the rows were compared with the best, in words."""
+    if any(isinstance(r.paired, OverSeeds) for r in rows):
+        return (
+            "over seeds (Welch's t-test on each seed's figure, 95% interval; the runs keep no per-example "
+            "losses, so the test data's own sampling noise is not in it), p-values Holm-adjusted over the "
+            "methods compared with the best"
+        )
+    return (
+        "example by example (paired bootstrap over examples and seeds, 95% interval), p-values Holm-adjusted "
+        "over the methods compared with the best"
+    )
+
+
 def _fmt(x: Optional[float], spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -256,10 +283,7 @@ def text(t: Tuned) -> str:
         )
     ex = next((r for r in rows if r.examples), None)
     if ex:
-        lines.append(
-            f"  measured on {ex.examples} {ex.split} examples; paired bootstrap over examples and seeds, "
-            "Holm-adjusted over the methods compared with the best"
-        )
+        lines.append(f"  measured on {ex.examples} {ex.split} examples; {how(rows)}")
     if why:
         lines.append(f"  {why}")
     wall = wall_line(t)
@@ -281,9 +305,8 @@ def markdown(t: Tuned, out: Path) -> list[str]:
     objective = next(iter(t.selections.values()))["objective"]
     lines += [
         f"Each method at its own learning rate, chosen on validation `{objective}` "
-        f"from the trials' records; test `{metric}` over seeds on {where}, mean ± standard error. Each method is "
-        "compared with the best example by example (paired bootstrap over examples and seeds, 95% interval), "
-        "p-values Holm-adjusted over the methods compared with the best.",
+        f"from the trials' records; test `{metric}` over seeds on {where}, mean ± standard error; "
+        f"compared with the best: {how(rows)}.",
         "",
         "| method | lr (chosen) | rates tried | test quality | seeds | vs best | 95% interval | p (Holm) | note "
         "| trainable params | peak train MiB | step ms | checkpoint MiB | forgetting KL |",
