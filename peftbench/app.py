@@ -20,6 +20,7 @@ ones it lost are named in the summary.
 
 from __future__ import annotations
 
+import _thread
 import datetime as dt
 import importlib.metadata
 import itertools
@@ -29,6 +30,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -639,10 +641,62 @@ def ledger_jobs(app: App, checked: list[Job], sweep_id: str) -> list[Job]:
     return found
 
 
+class CtrlC:
+    """A user's Ctrl-C in this process, raised until the command has caught it. Python raises
+    ``KeyboardInterrupt`` wherever the main thread is; inside a finalizer or a weakref callback
+    (the memory tracker's, tqdm's) it prints the exception and drops it, and the run would go
+    on. So the first SIGINT raises and, until ``caught``, the interrupt is raised again every
+    ``retry_s`` seconds; once caught, later SIGINTs are ignored until ``restore``."""
+
+    def __init__(self, retry_s: float = 2.0) -> None:
+        self.retry_s = retry_s
+        self.done = False
+        self.pending = False
+        self.previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.on_sigint)
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        if self.done:
+            return
+        if not self.pending:
+            self.pending = True
+            threading.Thread(target=self.retry, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def retry(self) -> None:
+        while not self.done:
+            time.sleep(self.retry_s)
+            if not self.done:
+                _thread.interrupt_main()
+
+    def caught(self) -> None:
+        self.done = True
+
+    def restore(self) -> None:
+        self.done = True
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
     """Check every job, run them, and return the exit status read back from the records with
     the jobs that ran (for a searching sweeper, those it chose; ``ledger_jobs``). Exit status
-    2 and no job for a config error."""
+    2 and no job for a config error. A Ctrl-C is raised until caught (``CtrlC``)."""
+    ctrl_c = CtrlC()
+    ctrl_c.install()
+    try:
+        return _sweep(app, argv, ctrl_c)
+    except KeyboardInterrupt:  # while checking, before any job ran: the caller says so
+        ctrl_c.caught()
+        raise
+    finally:
+        ctrl_c.restore()
+
+
+def _sweep(app: App, argv: list[str], ctrl_c: CtrlC) -> tuple[int, list[Job]]:
     jobs = check_jobs(app, argv)
     if isinstance(jobs, int):
         return jobs, []
@@ -654,6 +708,7 @@ def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
         try:
             launch(app, expand_globs(argv), jobs, since, sweep_id)
         except KeyboardInterrupt:
+            ctrl_c.caught()
             print(interrupted(app, jobs, since), file=sys.stderr)
             return EXIT_INTERRUPTED, jobs
         if sweep_id:
