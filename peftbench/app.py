@@ -688,10 +688,7 @@ def sweep(app: App, argv: list[str]) -> tuple[int, list[Job]]:
     ctrl_c = CtrlC()
     ctrl_c.install()
     try:
-        return _sweep(app, argv, ctrl_c)
-    except KeyboardInterrupt:  # while checking, before any job ran: the caller says so
-        ctrl_c.caught()
-        raise
+        return _sweep(app, argv, ctrl_c)  # a Ctrl-C while checking propagates: the caller says so
     finally:
         ctrl_c.restore()
 

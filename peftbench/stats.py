@@ -92,7 +92,22 @@ def mann_whitney_p(base: list[float], cur: list[float]) -> Optional[float]:
 
 
 @dataclass(frozen=True)
-class Paired:
+class Difference:
+    """Method A's figure minus method B's (``diff``), the bounds of its interval (``low``,
+    ``high``, same units) and the two-sided p-value that it is 0 (``p``)."""
+
+    diff: float
+    low: float
+    high: float
+    p: float
+
+    def significant(self, alpha: float = 0.05) -> bool:
+        """Whether the difference is significant at level ``alpha`` (p < alpha)."""
+        return self.p < alpha
+
+
+@dataclass(frozen=True)
+class Paired(Difference):
     """Method A against method B on the same eval examples (``paired_bootstrap``).
 
     ``diff`` is A's mean score minus B's, each averaged over seeds and examples (a fraction for
@@ -101,17 +116,9 @@ class Paired:
     ``examples`` is the number of eval examples, ``seeds_a`` and ``seeds_b`` the seeds per method.
     """
 
-    diff: float
-    low: float
-    high: float
-    p: float
     examples: int
     seeds_a: int
     seeds_b: int
-
-    def significant(self, alpha: float = 0.05) -> bool:
-        """Whether the difference is significant at level ``alpha`` (p < alpha)."""
-        return self.p < alpha
 
 
 def _score_rows(name: str, rows: Sequence[Sequence[float]]) -> np.ndarray:
@@ -200,7 +207,7 @@ def mcnemar_p(a: Sequence[Any], b: Sequence[Any]) -> float:
 
 
 @dataclass(frozen=True)
-class OverSeeds:
+class OverSeeds(Difference):
     """Method A against method B from one figure per seed each (``welch``), for a figure whose
     per-example scores are not kept (a perplexity): ``diff`` is A's mean over its seeds minus
     B's, in the figure's units; ``low`` and ``high`` bound Welch's 95% interval (by default);
@@ -208,17 +215,9 @@ class OverSeeds:
     degrees of freedom; ``seeds_a`` and ``seeds_b`` the seeds per method. The test data's own
     sampling noise is not in it: every seed of every method is scored on the same data."""
 
-    diff: float
-    low: float
-    high: float
-    p: float
     df: float
     seeds_a: int
     seeds_b: int
-
-    def significant(self, alpha: float = 0.05) -> bool:
-        """Whether the difference is significant at level ``alpha`` (p < alpha)."""
-        return self.p < alpha
 
 
 def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Optional[OverSeeds]:

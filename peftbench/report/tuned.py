@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from peftbench.records import reader
 from peftbench.report.aggregate import QUALITY_ORDER, pareto
-from peftbench.stats import OverSeeds, Paired, Spread, holm, paired_bootstrap, welch
+from peftbench.stats import Difference, OverSeeds, Spread, holm, paired_bootstrap, welch
 from peftbench.tasks import answers
 
 ALPHA = 0.05
@@ -54,7 +54,7 @@ class Row:
     spread: Optional[Spread]
     examples: Optional[int]
     split: Optional[str]
-    paired: Optional[Paired | OverSeeds] = None  # against the best; None for the best itself
+    paired: Optional[Difference] = None  # against the best (Paired or OverSeeds); None for the best itself
     p_holm: Optional[float] = None
 
     @property
