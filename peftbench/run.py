@@ -324,12 +324,23 @@ class Evaluation:
             "method": method,
         }
 
-    def loss(self) -> dict[str, Any]:
-        """Eval loss (and classification predictions) of the model as it is now."""
+    def loss(self, split: Optional[tasks.Split] = None) -> dict[str, Any]:
+        """Eval loss (and classification predictions, in the split's order) of the model as it
+        is now, on ``split`` (default the eval split), its examples batched shortest first
+        (``tasks.eval_order``): the same figures as in the split's order up to float rounding,
+        with less padding to compute."""
+        split = self.eval_split if split is None else split
         kind, bs, pad_id = self.cfg.task.kind, self.cfg.train.batch_size, self.s.tokenizer.pad_token_id
+        order = tasks.eval_order(split)
         with precision.autocast(self.lev.precision, self.s.device):
-            batches = tasks.eval_batches(self.eval_split, bs, pad_id, kind)
-            return evaluate(self.s.model, batches, kind, self.s.device)
+            found = evaluate(self.s.model, tasks.eval_batches(split, bs, pad_id, kind, order), kind, self.s.device)
+        if "predictions" in found:  # back to the split's order
+            for name in ("predictions", "references"):
+                put: list[Any] = [None] * len(order)
+                for at, value in zip(order, found[name]):
+                    put[at] = value
+                found[name] = put
+        return found
 
     def quality(self, suffix: str) -> None:
         """Accuracy and forgetting as the model is now (``_initial``: before training)."""
@@ -364,10 +375,8 @@ class Evaluation:
             None if split.labels is None else split.labels[:n],
             None if split.prompt_lengths is None else split.prompt_lengths[:n],
         )
-        kind, bs, pad_id = self.cfg.task.kind, self.cfg.train.batch_size, self.s.tokenizer.pad_token_id
-        with self.clock.phase("curve"), precision.autocast(self.lev.precision, self.s.device):
-            found = evaluate(self.s.model, tasks.eval_batches(head, bs, pad_id, kind), kind, self.s.device)
-        return float(found["eval_loss"])
+        with self.clock.phase("curve"):
+            return float(self.loss(head)["eval_loss"])
 
     def final(self) -> None:
         """After training: eval loss under the memory tracker (untimed), perplexity or accuracy,

@@ -166,3 +166,75 @@ def test_the_report_says_where_the_time_went_and_shows_skipped_figures_as_missin
     cells = dict(zip(header.split(" | "), full.split(" | ")))
     latency = next(v for k, v in cells.items() if "latency" in k)
     assert latency == "-"  # the group's main table: full has no latency figure, shown as missing
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "classification"])
+def test_the_eval_loss_batched_shortest_first_equals_the_splits_order(kind):
+    """Evaluation.loss batches the examples shortest first (less padding to compute): the eval
+    loss is the split's-order figure up to float rounding, and a classifier's predictions and
+    references come back in the split's order, as the paired comparisons read them."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from peftbench import run, tasks
+    from peftbench.train import evaluate
+
+    torch.manual_seed(0)
+    lengths = [5, 17, 3, 11, 9, 2, 14, 7, 12, 4, 16]
+    ids = [torch.randint(1, 60, (n,)).tolist() for n in lengths]
+    if kind == "causal-lm":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            )
+        )
+        split = tasks.Split(ids, None, [1 + n // 2 for n in lengths])  # prompts take no loss
+    else:
+        model = BertForSequenceClassification(
+            BertConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                num_labels=2,
+            )
+        )
+        split = tasks.Split(ids, [int(x) for x in torch.randint(0, 2, (len(ids),))])
+    model.eval()
+    assert tasks.eval_order(split) == sorted(range(len(ids)), key=lambda i: lengths[i])
+    padded = lambda order: sum(  # noqa: E731
+        len(b["input_ids"][0]) * len(b["input_ids"]) for b in tasks.eval_batches(split, 4, 0, kind, order)
+    )
+    assert padded(tasks.eval_order(split)) < padded(None)
+    in_order = evaluate(model, tasks.eval_batches(split, 4, 0, kind), kind, torch.device("cpu"))
+    ev = run.Evaluation(
+        OmegaConf.create({"task": {"kind": kind}, "train": {"batch_size": 4}}),
+        SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0), device=torch.device("cpu")),
+        SimpleNamespace(precision="fp32"),
+        split,
+        split,
+        {},
+        {},
+        None,
+    )
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    found = ev.loss()
+    hook.remove()
+    assert widths == sorted(widths)
+    assert sum(w * 4 for w in widths[:-1]) + widths[-1] * 3 == padded(tasks.eval_order(split))
+    assert found["eval_loss"] == pytest.approx(in_order["eval_loss"], rel=1e-6)
+    if kind == "classification":
+        assert found["references"] == split.labels
+        assert found["predictions"] == in_order["predictions"]

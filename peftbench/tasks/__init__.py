@@ -24,7 +24,16 @@ from typing import Any, Optional, Protocol
 
 from peftbench.config import TaskConfig
 from peftbench.errors import ConfigError
-from peftbench.tasks.batching import SPECIALS, Split, collate, eval_batches, tokenize, train_batches, word_tokenizer  # noqa: F401  (re-exported: the harness calls tasks.tokenize)
+from peftbench.tasks.batching import (  # noqa: F401  (re-exported: the harness calls tasks.tokenize)
+    SPECIALS,
+    Split,
+    collate,
+    eval_batches,
+    eval_order,
+    tokenize,
+    train_batches,
+    word_tokenizer,
+)
 
 
 @dataclass

@@ -130,8 +130,20 @@ def train_batches(split: Split, batch_size: int, seed: int, pad_id: int, kind: s
             yield collate(split, order[start : start + batch_size], pad_id, kind)
 
 
-def eval_batches(split: Split, batch_size: int, pad_id: int, kind: str) -> Iterator[dict]:
-    """The evaluation split in order, in batches (the last may be smaller)."""
-    n = len(split.ids)
-    for start in range(0, n, batch_size):
-        yield collate(split, list(range(start, min(n, start + batch_size))), pad_id, kind)
+def eval_order(split: Split) -> list[int]:
+    """The indices of ``split``'s examples, shortest first (ties in the split's order): batches
+    of similar lengths carry little padding. On the 200 sentiment examples of ``+sweep=llm``
+    (SmolLM2's chat template, batches of 8) it pads to 15,032 tokens instead of 18,480 in the
+    split's order, for 14,821 real ones: SmolLM2's eval loss there took 32 s instead of 39 s
+    (medians of 2, interleaved; ``benchmarks/eval_order.py``, 2-vCPU AMD EPYC VM)."""
+    return sorted(range(len(split.ids)), key=lambda i: len(split.ids[i]))
+
+
+def eval_batches(
+    split: Split, batch_size: int, pad_id: int, kind: str, order: Optional[list[int]] = None
+) -> Iterator[dict]:
+    """The evaluation split in batches of ``batch_size`` (the last may be smaller), taking the
+    examples in ``order`` (indices; default the split's own order)."""
+    index = list(range(len(split.ids))) if order is None else order
+    for start in range(0, len(index), batch_size):
+        yield collate(split, index[start : start + batch_size], pad_id, kind)
