@@ -177,41 +177,18 @@ def test_the_eval_loss_batched_shortest_first_equals_the_splits_order(kind):
 
     import torch
     from omegaconf import OmegaConf
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from test_lora import tiny_bert, tiny_llama
 
     from peftbench import run, tasks
     from peftbench.train import evaluate
 
-    torch.manual_seed(0)
+    model = tiny_llama() if kind == "causal-lm" else tiny_bert()  # seeded, in eval mode
     lengths = [5, 17, 3, 11, 9, 2, 14, 7, 12, 4, 16]
     ids = [torch.randint(1, 60, (n,)).tolist() for n in lengths]
     if kind == "causal-lm":
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=64,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-            )
-        )
         split = tasks.Split(ids, None, [1 + n // 2 for n in lengths])  # prompts take no loss
     else:
-        model = BertForSequenceClassification(
-            BertConfig(
-                vocab_size=64,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-                num_labels=2,
-            )
-        )
-        split = tasks.Split(ids, [int(x) for x in torch.randint(0, 2, (len(ids),))])
-    model.eval()
+        split = tasks.Split(ids, [int(x) for x in torch.randint(0, 3, (len(ids),))])
     assert tasks.eval_order(split) == sorted(range(len(ids)), key=lambda i: lengths[i])
     padded = lambda order: sum(  # noqa: E731
         len(b["input_ids"][0]) * len(b["input_ids"]) for b in tasks.eval_batches(split, 4, 0, kind, order)
