@@ -215,3 +215,20 @@ def test_the_eval_loss_batched_shortest_first_equals_the_splits_order(kind):
     if kind == "classification":
         assert found["references"] == split.labels
         assert found["predictions"] == in_order["predictions"]
+
+
+def test_only_the_pass_whose_memory_is_measured_keeps_the_splits_order(tmp_path, cache, monkeypatch):
+    """The eval pass after training runs under the memory tracker in the split's order (the
+    arrangement of every record's eval peak); the zero-shot pass runs shortest first."""
+    from peftbench import run
+
+    seen: list[bool] = []
+    loss = run.Evaluation.loss
+
+    def spy(self, split=None, shortest_first=True):
+        seen.append(shortest_first)
+        return loss(self, split, shortest_first)
+
+    monkeypatch.setattr(run.Evaluation, "loss", spy)
+    instruction_run(tmp_path, "method=lora", "measure.reuse_zero_shot=false")
+    assert seen == [True, False]  # zero-shot, then the measured pass after training
