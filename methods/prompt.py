@@ -98,9 +98,15 @@ class PromptModel(VirtualTokenModel):
         **kwargs: Any,
     ) -> Any:
         """The base model's forward on [P; E]; ``attention_mask``, ``labels``, ``position_ids``
-        and ``token_type_ids`` cover the real tokens only (the wrapper extends them)."""
+        and ``token_type_ids`` cover the real tokens only (the wrapper extends them), and so do
+        the logits returned. ``logits_to_keep`` as a tensor of positions counts real tokens too;
+        as a number k > 0, the last k positions (real tokens where k <= the input's length)."""
         past_key_values = given_cache(past_key_values, kwargs)  # ``cache`` from transformers 5.24
         n = self.num_virtual_tokens
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor):
+            kwargs["logits_to_keep"] = keep + n  # the real tokens' positions, behind the soft prompt
+        every = keep is None or (isinstance(keep, int) and keep == 0)  # logits of every position
         # BUG?: with neither input_ids nor inputs_embeds, x is None and x.shape raises AttributeError
         x: torch.Tensor = input_ids if input_ids is not None else inputs_embeds  # type: ignore[assignment]
         batch, length = x.shape[:2]
@@ -120,7 +126,7 @@ class PromptModel(VirtualTokenModel):
             **{self.cache_name: past_key_values},
             **kwargs,
         )
-        if getattr(out, "logits", None) is not None and out.logits.dim() == 3:
+        if every and getattr(out, "logits", None) is not None and out.logits.dim() == 3:
             out.logits = out.logits[:, n:]  # (batch, T, vocab): aligned with the real tokens
         return out
 

@@ -30,19 +30,25 @@ CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers >= 5.24, then befo
 def cache_keyword(model: nn.Module) -> Optional[str]:
     """The name ``model``'s forward takes its KV cache by (``CACHE_KEYWORDS``), looking through
     a wrapper that passes ``**kwargs`` on to its ``base_model``; None if it takes none."""
+    return first_keyword(model, CACHE_KEYWORDS)
+
+
+def first_keyword(model: nn.Module, names: tuple[str, ...]) -> Optional[str]:
+    """The first of ``names`` that ``model``'s forward takes, looking through a wrapper that
+    passes ``**kwargs`` on to its ``base_model``; None if it takes none of them."""
 
     def params(m: nn.Module) -> Mapping[str, inspect.Parameter]:
         return inspect.signature(m.forward).parameters
 
     top = params(model)
-    found = next((k for k in CACHE_KEYWORDS if k in top), None)
+    found = next((k for k in names if k in top), None)
     if found is not None:
         return found
     backbone = getattr(model, "base_model", model)
     if backbone is model or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in top.values()):
         return None
     inner = params(backbone)
-    return next((k for k in CACHE_KEYWORDS if k in inner), None)
+    return next((k for k in names if k in inner), None)
 
 
 def given_cache(past_key_values: Any, kwargs: dict[str, Any]) -> Any:

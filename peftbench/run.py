@@ -280,8 +280,9 @@ class Evaluation:
                     self.rec.setdefault("predictions", {})["initial"] = cached["predictions"]
             else:
                 before = dict(self.metrics)
-                self.metrics["eval_loss_initial"] = self.loss()["eval_loss"]
-                self.quality("_initial")
+                drafts: dict[int, generation.Draft] = {}
+                self.metrics["eval_loss_initial"] = self.loss(drafts=drafts)["eval_loss"]
+                self.quality("_initial", drafts)
                 found = {k: v for k, v in self.metrics.items() if k not in before}
                 if name is not None:
                     zero_shot.save(name, found, self.rec.get("predictions", {}).get("initial", []))
@@ -318,24 +319,52 @@ class Evaluation:
             "tokenizer": [type(s.tokenizer).__name__, len(s.tokenizer), getattr(s.tokenizer, "chat_template", None)],
             "task": {**task, "answer_regex": cfg.task.answer_regex},
             "eval_batch": [cfg.train.batch_size, cfg.measure.eval_batch],
-            "loss_batches": "shortest first",  # Evaluation.loss's order for the eval loss
+            "loss_batches": "shortest first, labelled logits",  # Evaluation.loss unmeasured
+            "generation": "drafted by the loss pass",  # generation.Draft: decoding the loss pass decides
             "forgetting": [cfg.measure.forgetting_tokens, cfg.measure.skill_examples] if s.reference else None,
             "precision": self.lev.precision,
             "device": s.device.type,
             "method": method,
         }
 
-    def loss(self, split: Optional[tasks.Split] = None, shortest_first: bool = True) -> dict[str, Any]:
+    def loss(
+        self,
+        split: Optional[tasks.Split] = None,
+        measured: bool = False,
+        drafts: Optional[dict[int, generation.Draft]] = None,
+    ) -> dict[str, Any]:
         """Eval loss (and classification predictions, in the split's order) of the model as it
-        is now, on ``split`` (default the eval split). ``shortest_first``: its examples batched
-        shortest first (``tasks.eval_order``), the same figures as in the split's order up to
-        float rounding, with less padding to compute; else in the split's order, as the pass
-        whose peak memory is measured runs (``final``)."""
+        is now, on ``split`` (default the eval split). Unless ``measured``, its examples are
+        batched shortest first (``tasks.eval_order``) and a causal LM's logits are computed
+        only where they predict a labelled token (``train.evaluate``'s ``labelled_only``): the
+        same figures up to float rounding, with less to compute. ``measured``: the pass whose
+        peak memory is measured (``final``), in the split's order with every position's logits,
+        as in every record. ``drafts`` (an instruction task): filled with the
+        ``generation.Draft`` of each example generation will decode (split index -> draft),
+        read from this pass's logits."""
         split = self.eval_split if split is None else split
         kind, bs, pad_id = self.cfg.task.kind, self.cfg.train.batch_size, self.s.tokenizer.pad_token_id
-        order = tasks.eval_order(split) if shortest_first else list(range(len(split.ids)))
+        order = list(range(len(split.ids))) if measured else tasks.eval_order(split)
+        look = None
+        if drafts is not None and self.instruction and split.prompt_lengths is not None:
+            lengths, ids = split.prompt_lengths, split.ids
+            n = generate_count(self.cfg, split)
+            keep = [c[0] for c in generation.choice_ids(self.s.tokenizer, self.s.raw.choices or [])]
+
+            def look(b: int, logits: torch.Tensor, positions: Optional[list[int]]) -> None:
+                at = None if positions is None else {p: j for j, p in enumerate(positions)}
+                for r, i in enumerate(order[b * bs : (b + 1) * bs]):
+                    p, end = lengths[i], len(ids[i])
+                    if i < n and 0 < p < end:  # an answer to read
+                        if at is None:
+                            rows = logits[r, p - 1 : end - 1]
+                        else:
+                            rows = logits[r, torch.tensor([at[t] for t in range(p - 1, end - 1)], device=logits.device)]
+                        drafts[i] = generation.draft(rows, ids[i][p:], keep)
+
         with precision.autocast(self.lev.precision, self.s.device):
-            found = evaluate(self.s.model, tasks.eval_batches(split, bs, pad_id, kind, order), kind, self.s.device)
+            batches = tasks.eval_batches(split, bs, pad_id, kind, order)
+            found = evaluate(self.s.model, batches, kind, self.s.device, look, labelled_only=not measured)
         if "predictions" in found:  # back to the split's order
             for name in ("predictions", "references"):
                 put: list[Any] = [None] * len(order)
@@ -344,14 +373,18 @@ class Evaluation:
                 found[name] = put
         return found
 
-    def quality(self, suffix: str) -> None:
-        """Accuracy and forgetting as the model is now (``_initial``: before training)."""
+    def quality(self, suffix: str, drafts: Optional[dict[int, generation.Draft]] = None) -> None:
+        """Accuracy and forgetting as the model is now (``_initial``: before training); ``drafts``:
+        the eval-loss pass's of the model as it is now (``loss``). The record's
+        ``generation_settled`` says, per phase, how many examples' decoding they decided."""
         s, cfg = self.s, self.cfg
         with precision.autocast(self.lev.precision, s.device):
             if self.instruction:
-                found, predictions = instruction_quality(cfg, s, self.eval_split)
+                found, predictions, settled = instruction_quality(cfg, s, self.eval_split, drafts)
                 self.metrics.update({f"eval_{k}{suffix}": v for k, v in found.items()})
-                self.rec.setdefault("predictions", {})[suffix.strip("_") or "final"] = predictions
+                phase = suffix.strip("_") or "final"
+                self.rec.setdefault("predictions", {})[phase] = predictions
+                self.rec.setdefault("generation_settled", {})[phase] = settled
             if s.reference is not None:
                 with self.clock.phase("forgetting"):
                     found = {
@@ -388,7 +421,10 @@ class Evaluation:
         # In the split's order: the eval phase's peak memory is that arrangement's, as in every
         # record so far. Batched shortest first, SmolLM2's eval peak on +sweep=llm's LoRA job
         # measured 1,115,281,036 bytes instead of 1,106,431,116 (the widest batch is another one).
-        metrics.update(measure.phase_memory(model, device, "eval", lambda: ev.update(self.loss(shortest_first=False))))
+        # The drafts are read from each batch's logits after its forward, whose peak is higher.
+        drafts: dict[int, generation.Draft] = {}
+        measured = lambda: ev.update(self.loss(measured=True, drafts=drafts))  # noqa: E731
+        metrics.update(measure.phase_memory(model, device, "eval", measured))
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["eval_examples"] = len(self.eval_split.ids)
         if kind == "causal-lm":
@@ -405,7 +441,7 @@ class Evaluation:
                     for i, (p, r) in enumerate(zip(ev["predictions"], ev["references"]))
                 ]
             }
-        self.quality("")
+        self.quality("", drafts)
         if self.instruction or kind == "classification":
             with self.clock.phase("writing"):
                 self.rec["predictions_file"] = save_predictions(self.cfg, self.rec)
@@ -575,12 +611,20 @@ def distributed_end(
     return plain
 
 
-def instruction_quality(cfg: DictConfig, s: Setup, eval_split: tasks.Split) -> tuple[dict[str, float], list[dict]]:
+def generate_count(cfg: DictConfig, split: tasks.Split) -> int:
+    """How many eval examples are generated: the first ``task.num_generate`` (all if None)."""
+    return len(split.ids) if cfg.task.num_generate is None else min(cfg.task.num_generate, len(split.ids))
+
+
+def instruction_quality(
+    cfg: DictConfig, s: Setup, eval_split: tasks.Split, drafts: Optional[dict[int, generation.Draft]] = None
+) -> tuple[dict[str, float], list[dict], int]:
     """Accuracy by generation (and by choice) on the first ``task.num_generate`` eval examples,
-    and the per-example predictions."""
-    n = len(eval_split.ids) if cfg.task.num_generate is None else min(cfg.task.num_generate, len(eval_split.ids))
+    the per-example predictions, and how many examples' decoding ``drafts`` (split index ->
+    the eval-loss pass's ``generation.Draft``) decided."""
+    n = generate_count(cfg, eval_split)
     if n == 0:
-        return {}, []
+        return {}, [], 0
     assert s.raw.eval_answers is not None and eval_split.prompt_lengths is not None  # an instruction task
     prompts = [eval_split.ids[i][: eval_split.prompt_lengths[i]] for i in range(n)]
     refs = s.raw.eval_answers[:n]
@@ -595,6 +639,7 @@ def instruction_quality(cfg: DictConfig, s: Setup, eval_split: tasks.Split) -> t
         s.raw.choices,
         s.device,
         cfg.measure.eval_batch,
+        None if drafts is None else [drafts.get(i) for i in range(n)],
     )
     rows = [
         {
@@ -606,7 +651,7 @@ def instruction_quality(cfg: DictConfig, s: Setup, eval_split: tasks.Split) -> t
         }
         for i in range(n)
     ]
-    return {**found, "generate_examples": n}, rows
+    return {**found, "generate_examples": n}, rows, pred.settled
 
 
 def save_predictions(cfg: DictConfig, rec: dict[str, Any]) -> str:

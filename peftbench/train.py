@@ -32,8 +32,10 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from methods.virtual import first_keyword
 from peftbench import precision
 from peftbench.config import Levers
 from peftbench.measure import cuda_phase_stats, cuda_reset, flop_counter
@@ -363,24 +365,54 @@ def model_flops(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[dict], kind: str, device: torch.device) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    batches: Iterator[dict],
+    kind: str,
+    device: torch.device,
+    look: Optional[Callable[[int, torch.Tensor, Optional[list[int]]], None]] = None,
+    labelled_only: bool = False,
+) -> dict[str, Any]:
     """Mean eval loss (per predicted token for causal LM, per example for classification) and,
-    for classification, the predicted labels."""
+    for classification, the predicted labels; a batch without a labelled token adds nothing.
+
+    ``labelled_only`` (causal LM, a model whose forward takes ``logits_to_keep``): the logits
+    only at the positions that predict a labelled token in some row of the batch, the loss
+    computed from them (the same loss up to float rounding, without the full-vocabulary logits
+    of every prompt position). ``look(b, logits, positions)``, when given, sees batch ``b``'s
+    logits (0, 1, ...; rows, positions, vocab) right after its forward, and the sequence
+    positions they are at (None: every position); it must keep no tensor of them."""
     model.eval()
     total, count = 0.0, 0
     preds: list[int] = []
     refs: list[int] = []
-    for batch in batches:
+    selective = labelled_only and kind == "causal-lm" and first_keyword(model, ("logits_to_keep",)) is not None
+    for b, batch in enumerate(batches):
         batch = to_device(batch, device)
-        out = model(**batch)
-        if kind == "causal-lm":
-            n = int((batch["labels"][:, 1:] != -100).sum())
+        positions: Optional[list[int]] = None
+        if selective:
+            labels = batch["labels"]
+            cols = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (positions,): each predicts a label
+            out = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=cols)
+            targets = labels[:, cols + 1]  # (batch, positions)
+            n = int((targets != -100).sum())
+            logits = out.logits.float().flatten(0, 1)  # (batch * positions, vocab)
+            loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100) if n else None
+            positions = cols.tolist()
         else:
-            n = batch["labels"].shape[0]
-            preds += out.logits.argmax(-1).tolist()
-            refs += batch["labels"].tolist()
-        total += float(out.loss) * n
-        count += n
+            out = model(**batch)
+            loss = out.loss
+            if kind == "causal-lm":
+                n = int((batch["labels"][:, 1:] != -100).sum())
+            else:
+                n = batch["labels"].shape[0]
+                preds += out.logits.argmax(-1).tolist()
+                refs += batch["labels"].tolist()
+        if look is not None:
+            look(b, out.logits, positions)
+        if n and loss is not None:
+            total += float(loss) * n
+            count += n
     model.train()
     result: dict[str, Any] = {"eval_loss": total / max(count, 1)}
     if kind == "classification":

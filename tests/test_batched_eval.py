@@ -220,6 +220,154 @@ def test_evaluate_runs_under_inference_mode_with_padding_and_restores_the_mode(t
     assert model.training and len(seen) > count and all(on for on, _ in seen)
 
 
+# ------------------------------------------------------------- decoding drafted by the loss pass
+
+
+class EosAs:
+    """``tok`` with another token id as end-of-sequence (one the tiny models do generate)."""
+
+    def __init__(self, tok, eos: int):
+        self.tok, self.eos_token_id = tok, eos
+
+    def __call__(self, *args, **kwargs):
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def loss_pass(model, tok, prompts, answers_, batch_size=3, measured=False) -> tuple[float, dict]:
+    """``run.Evaluation.loss`` over prompt + answer rows (the prompts take no loss), with the
+    drafts it reads for every row; (eval loss, drafts). ``measured``: as the pass whose memory
+    is measured (the split's order, every position's logits), else shortest first with logits
+    at the labelled positions only."""
+    from types import SimpleNamespace
+
+    from peftbench import run
+
+    split = tasks.Split([p + a for p, a in zip(prompts, answers_)], None, [len(p) for p in prompts])
+    cfg = OmegaConf.create({"task": {"kind": "causal-lm", "num_generate": None}, "train": {"batch_size": batch_size}})
+    raw = SimpleNamespace(eval_prompts=[[]] * len(prompts), choices=CHOICES)
+    s = SimpleNamespace(model=model, tokenizer=tok, device=CPU, raw=raw)
+    ev = run.Evaluation(cfg, s, SimpleNamespace(precision="fp32"), split, split, {}, {}, None)
+    drafts: dict = {}
+    return ev.loss(measured=measured, drafts=drafts)["eval_loss"], drafts
+
+
+def decided(want: list[int], answer: list[int]) -> bool:
+    """Whether a draft along ``answer`` decides the decoding ``want`` (tokens before EOS, at most
+    NEW_TOKENS): the step that ends it (EOS's, or the last token's) follows the answer's tokens."""
+    end = len(want) if len(want) < NEW_TOKENS else NEW_TOKENS - 1
+    return end < len(answer) and answer[:end] == want[:end]
+
+
+def other(t: int) -> int:
+    """A token other than ``t``."""
+    return 5 if t != 5 else 6
+
+
+def test_settle_follows_greedy_while_it_picks_the_answers_tokens():
+    d = generation.Draft(answer=[10, 11, 12], greedy=[10, 11, 12], first={})
+    assert generation.settle(d, 5, None) == ([10, 11, 12], False)  # the answer ends first: on from there
+    assert generation.settle(d, 2, None) == ([10, 11], True)  # the budget
+    assert generation.settle(d, 0, None) == ([], True)
+    assert generation.settle(d, 5, 11) == ([10], True)  # end-of-sequence, not a new token
+    left = generation.Draft(answer=[10, 11, 12], greedy=[10, 20, 30], first={})
+    assert generation.settle(left, 5, None) == ([10, 20], False)  # 30 followed 11, not 20: unknown
+    assert generation.settle(left, 5, 20) == ([10], True)
+    assert generation.settle(left, 2, None) == ([10, 20], True)
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_decoding_drafted_by_the_loss_pass_equals_decoding_alone(tok, family, method):
+    """Generation decided by the eval-loss pass's logits (the reference answer as a speculative
+    draft) equals each prompt decoded alone, texts and chosen answers: rows whose answer is their
+    greedy decoding need no decoding of their own; rows whose answer leaves greedy's path at once
+    or after 2 tokens, or ends before decoding does, are decoded on from the tokens decided. The
+    choices' first tokens are scored from the loss pass's first step."""
+    model = model_with(family, method)
+    prompts = prompts_of(tok)
+    free = [alone(model, p, None) for p in prompts]
+    eos = stopper(free)
+    stop = EosAs(tok, eos)
+    want = [alone(model, p, eos) for p in prompts]
+    answers_ = [
+        want[0] + [eos],
+        free[1],
+        [other(free[2][0])],
+        free[3][:2] + [other(free[3][2]), 9],
+        free[4][:1],
+        want[5] + [eos],
+        [other(free[6][0]), 7, 8],
+    ]
+    loss, drafts = loss_pass(model, stop, prompts, answers_)
+    assert sorted(drafts) == list(range(len(prompts)))
+    texts = [tok.decode(w, skip_special_tokens=True) for w in want]
+    firsts = [[choice_alone(model, p, c[:1]) for c in generation.choice_ids(tok, CHOICES)] for p in prompts]
+    best = [CHOICES[max(range(3), key=f.__getitem__)] for f in firsts]
+    refs = ["blue"] * len(prompts)
+    exact = answers.rule("exact")
+    calls: list[int] = []
+    getattr(model, "base_model", model).register_forward_hook(lambda *_: calls.append(1))  # under wrappers
+    _, plain = generation.evaluate(model, stop, prompts, refs, exact, NEW_TOKENS, CHOICES, CPU, 4)
+    forwards = len(calls)
+    listed = [drafts[i] for i in range(len(prompts))]
+    found, pred = generation.evaluate(model, stop, prompts, refs, exact, NEW_TOKENS, CHOICES, CPU, 4, listed)
+    assert pred.generated == plain.generated == texts
+    assert pred.chosen == plain.chosen == best
+    assert found["generate_accuracy"] == answers.accuracy(texts, refs, exact)
+    settled = sum(decided(w, a) for w, a in zip(want, answers_))
+    assert pred.settled == settled and 0 < settled < len(prompts)  # both paths ran
+    assert len(calls) - forwards < forwards  # fewer forwards than decoding every row
+    # the pass whose memory is measured (every position's logits) reads the same drafts
+    full, same = loss_pass(model, stop, prompts, answers_, measured=True)
+    assert loss == pytest.approx(full, rel=1e-6)
+    for i, d in drafts.items():
+        assert (d.answer, d.greedy) == (same[i].answer, same[i].greedy)
+        assert d.first == pytest.approx(same[i].first, abs=1e-5)
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_the_loss_from_the_labelled_positions_logits_equals_the_models_own(tok, family, method):
+    """The unmeasured passes compute the logits only where they predict a labelled token
+    (``logits_to_keep``; prompt tuning counts the positions of the real tokens): the loss equals
+    the model's own loss over every position's logits, and only those positions are computed."""
+    from peftbench.train import evaluate
+
+    model = model_with(family, method)
+    prompts = prompts_of(tok)
+    answers_ = [[5 + i] * (1 + i % 3) for i in range(len(prompts))]
+    split = tasks.Split([p + a for p, a in zip(prompts, answers_)], None, [len(p) for p in prompts])
+    widths: list[int] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
+    full = evaluate(model, tasks.eval_batches(split, 3, 0, "causal-lm"), "causal-lm", CPU)
+    few = evaluate(model, tasks.eval_batches(split, 3, 0, "causal-lm"), "causal-lm", CPU, labelled_only=True)
+    assert few["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-6)
+    batches = [b["labels"] for b in tasks.eval_batches(split, 3, 0, "causal-lm")]
+    virtual = 5 if method == "prompt" else 0
+    assert widths[: len(batches)] == [b.shape[1] + virtual for b in batches]  # every position
+    assert widths[len(batches) :] == [int((b[:, 1:] != -100).any(0).sum()) for b in batches]
+
+
+def test_a_generation_config_that_changes_greedy_steps_is_decoded_in_full(tok):
+    """A repetition penalty changes greedy's token where the draft's logits do not: decoding
+    then ignores the drafts."""
+    model = model_with("llama", "lora")
+    prompts = prompts_of(tok)
+    free = [alone(model, p, None) for p in prompts]
+    _, drafts = loss_pass(model, tok, prompts, free)
+    listed = [drafts[i] for i in range(len(prompts))]
+    refs, exact = ["blue"] * len(prompts), answers.rule("exact")
+    _, pred = generation.evaluate(model, tok, prompts, refs, exact, NEW_TOKENS, None, CPU, 4, listed)
+    assert pred.settled == len(prompts)
+    model.generation_config.repetition_penalty = 5.0
+    _, pred = generation.evaluate(model, tok, prompts, refs, exact, NEW_TOKENS, None, CPU, 4, listed)
+    _, plain = generation.evaluate(model, tok, prompts, refs, exact, NEW_TOKENS, None, CPU, 4)
+    assert pred.settled == 0 and pred.generated == plain.generated
+    assert pred.generated != [tok.decode(f, skip_special_tokens=True) for f in free]  # it did change them
+
+
 def test_batch_size_must_be_positive(tok):
     with pytest.raises(ValueError, match="batch_size=0: must be >= 1"):
         generation.generate_all(FAMILIES["llama"](), prompts_of(tok), 2, None, 0, CPU, batch_size=0)

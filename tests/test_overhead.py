@@ -225,10 +225,38 @@ def test_only_the_pass_whose_memory_is_measured_keeps_the_splits_order(tmp_path,
     seen: list[bool] = []
     loss = run.Evaluation.loss
 
-    def spy(self, split=None, shortest_first=True):
-        seen.append(shortest_first)
-        return loss(self, split, shortest_first)
+    def spy(self, split=None, measured=False, drafts=None):
+        seen.append(measured)
+        return loss(self, split, measured, drafts)
 
     monkeypatch.setattr(run.Evaluation, "loss", spy)
     instruction_run(tmp_path, "method=lora", "measure.reuse_zero_shot=false")
-    assert seen == [True, False]  # zero-shot, then the measured pass after training
+    assert seen == [False, True]  # zero-shot, then the measured pass after training
+
+
+def test_reading_drafts_leaves_the_measured_eval_peak_unchanged():
+    """The measured eval pass reads generation's drafts from each batch's logits after its
+    forward and keeps no tensor of them: the eval phase's peak bytes, an exact figure of every
+    record, equal those of the pass without drafts (a draft that kept a view of the logits
+    would keep every batch's logits alive)."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+    from test_lora import tiny_llama
+
+    from peftbench import measure, run, tasks
+
+    model = tiny_llama()
+    lengths = [5, 17, 3, 11, 9, 2, 14, 7, 12, 4, 16]
+    split = tasks.Split([torch.randint(1, 60, (n,)).tolist() for n in lengths], None, [1 + n // 2 for n in lengths])
+    cfg = OmegaConf.create({"task": {"kind": "causal-lm", "num_generate": None}, "train": {"batch_size": 4}})
+    raw = SimpleNamespace(eval_prompts=[[]] * len(lengths), choices=None)
+    s = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0), device=torch.device("cpu"), raw=raw)
+    ev = run.Evaluation(cfg, s, SimpleNamespace(precision="fp32"), split, split, {}, {}, None)
+    cpu = torch.device("cpu")
+    plain = measure.phase_memory(model, cpu, "eval", lambda: ev.loss(measured=True))
+    drafts: dict = {}
+    drafted = measure.phase_memory(model, cpu, "eval", lambda: ev.loss(measured=True, drafts=drafts))
+    assert sorted(drafts) == [i for i, n in enumerate(lengths) if 1 + n // 2 < n]  # the rows with an answer
+    assert drafted == plain

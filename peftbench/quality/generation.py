@@ -24,6 +24,16 @@ example run alone, up to float rounding of differently shaped matrix products
 (``tests/test_batched_eval.py`` holds them equal). Examples are batched in order of length,
 which keeps the padding short, and returned in the caller's order. ``batch_size=1`` is the
 unpadded one-example-at-a-time evaluation.
+
+Greedy decoding read from the eval-loss pass (``Draft``, ``settle``): that pass is a forward over
+each prompt followed by its reference answer, so its logits at the prompt's last position are
+generation's first step, and while the token greedy picks is the answer's next token, the logits
+one position on are its next step (speculative decoding, with the reference answer as the draft).
+A trained model mostly answers its answer and stops, so its decoding is decided there without a
+forward of its own; where greedy leaves the answer, ``evaluate`` goes on decoding after the
+prompt and the tokens decided so far. The tokens are those of decoding alone, up to float
+rounding, as batching's are; ``plain_greedy`` keeps this to models whose generation config
+changes no greedy step (a repetition penalty would).
 """
 
 from __future__ import annotations
@@ -44,10 +54,82 @@ R = TypeVar("R")
 
 @dataclass
 class Predictions:
-    """Per-example outputs: the generated text and the chosen answer (None when not measured)."""
+    """Per-example outputs: the generated text and the chosen answer (None when not measured);
+    ``settled``: how many examples' decoding their ``Draft`` decided, with no forward of its own."""
 
     generated: list[Optional[str]]
     chosen: list[Optional[str]]
+    settled: int = 0
+
+
+@dataclass
+class Draft:
+    """What a forward over a prompt followed by its reference answer says of greedy decoding
+    after the prompt. ``answer``: the answer's token ids; ``greedy``: the most likely token
+    after the prompt and ``answer[:j]``, for j = 0 .. len(answer) - 1; ``first``: the
+    log-probability (nats, float32) of each kept token id (the choices' first tokens) following
+    the prompt."""
+
+    answer: list[int]
+    greedy: list[int]
+    first: dict[int, float]
+
+
+def draft(at: torch.Tensor, answer: list[int], keep: Sequence[int]) -> Draft:
+    """The ``Draft`` of one example from a forward over its prompt followed by ``answer`` (its
+    token ids, at least one): ``at``, (len(answer), vocab), the logits at the prompt's last
+    position and at every answer position but the last (each predicts the next token)."""
+    kept = sorted(set(keep))
+    first = torch.log_softmax(at[0].float(), dim=-1)[kept].tolist()  # as generate_scored's first step
+    return Draft(list(answer), at.argmax(dim=-1).tolist(), dict(zip(kept, first)))
+
+
+def settle(d: Draft, max_new_tokens: int, eos_id: Optional[int]) -> tuple[list[int], bool]:
+    """Greedy decoding's new tokens as far as ``d`` decides them, and whether they are all of
+    them (decoding stopped: end-of-sequence, or ``max_new_tokens`` tokens). ``d`` knows the step
+    after each token only while greedy's token is the answer's: it stops deciding after the first
+    token that differs, or at the answer's end."""
+    new: list[int] = []
+    if max_new_tokens < 1:
+        return new, True
+    for want, got in zip(d.answer, d.greedy):
+        if got == eos_id:
+            return new, True
+        new.append(got)
+        if len(new) == max_new_tokens:
+            return new, True
+        if got != want:
+            break
+    return new, False
+
+
+# generation config entries that change a greedy step (their neutral values): where any is set,
+# generate does more than take the most likely token, and a Draft cannot stand for it
+ALTERING = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "stop_strings": None,
+}
+
+
+def plain_greedy(model: nn.Module) -> bool:
+    """True if ``model``'s generation config leaves greedy decoding the most likely token at
+    every step (no entry of ``ALTERING`` set), so that a ``Draft`` decides it."""
+    gc = getattr(model, "generation_config", None)
+    return gc is None or all(getattr(gc, k, None) in (neutral, None) for k, neutral in ALTERING.items())
 
 
 def by_length(
@@ -285,13 +367,17 @@ def evaluate(
     choices: Optional[list[str]],
     device: torch.device,
     batch_size: int = 16,
+    drafts: Optional[Sequence[Optional[Draft]]] = None,
 ) -> tuple[dict[str, float], Predictions]:
     """Accuracy by generation (and by choice when ``choices``) on the given prompts (token ids),
     ``batch_size`` prompts per forward; the model's train/eval mode is restored afterwards.
 
     Generation's first step is the distribution of the token after each prompt, so it scores
     every choice's first token: one-token choices (a label set such as ``negative``/``positive``)
-    cost no forward pass beyond generation's, longer ones a forward over ``prompt + choice[:-1]``."""
+    cost no forward pass beyond generation's, longer ones a forward over ``prompt + choice[:-1]``.
+    ``drafts`` (per prompt, or None for one without): what the eval-loss pass read of each
+    prompt's decoding (``Draft``, made with the choices' first tokens kept); decoding goes on
+    where it left off, and not at all where it decided every token."""
     was_training = model.training
     model.eval()
     try:
@@ -300,12 +386,33 @@ def evaluate(
         if choices:
             check_choices(tokenizer, choices)
         ids = choice_ids(tokenizer, choices) if choices else []
+        keep = [c[0] for c in ids]
+        if drafts is None or not plain_greedy(model):
+            drafts = [None] * len(prompts)
+        done: list[Optional[tuple[list[int], dict[int, float]]]] = [None] * len(prompts)
+        heads: dict[int, list[int]] = {}  # prompt -> its tokens decided so far, where decoding goes on
+        for i, d in enumerate(drafts):
+            if d is None:
+                heads[i] = []
+                continue
+            new, stopped = settle(d, max_new_tokens, eos)
+            if stopped:
+                done[i] = (new, d.first)
+            else:
+                heads[i] = new
+        settled = len(prompts) - len(heads)
+        for k in sorted({len(h) for h in heads.values()}):  # decoding goes on after prompt + k tokens
 
-        def run(chunk: list[list[int]]) -> list[tuple[list[int], dict[int, float]]]:
-            return generate_scored(model, chunk, max_new_tokens, eos, pad, device, [c[0] for c in ids])
+            def run(chunk: list[int], k: int = k) -> list[tuple[list[int], dict[int, float]]]:
+                rows = [prompts[i] + heads[i] for i in chunk]
+                return generate_scored(model, rows, max_new_tokens - k, eos, pad, device, keep)
 
-        done = by_length(prompts, batch_size, len, run)
-        generated: list[Optional[str]] = [tokenizer.decode(t, skip_special_tokens=True) for t, _ in done]
+            rows = [i for i, h in heads.items() if len(h) == k]
+            for i, (new, first) in zip(rows, by_length(rows, batch_size, lambda i: len(prompts[i]), run)):
+                d = drafts[i]
+                done[i] = (heads[i] + new, first if d is None else d.first)  # k > 0: a draft's first step
+        decoded = cast(list[tuple[list[int], dict[int, float]]], done)  # every prompt's, now
+        generated: list[Optional[str]] = [tokenizer.decode(t, skip_special_tokens=True) for t, _ in decoded]
         metrics = {"generate_accuracy": accuracy(cast(list[str], generated), references, extract)}
         chosen: list[Optional[str]] = [None] * len(prompts)
         if choices:
@@ -315,9 +422,9 @@ def evaluate(
                     model, [p for p, _ in chunk], ids, device, [f for _, f in chunk], per_token=True
                 )
 
-            scores = by_length([(p, f) for p, (_, f) in zip(prompts, done)], batch_size, lambda r: len(r[0]), score)
+            scores = by_length([(p, f) for p, (_, f) in zip(prompts, decoded)], batch_size, lambda r: len(r[0]), score)
             chosen = [choices[first_distinguishing(ids, s)] for s in scores]
             metrics["choice_accuracy"] = accuracy(cast(list[str], chosen), references, extract)
     finally:
         model.train(was_training)
-    return metrics, Predictions(generated, chosen)
+    return metrics, Predictions(generated, chosen, settled)
