@@ -352,15 +352,13 @@ class Evaluation:
             keep = [c[0] for c in generation.choice_ids(self.s.tokenizer, self.s.raw.choices or [])]
 
             def look(b: int, logits: torch.Tensor, positions: Optional[list[int]]) -> None:
-                at = None if positions is None else {p: j for j, p in enumerate(positions)}
                 for r, i in enumerate(order[b * bs : (b + 1) * bs]):
                     p, end = lengths[i], len(ids[i])
                     if i < n and 0 < p < end:  # an answer to read
-                        if at is None:
-                            rows = logits[r, p - 1 : end - 1]
-                        else:
-                            rows = logits[r, torch.tensor([at[t] for t in range(p - 1, end - 1)], device=logits.device)]
-                        drafts[i] = generation.draft(rows, ids[i][p:], keep)
+                        # positions p-1 .. end-2 predict the answer; every one is labelled, so
+                        # among the kept (sorted) positions they stand side by side
+                        start = p - 1 if positions is None else positions.index(p - 1)
+                        drafts[i] = generation.draft(logits[r, start : start + end - p], ids[i][p:], keep)
 
         with precision.autocast(self.lev.precision, self.s.device):
             batches = tasks.eval_batches(split, bs, pad_id, kind, order)

@@ -134,8 +134,8 @@ def eval_order(split: Split) -> list[int]:
     """The indices of ``split``'s examples, shortest first (ties in the split's order): batches
     of similar lengths carry little padding. On the 200 sentiment examples of ``+sweep=llm``
     (SmolLM2's chat template, batches of 8) it pads to 15,032 tokens instead of 18,480 in the
-    split's order, for 14,821 real ones: SmolLM2's eval loss there took 32 s instead of 39 s
-    (medians of 2, interleaved; ``benchmarks/eval_order.py``, 2-vCPU AMD EPYC VM)."""
+    split's order, for 14,821 real ones: SmolLM2's eval loss there took 28.0 s instead of 33.9 s
+    (medians of 2, interleaved; ``benchmarks/eval_order.py``, 2-vCPU AMD EPYC VM, 2026-12-07)."""
     return sorted(range(len(split.ids)), key=lambda i: len(split.ids[i]))
 
 
